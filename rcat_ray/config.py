@@ -1,0 +1,260 @@
+"""Typed, validated run configurations, read from YAML and written back next to results.
+
+Every knob of a run lives here so that a run is fully described by one object: the CLI and the job
+scripts only build these objects, and the result store hashes them into cache keys. Validation happens
+here, before any model is loaded or any attack runs, and a bad field is named in the error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "tensors"]
+SplitName = Literal["train", "val", "test"]
+ModelSourceKind = Literal["robustbench", "checkpoint", "builtin"]
+Norm = Literal["Linf", "L2"]
+AttackName = Literal["apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "standard"]
+Device = Literal["auto", "cpu", "cuda"]
+
+#: The components AutoAttack's "standard" version runs, in its order.
+STANDARD_CASCADE: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    """Base for all configs: unknown keys are errors (a misspelt key must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which samples to evaluate or train on.
+
+    Sample ids are the row index in the dataset's own file (train file or test file), so they stay
+    stable whatever slice is taken. ``train`` and ``val`` are the head and the tail of the training file
+    (``val_size`` samples); ``test`` is the test file. A ``tensors`` file is a single partition: ``test``
+    is all of it, ``train``/``val`` its head and tail.
+    """
+
+    name: DatasetName = "fashion_mnist"
+    root: str | None = Field(None, description="dataset folder; default ~/.cache/rcat_ray/data")
+    path: str | None = Field(None, description="the .pt/.npz file of a 'tensors' dataset")
+    split: SplitName = "test"
+    val_size: int | None = Field(None, ge=0, description="size of the val tail; default per dataset")
+    offset: int = Field(0, ge=0, description="skip this many samples of the split")
+    limit: int | None = Field(None, ge=1, description="take at most this many samples")
+
+    @model_validator(mode="after")
+    def _tensors_need_path(self) -> DataConfig:
+        if self.name == "tensors" and not self.path:
+            raise ValueError("data.path is required when data.name is 'tensors'")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Where a model comes from. ``name`` is the RobustBench name, or the architecture for builtins."""
+
+    source: ModelSourceKind
+    name: str = Field(..., min_length=1)
+    label: str | None = Field(None, description="display name in tables and reports")
+    path: str | None = Field(None, description="checkpoint file (source: checkpoint)")
+    arch: str | None = Field(None, description="architecture of a plain state-dict checkpoint")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    model_dir: str = Field("models", description="RobustBench model_dir")
+    dataset: str | None = Field(None, description="RobustBench dataset; default from data.name")
+    threat_model: str | None = Field(None, description="RobustBench threat model; default attack.norm")
+    seed: int = Field(0, description="initialisation seed of an untrained builtin")
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_path(self) -> ModelConfig:
+        if self.source == "checkpoint" and not self.path:
+            raise ValueError("path is required when source is 'checkpoint'")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        """A short human name for tables and plots."""
+        if self.label:
+            return self.label
+        if self.source == "checkpoint" and self.path:
+            return Path(self.path).stem
+        return self.name
+
+
+class AttackConfig(_Strict):
+    """The threat model and the evaluation attack cascade (pyautoattack components).
+
+    Attacks run as a cascade: each one only sees the samples still robust after the previous ones.
+    ``standard`` expands to AutoAttack's standard cascade with its standard parameters.
+    """
+
+    norm: Norm = "Linf"
+    eps: float = Field(..., description="perturbation budget in [0,1]-pixel units")
+    attacks: tuple[AttackName, ...] = ("apgd-ce", "apgd-dlr")
+    n_iter: int = Field(50, ge=1, description="iterations of each APGD/FAB run")
+    n_restarts: int = Field(1, ge=1)
+    n_target_classes: int = Field(9, ge=1, description="targets for apgd-t / fab-t")
+    square_queries: int = Field(5000, ge=1)
+    seed: int = Field(0, ge=0)
+    robust_samples: int | None = Field(
+        None, ge=1, description="attack only the first N samples of the split (clean metrics use all)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AttackConfig:
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.norm == "Linf" and self.eps > 1:
+            raise ValueError(f"eps must be at most 1 for Linf on [0,1] pixels, got {self.eps}")
+        if not self.attacks:
+            raise ValueError("attacks must name at least one attack")
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks lists an attack twice: {list(self.attacks)}")
+        if "standard" in self.attacks and len(self.attacks) > 1:
+            raise ValueError("'standard' is a whole cascade; list it alone")
+        return self
+
+    @property
+    def cascade(self) -> tuple[str, ...]:
+        """The attack components in the order they run."""
+        return STANDARD_CASCADE if self.attacks == ("standard",) else tuple(self.attacks)
+
+
+class ComputeConfig(_Strict):
+    """How the work is spread over Ray. None of this changes the results (only where they are computed)."""
+
+    address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
+    local_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+    num_workers: int = Field(1, ge=1, description="evaluation actors")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default cpus")
+    device: Device = "auto"
+
+    @property
+    def threads(self) -> int:
+        """Torch intra-op threads per worker; fixed so results do not depend on the host."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+
+class BootstrapConfig(_Strict):
+    """Paired bootstrap for the confidence intervals of every flip metric."""
+
+    n_resamples: int = Field(1000, ge=10)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
+class EvaluationSettings(_Strict):
+    """What identifies an evaluation apart from the model: data, attack and chunking."""
+
+    data: DataConfig = DataConfig()
+    attack: AttackConfig
+    chunk_size: int = Field(250, ge=1, description="samples per work unit (one attack batch)")
+    store: str = Field("results", description="result store: a path or a pyarrow filesystem URI")
+    compute: ComputeConfig = ComputeConfig()
+    max_new_chunks: int | None = Field(
+        None, ge=1, description="stop after computing this many new chunks (time-boxed runs)"
+    )
+    save_adversarial: bool = Field(True, description="keep adversarial images for reports")
+
+
+class EvaluateConfig(EvaluationSettings):
+    """``rcat-ray evaluate``: attack each model once and store its per-model table."""
+
+    models: tuple[ModelConfig, ...] = Field(..., min_length=1)
+
+
+class CompareConfig(EvaluationSettings):
+    """``rcat-ray compare``: evaluate what is not cached, then compute flips of old -> new."""
+
+    old: ModelConfig
+    new: ModelConfig
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    report: str | None = Field(None, description="also write the HTML report into this folder")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _format_validation_error(err: ValidationError, cls: type[BaseModel]) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(item["loc"], cls)
+        lines.append(f"  {where}: {msg}")
+    return f"invalid {cls.__name__}:\n" + "\n".join(lines)
+
+
+def _suggest(loc: tuple, cls: type[BaseModel]) -> str:
+    """Find the intended key of a misspelt one by walking the config classes along the error path."""
+    model: Any = cls
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            args = getattr(ann, "__args__", ())
+            model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_config(cls: type[C], data: dict[str, Any]) -> C:
+    """Validate a plain dict into ``cls``, raising ConfigError with every bad field named."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, cls)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing file or a non-mapping document."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    with p.open() as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Overlay ``override`` on ``base`` key by key (flags over a YAML file)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML, written next to results so a run can be repeated."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """A hash that only depends on content (sorted keys, JSON form): the basis of cache keys."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

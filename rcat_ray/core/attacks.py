@@ -1,0 +1,174 @@
+"""Evaluation attacks: a pyautoattack cascade that yields one per-model row per sample (DESIGN §3).
+
+The cascade follows AutoAttack's rule (each attack only runs on the samples still robust after the
+previous ones) but calls pyautoattack's attack classes directly, with their parameters passed to the
+constructors, so that the table can record which attack broke each sample. Seeds are always explicit
+and the caller's global RNG is left untouched (pyautoattack re-seeds it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from rcat_ray.config import AttackConfig
+
+#: The per-model table (DESIGN §3). ``robust``/``adv_*`` are null for samples outside ``robust_samples``.
+PER_MODEL_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("clean_pred", pa.int32(), nullable=False),
+        pa.field("clean_correct", pa.bool_(), nullable=False),
+        pa.field("adv_pred", pa.int32()),
+        pa.field("robust", pa.bool_()),
+        pa.field("clean_margin", pa.float32(), nullable=False),
+        pa.field("adv_margin", pa.float32()),
+        pa.field("perturbation_linf", pa.float32()),
+        pa.field("broken_by", pa.string()),
+    ]
+)
+
+
+def chunk_seed(run_seed: int, chunk_id: int) -> int:
+    """The seed of one work unit: a function of (run seed, chunk id) only, never of the worker."""
+    digest = hashlib.sha256(f"rcat_ray:{run_seed}:{chunk_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """True-class logit minus the best other logit: > 0 iff correctly classified (ties aside)."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, labels[:, None], float("-inf"))
+    return true - other.max(dim=1).values
+
+
+def _build_attack(name: str, model: nn.Module, cfg: AttackConfig, num_classes: int, seed: int, device: torch.device):
+    """One pyautoattack component configured through its constructor."""
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    from pyautoattack.fab_pt import FABAttack_PT
+    from pyautoattack.square import SquareAttack
+
+    standard = cfg.attacks == ("standard",)
+    n_iter = 100 if standard else cfg.n_iter
+    n_restarts = 1 if standard else cfg.n_restarts
+    targets = max(1, min(9 if standard else cfg.n_target_classes, num_classes - 1))
+    common = {"norm": cfg.norm, "eps": cfg.eps, "seed": seed, "device": device, "verbose": False}
+    if name in ("apgd-ce", "apgd-dlr"):
+        if name == "apgd-dlr" and num_classes < 3:
+            raise ValueError("apgd-dlr needs at least 3 classes")
+        return APGDAttack(model, n_iter=n_iter, n_restarts=n_restarts, loss=name.split("-")[1], rho=0.75, **common)
+    if name == "apgd-t":
+        return APGDAttack_targeted(model, n_iter=n_iter, n_restarts=1, n_target_classes=targets, **common)
+    if name == "fab-t":
+        return FABAttack_PT(model, n_iter=n_iter, n_restarts=1, targeted=True, n_target_classes=targets, **common)
+    if name == "square":
+        return SquareAttack(
+            model, n_queries=cfg.square_queries, p_init=0.8, n_restarts=1, resc_schedule=False, **common
+        )
+    raise ValueError(f"unknown attack {name}")
+
+
+@dataclass
+class ChunkResult:
+    """The rows of one chunk and, optionally, the adversarial images of its attacked samples."""
+
+    table: pa.Table
+    adversarial: np.ndarray | None  # float32 [n_attacked, C, H, W], rows of ``adversarial_ids``
+    adversarial_ids: np.ndarray | None
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    return torch.cat([model(x[i : i + batch]) for i in range(0, x.shape[0], batch)]) if x.shape[0] else x.new_zeros((0,))
+
+
+def evaluate_chunk(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sample_ids: torch.Tensor,
+    cfg: AttackConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    attack_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    keep_adversarial: bool = False,
+) -> ChunkResult:
+    """Attack one chunk as a single batch with the cascade and return its per-model rows.
+
+    ``attack_mask`` marks the samples to attack (the first ``robust_samples`` of the split); the others
+    get clean results only and null robust fields. A sample misclassified when clean is never attacked and
+    never robust. The result depends only on the inputs and ``seed``.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    x = images.to(device, torch.float32)
+    y = labels.to(device, torch.int64)
+    n = x.shape[0]
+    mask = torch.ones(n, dtype=torch.bool) if attack_mask is None else attack_mask.to(torch.bool).cpu()
+
+    clean_logits = _logits(model, x)
+    clean_pred = clean_logits.argmax(1)
+    clean_correct = (clean_pred == y).cpu()
+    clean_margin = margins(clean_logits, y).cpu()
+
+    x_adv = x.clone()
+    broken_by: list[str | None] = [None] * n
+    still_robust = (clean_correct & mask).clone()
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        for step, name in enumerate(cfg.cascade):
+            idx = still_robust.nonzero().flatten()
+            if idx.numel() == 0:
+                break
+            attack = _build_attack(name, model, cfg, num_classes, seed + step, device)
+            with torch.enable_grad():
+                adv = attack.perturb(x[idx.to(device)], y[idx.to(device)]).detach()
+            pred = _logits(model, adv).argmax(1)
+            fooled = (pred != y[idx.to(device)]).cpu()
+            hit = idx[fooled]
+            x_adv[hit.to(device)] = adv[fooled.to(device)]
+            still_robust[hit] = False
+            for i in hit.tolist():
+                broken_by[i] = name
+
+    attacked = mask
+    adv_logits = _logits(model, x_adv)
+    adv_pred = adv_logits.argmax(1).cpu()
+    adv_margin = margins(adv_logits, y).cpu()
+    pert = (x_adv - x).abs().flatten(1).amax(1).cpu() if n else torch.zeros(0)
+    robust = still_robust  # clean-correct, attacked, and withstood every attack
+
+    def nullable(values: torch.Tensor, typ: pa.DataType) -> pa.Array:
+        arr = values.numpy()
+        return pa.array(arr, type=typ, mask=~attacked.numpy())
+
+    table = pa.table(
+        {
+            "sample_id": pa.array(sample_ids.numpy().astype(np.int64)),
+            "label": pa.array(labels.numpy().astype(np.int32)),
+            "clean_pred": pa.array(clean_pred.cpu().numpy().astype(np.int32)),
+            "clean_correct": pa.array(clean_correct.numpy()),
+            "adv_pred": nullable(adv_pred.to(torch.int32), pa.int32()),
+            "robust": nullable(robust, pa.bool_()),
+            "clean_margin": pa.array(clean_margin.numpy().astype(np.float32)),
+            "adv_margin": nullable(adv_margin.to(torch.float32), pa.float32()),
+            "perturbation_linf": nullable(pert.to(torch.float32), pa.float32()),
+            "broken_by": pa.array(broken_by, type=pa.string()),
+        },
+        schema=PER_MODEL_SCHEMA,
+    )
+    adversarial = adversarial_ids = None
+    if keep_adversarial:
+        keep = attacked.nonzero().flatten()
+        adversarial = x_adv[keep.to(device)].cpu().numpy().astype(np.float32)
+        adversarial_ids = sample_ids[keep].numpy().astype(np.int64)
+    return ChunkResult(table=table, adversarial=adversarial, adversarial_ids=adversarial_ids)

@@ -1,0 +1,315 @@
+"""Model sources (RobustBench, local checkpoints, built-in small architectures) and weight fingerprints.
+
+Every loaded model carries a fingerprint, a hash of its weights: it keys the evaluation cache, so a
+retrained or fine-tuned model never reuses a stale table, and an unchanged one is never attacked twice.
+Checkpoints are read with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is
+refused, never executed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import pickle
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcat_ray.config import ModelConfig
+
+CHECKPOINT_FORMAT = "rcat_ray.checkpoint/1"
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or does not fit the data; the message says what to fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Built-in architectures: a registry filled by decorators, built by name.
+
+ArchBuilder = Callable[..., nn.Module]
+_ARCHITECTURES: dict[str, ArchBuilder] = {}
+
+
+def register_architecture(name: str) -> Callable[[ArchBuilder], ArchBuilder]:
+    """Make ``name`` buildable from configs and self-describing checkpoints."""
+
+    def deco(fn: ArchBuilder) -> ArchBuilder:
+        _ARCHITECTURES[name] = fn
+        return fn
+
+    return deco
+
+
+def architectures() -> list[str]:
+    """Names of the built-in architectures."""
+    return sorted(_ARCHITECTURES)
+
+
+def build_architecture(
+    name: str, *, num_classes: int, input_shape: tuple[int, int, int], **kwargs: Any
+) -> nn.Module:
+    """Instantiate a registered architecture for a data shape."""
+    if name not in _ARCHITECTURES:
+        hint = difflib.get_close_matches(name, architectures(), n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ModelError(f"unknown architecture '{name}'{extra}; known: {', '.join(architectures())}")
+    return _ARCHITECTURES[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+
+
+@register_architecture("mlp")
+def _mlp(*, num_classes: int, input_shape: tuple[int, int, int], hidden: tuple[int, ...] = (256, 128)) -> nn.Module:
+    """The demo's old model (784-256-128-10 on Fashion-MNIST)."""
+    dims = [int(torch.tensor(input_shape).prod()), *hidden]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(dims[-1], num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_architecture("small_cnn")
+def _small_cnn(
+    *, num_classes: int, input_shape: tuple[int, int, int], channels: tuple[int, int] = (16, 32), hidden: int = 100
+) -> nn.Module:
+    """The demo's new model: two 3x3 conv blocks (16, 32 channels) and a small head (~163k parameters)."""
+    c, h, w = input_shape
+    c1, c2 = channels
+    feat = c2 * (h // 4) * (w // 4)
+    return nn.Sequential(
+        nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprints and loaded models.
+
+
+def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of every parameter and buffer (name, dtype, shape, bytes), independent of device."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def fingerprint_module(module: nn.Module) -> str:
+    """Fingerprint of a module's weights."""
+    return fingerprint_state_dict(module.state_dict())
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to evaluate: in eval mode, on the CPU, with its identity."""
+
+    name: str
+    module: nn.Module
+    fingerprint: str
+    num_classes: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """What a manifest records about the model."""
+        return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes, **self.source}
+
+
+def from_module(module: nn.Module, *, name: str, num_classes: int, source: dict | None = None) -> LoadedModel:
+    """Wrap an in-memory module (the Python API's entry for models trained in the same process)."""
+    module = module.to("cpu").eval()
+    return LoadedModel(
+        name=name,
+        module=module,
+        fingerprint=fingerprint_module(module),
+        num_classes=num_classes,
+        source=source or {"source": "in-memory"},
+    )
+
+
+def save_checkpoint(
+    path: str | Path,
+    module: nn.Module,
+    *,
+    arch: str,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    arch_kwargs: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Write a self-describing checkpoint (loadable with weights_only=True) atomically; returns its fingerprint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+    blob = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs or {}),
+        "num_classes": int(num_classes),
+        "input_shape": [int(s) for s in input_shape],
+        "metadata": dict(metadata or {}),
+        "state_dict": state,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+    return fingerprint_state_dict(state)
+
+
+def _read_checkpoint(path: Path) -> Any:
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelError(
+            f"refusing checkpoint {path}: it holds pickled Python objects that weights-only loading "
+            f"does not allow (they could run code). Save a state_dict instead. ({str(err).splitlines()[0]})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - zip/EOF/format errors all mean the same to the user
+        raise ModelError(f"checkpoint {path} is unreadable or corrupt: {type(err).__name__}: {err}") from None
+
+
+def _state_dict_of(blob: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(blob, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(blob.get(key), dict):
+                blob = blob[key]
+                break
+        if blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+            return {k.removeprefix("module."): v for k, v in blob.items()}
+    raise ModelError(f"checkpoint {path} holds no state_dict (a mapping of parameter names to tensors)")
+
+
+def load_model(
+    cfg: ModelConfig, *, num_classes: int, input_shape: tuple[int, int, int], data_name: str | None = None
+) -> LoadedModel:
+    """Load a model from its source; the data's class count and shape fill what the source leaves open."""
+    if cfg.source == "builtin":
+        torch.manual_seed(cfg.seed)
+        module = build_architecture(cfg.name, num_classes=num_classes, input_shape=input_shape, **cfg.arch_kwargs)
+        return from_module(
+            module, name=cfg.display_name, num_classes=num_classes,
+            source={"source": "builtin", "arch": cfg.name, "seed": cfg.seed},
+        )  # fmt: skip
+    if cfg.source == "checkpoint":
+        return _load_checkpoint_model(cfg, num_classes=num_classes, input_shape=input_shape)
+    return _load_robustbench(cfg, data_name=data_name)
+
+
+def _load_checkpoint_model(cfg: ModelConfig, *, num_classes: int, input_shape: tuple[int, int, int]) -> LoadedModel:
+    path = Path(cfg.path or "").expanduser()
+    blob = _read_checkpoint(path)
+    state = _state_dict_of(blob, path)
+    described = isinstance(blob, dict) and blob.get("format") == CHECKPOINT_FORMAT
+    arch = cfg.arch or (blob.get("arch") if described else None)
+    if not arch:
+        raise ModelError(f"checkpoint {path} does not name its architecture: set 'arch' in the model config")
+    kwargs = dict(blob.get("arch_kwargs", {})) if described else {}
+    kwargs.update(cfg.arch_kwargs)
+    ck_classes = int(blob.get("num_classes", num_classes)) if described else num_classes
+    ck_shape = tuple(blob.get("input_shape", input_shape)) if described else tuple(input_shape)
+    module = build_architecture(arch, num_classes=ck_classes, input_shape=ck_shape, **kwargs)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelError(f"checkpoint {path} does not fit architecture '{arch}': {err}") from None
+    return LoadedModel(
+        name=cfg.display_name,
+        module=module.eval(),
+        fingerprint=fingerprint_state_dict(state),
+        num_classes=ck_classes,
+        source={"source": "checkpoint", "path": str(path.resolve()), "arch": arch,
+                "metadata": blob.get("metadata", {}) if described else {}},
+    )  # fmt: skip
+
+
+def register_autoattack_alias() -> None:
+    """robustbench 1.1.1 imports ``autoattack``, which PyPI ships as ``pyautoattack``: alias it.
+
+    Needed before importing robustbench, and before unpickling a RobustBench model in a Ray worker.
+    """
+    import pyautoattack
+    import pyautoattack.state
+
+    sys.modules.setdefault("autoattack", pyautoattack)
+    sys.modules.setdefault("autoattack.state", pyautoattack.state)
+
+
+def import_robustbench() -> Any:
+    """Import robustbench with the ``autoattack`` alias in place."""
+    register_autoattack_alias()
+    import robustbench.utils
+
+    return robustbench
+
+
+_RB_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet": "imagenet"}
+
+
+def _load_robustbench(cfg: ModelConfig, *, data_name: str | None) -> LoadedModel:
+    dataset = cfg.dataset or _RB_DATASETS.get(data_name or "", "cifar10")
+    threat = cfg.threat_model or "Linf"
+    model_dir = Path(cfg.model_dir).expanduser()
+    path = robustbench_checkpoint_path(cfg.name, model_dir=model_dir, dataset=dataset, threat_model=threat)
+    rb = import_robustbench()
+    module = rb.utils.load_model(model_name=cfg.name, model_dir=str(model_dir), dataset=dataset, threat_model=threat)
+    module = module.to("cpu").eval()
+    n_classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[dataset]
+    return LoadedModel(
+        name=cfg.display_name,
+        module=module,
+        fingerprint=fingerprint_module(module),
+        num_classes=n_classes,
+        source={"source": "robustbench", "robustbench_name": cfg.name, "dataset": dataset,
+                "threat_model": threat, "path": str(path.resolve())},
+    )  # fmt: skip
+
+
+def robustbench_checkpoint_path(name: str, *, model_dir: Path, dataset: str, threat_model: str) -> Path:
+    """Check a RobustBench name against the zoo and that its weights are on disk (nothing is downloaded).
+
+    Returns the file ``load_model`` will read: ``model_dir/<dataset>/<threat_model>/<name>.pt``.
+    """
+    rb = import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    try:
+        zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
+    except (ValueError, KeyError):
+        raise ModelError(f"RobustBench has no models for dataset '{dataset}' and threat model '{threat_model}'") from None
+    if name not in zoo:
+        hint = difflib.get_close_matches(name, list(zoo), n=3)
+        extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+        raise ModelError(f"unknown RobustBench model '{name}' for {dataset}/{threat_model}{extra}")
+    if isinstance(zoo[name].get("gdrive_id"), list):
+        raise ModelError(f"RobustBench model '{name}' is an ensemble; ensembles are not supported")
+    path = model_dir / dataset / threat_model / f"{name}.pt"
+    timm_name = f"{name.lower().replace('-', '_')}_{dataset}_{threat_model.lower()}"
+    import timm
+
+    if timm.is_model(timm_name):
+        raise ModelError(
+            f"RobustBench serves '{name}' through the timm hub ({timm_name}), which cannot be reached offline; "
+            "use a local checkpoint source instead"
+        )
+    if not path.is_file():
+        raise ModelError(
+            f"RobustBench weights for '{name}' are not on disk and cannot be downloaded here: place the "
+            f"checkpoint at {path} (RobustBench's model_dir layout <model_dir>/<dataset>/<threat_model>/<name>.pt)"
+        )
+    del rb
+    return path

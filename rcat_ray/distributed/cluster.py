@@ -1,0 +1,25 @@
+"""Connecting to Ray: a running cluster when an address is known, else a local instance.
+
+Inside ``ray job submit`` the job must call a bare ``ray.init()`` (RAY_NOTES gotcha 5): the address then
+comes from ``RAY_ADDRESS``. A local instance binds to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
+set by the CLI before Ray is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from rcat_ray.config import ComputeConfig
+
+
+def ensure_ray(compute: ComputeConfig) -> None:
+    """Start or join Ray once per process, as the config and the environment say."""
+    if ray.is_initialized():
+        return
+    address = compute.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address if compute.address else None, log_to_driver=True)
+    else:
+        ray.init(num_cpus=compute.local_cpus, include_dashboard=False, log_to_driver=False)
