@@ -16,6 +16,10 @@ from rcat_ray.core.flips import flip_table, summarize
 from rcat_ray.store import ResultStore, now_iso, package_versions
 
 
+class ComparisonError(ValueError):
+    """Two tables that cannot be compared (different samples or attack)."""
+
+
 @dataclass
 class Comparison:
     """Old -> new flips with their summary, and where they are stored."""
@@ -42,7 +46,7 @@ def compare_stored(
     new_manifest = store.read_json(f"tables/{new_key}/manifest.json")
     for part in ("data", "attack"):
         if old_manifest[part] != new_manifest[part]:
-            raise ValueError(
+            raise ComparisonError(
                 f"tables {old_key} and {new_key} were evaluated with different {part} settings; "
                 "flips are only defined on the same samples under the same attack"
             )

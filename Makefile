@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv, install the package with its pinned dependencies, and install the Debian package
+# dataset-fashion-mnist (the demo's data and some tests') when it is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rcat-ray-installed
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Local Ray binds to loopback only with this set before Ray is imported (see RAY_NOTES.md).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install test demo lint bench clean fashion-mnist
+
+install: $(STAMP) fashion-mnist
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+fashion-mnist:
+	@test -f $(FASHION) || { echo "installing dataset-fashion-mnist (Debian)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check rcat_ray jobs tests bench
+
+demo: install
+	$(BIN)/rcat-ray demo --out demo-out
+
+bench: install
+	$(BIN)/python bench/eval_overhead.py
+
+clean:
+	rm -rf demo-out .pytest_cache

@@ -1,0 +1,211 @@
+"""``rcat-ray <command>``: parse a YAML config and flags into a typed config, then call the workflows.
+
+Every flag is a shortcut for a config key (shown in ``--help``); flags override the YAML file. Input
+errors exit with status 2 and one clear message, before Ray starts or any attack runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rcat_ray.config import (
+    CompareConfig,
+    ConfigError,
+    EvaluateConfig,
+    deep_merge,
+    load_yaml,
+    parse_config,
+)
+
+#: flag -> (dotted config key, type, help). Shared by evaluate and compare.
+_SETTING_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--data": ("data.name", str, "dataset: fashion_mnist, digits, cifar10, cifar100, tensors"),
+    "--data-root": ("data.root", str, "dataset folder"),
+    "--data-path": ("data.path", str, "file of a 'tensors' dataset"),
+    "--split": ("data.split", str, "train, val or test"),
+    "--offset": ("data.offset", int, "skip this many samples of the split"),
+    "--limit": ("data.limit", int, "evaluate at most this many samples"),
+    "--norm": ("attack.norm", str, "Linf or L2"),
+    "--eps": ("attack.eps", float, "perturbation budget, [0,1] pixel units"),
+    "--attacks": ("attack.attacks", "csv", "comma-separated cascade: apgd-ce,apgd-dlr,apgd-t,fab-t,square|standard"),
+    "--n-iter": ("attack.n_iter", int, "iterations per attack"),
+    "--seed": ("attack.seed", int, "attack seed"),
+    "--robust-samples": ("attack.robust_samples", int, "attack only the first N samples"),
+    "--chunk-size": ("chunk_size", int, "samples per work unit"),
+    "--store": ("store", str, "result store (path or URI)"),
+    "--max-new-chunks": ("max_new_chunks", int, "stop after this many new chunks"),
+    "--address": ("compute.address", str, "Ray address of a running cluster (default: start a local one)"),
+    "--workers": ("compute.num_workers", int, "evaluation actors"),
+    "--cpus-per-worker": ("compute.cpus_per_worker", float, "CPUs per actor"),
+    "--gpus-per-worker": ("compute.gpus_per_worker", float, "GPUs per actor"),
+    "--threads-per-worker": ("compute.threads_per_worker", int, "torch threads per actor"),
+    "--device": ("compute.device", str, "auto, cpu or cuda"),
+    "--local-cpus": ("compute.local_cpus", int, "CPUs of the local Ray instance"),
+}
+
+
+def parse_model_spec(spec: str) -> dict[str, Any]:
+    """``robustbench:NAME``, ``builtin:ARCH``, ``checkpoint:PATH`` or a bare ``*.pt``/``*.pth`` path."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("robustbench", "builtin"):
+        return {"source": kind, "name": rest}
+    if sep and kind in ("checkpoint", "ckpt"):
+        return {"source": "checkpoint", "name": Path(rest).stem, "path": rest}
+    if spec.endswith((".pt", ".pth")):
+        return {"source": "checkpoint", "name": Path(spec).stem, "path": spec}
+    raise ConfigError(
+        f"cannot read model spec '{spec}': use robustbench:NAME, builtin:ARCH or checkpoint:PATH (or a .pt path)"
+    )
+
+
+def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    for flag, (key, typ, helptext) in _SETTING_FLAGS.items():
+        p.add_argument(flag, dest=key, type=str if typ == "csv" else typ, default=None, help=f"{helptext} [{key}]")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+
+def _settings_dict(args: argparse.Namespace) -> dict[str, Any]:
+    base = load_yaml(args.config) if args.config else {}
+    over: dict[str, Any] = {}
+    for _flag, (key, typ, _h) in _SETTING_FLAGS.items():
+        value = getattr(args, key)
+        if value is not None:
+            _set_dotted(over, key, [a.strip() for a in value.split(",") if a.strip()] if typ == "csv" else value)
+    return deep_merge(base, over)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcat-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("evaluate", help="attack each model once and store its per-sample table")
+    _add_setting_flags(ev)
+    ev.add_argument("--model", action="append", default=[], metavar="SPEC", help="model spec (repeatable) [models]")
+
+    cmp_ = sub.add_parser("compare", help="evaluate old and new (cached when possible) and compute flips")
+    _add_setting_flags(cmp_)
+    cmp_.add_argument("--old", metavar="SPEC", help="old model spec [old]")
+    cmp_.add_argument("--new", metavar="SPEC", help="new model spec [new]")
+    cmp_.add_argument("--bootstrap", type=int, dest="bootstrap.n_resamples", help="bootstrap resamples [bootstrap.n_resamples]")
+    cmp_.add_argument("--report", help="also write the HTML report into this folder [report]")
+
+    rep = sub.add_parser("report", help="write the HTML report of a stored comparison")
+    rep.add_argument("--store", default="results", help="result store")
+    rep.add_argument("--comparison", required=True, help="comparison key (or its folder in the store)")
+    rep.add_argument("--out", default="report", help="output folder")
+    rep.add_argument("--top-k", type=int, default=8, help="flipped samples to show")
+
+    demo = sub.add_parser("demo", help="the embedded default: train old/new on Fashion-MNIST, compare, report")
+    demo.add_argument("--config", help="YAML overriding the demo defaults")
+    demo.add_argument("--out", default="demo-out", help="folder for the store, models and report")
+    demo.add_argument("--test-samples", type=int, dest="test_samples", help="test images to evaluate [test_samples]")
+    demo.add_argument("--address", help="Ray address [compute.address]")
+    return parser
+
+
+def _prepare_local_ray_env(address: str | None) -> None:
+    """Local Ray binds to loopback on these machines only when told before ``import ray`` (RAY_NOTES §0)."""
+    if not address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    raw = _settings_dict(args)
+    if args.model:
+        raw["models"] = [parse_model_spec(s) for s in args.model]
+    cfg = parse_config(EvaluateConfig, raw)
+    _prepare_local_ray_env(cfg.compute.address)
+    from rcat_ray.workflows import run_evaluate
+
+    outcomes, _ = run_evaluate(cfg)
+    for o in outcomes:
+        print(o.describe())
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    raw = _settings_dict(args)
+    for side in ("old", "new"):
+        if getattr(args, side):
+            raw[side] = parse_model_spec(getattr(args, side))
+    if getattr(args, "bootstrap.n_resamples") is not None:
+        _set_dotted(raw, "bootstrap.n_resamples", getattr(args, "bootstrap.n_resamples"))
+    if args.report:
+        raw["report"] = args.report
+    cfg = parse_config(CompareConfig, raw)
+    _prepare_local_ray_env(cfg.compute.address)
+    from rcat_ray.core.flips import format_summary
+    from rcat_ray.workflows import run_compare
+
+    outcomes, comparison, prepared = run_compare(cfg)
+    for o in outcomes:
+        print(o.describe())
+    if comparison is None:
+        print("comparison not computed: an evaluation is incomplete (run again to continue)")
+        return 0
+    print(format_summary(comparison.summary))
+    print(f"comparison {comparison.key} stored in {prepared.store.path(comparison.folder)}")
+    if cfg.report:
+        from rcat_ray.report import write_report
+
+        print(f"report: {write_report(prepared.store, comparison.key, cfg.report)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rcat_ray.report import write_report
+    from rcat_ray.store import ResultStore
+
+    store = ResultStore(args.store)
+    key = Path(args.comparison.rstrip("/")).name
+    if not store.exists(f"comparisons/{key}/summary.json"):
+        raise ConfigError(f"no comparison '{key}' in store {args.store}")
+    print(f"report: {write_report(store, key, args.out, top_k=args.top_k)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _prepare_local_ray_env(args.address)
+    from rcat_ray.demo import DemoConfig, run_demo
+
+    raw = load_yaml(args.config) if args.config else {}
+    if args.test_samples:
+        raw["test_samples"] = args.test_samples
+    if args.address:
+        _set_dotted(raw, "compute.address", args.address)
+    raw.setdefault("out", args.out)
+    run_demo(parse_config(DemoConfig, raw))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from rcat_ray.errors import USER_ERRORS
+
+    handlers = {"evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except USER_ERRORS as err:
+        print(f"rcat-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
