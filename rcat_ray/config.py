@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "tensors"]
 SplitName = Literal["train", "val", "test"]
@@ -110,12 +110,17 @@ class AttackConfig(_Strict):
         None, ge=1, description="attack only the first N samples of the split (clean metrics use all)"
     )
 
+    @field_validator("eps")
+    @classmethod
+    def _eps_in_range(cls, eps: float, info: ValidationInfo) -> float:
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if info.data.get("norm", "Linf") == "Linf" and eps > 1:
+            raise ValueError(f"eps must be at most 1 for Linf on [0,1] pixels, got {eps}")
+        return eps
+
     @model_validator(mode="after")
     def _check(self) -> AttackConfig:
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
-        if self.norm == "Linf" and self.eps > 1:
-            raise ValueError(f"eps must be at most 1 for Linf on [0,1] pixels, got {self.eps}")
         if not self.attacks:
             raise ValueError("attacks must name at least one attack")
         if len(set(self.attacks)) != len(self.attacks):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from rcat_ray.comparison import Comparison, compare_stored
 from rcat_ray.config import CompareConfig, EvaluateConfig, EvaluationSettings, ModelConfig
 from rcat_ray.core.data import Split, load_split
-from rcat_ray.core.models import LoadedModel, load_model
+from rcat_ray.core.models import LoadedModel, check_model_source, load_model
 from rcat_ray.evaluation import EvaluationPlan, validate_pair_inputs
 from rcat_ray.store import ResultStore
 
@@ -32,6 +32,9 @@ def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel
 
     ``models`` may mix configs and models already in memory (the Python API, the demo).
     """
+    for m in models:
+        if not isinstance(m, LoadedModel):
+            check_model_source(m, data_name=settings.data.name)
     split = load_split(settings.data)
     loaded = [
         m if isinstance(m, LoadedModel)

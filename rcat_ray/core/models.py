@@ -103,7 +103,7 @@ def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -191,6 +191,21 @@ def _state_dict_of(blob: Any, path: Path) -> dict[str, torch.Tensor]:
         if blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
             return {k.removeprefix("module."): v for k, v in blob.items()}
     raise ModelError(f"checkpoint {path} holds no state_dict (a mapping of parameter names to tensors)")
+
+
+def check_model_source(cfg: ModelConfig, *, data_name: str | None = None) -> None:
+    """Cheap checks of a model source (file present, name known) to run before any data is loaded."""
+    if cfg.source == "builtin":
+        if cfg.name not in _ARCHITECTURES:
+            build_architecture(cfg.name, num_classes=1, input_shape=(1, 1, 1))  # raises with a suggestion
+    elif cfg.source == "checkpoint":
+        if not Path(cfg.path or "").expanduser().is_file():
+            raise ModelError(f"checkpoint not found: {cfg.path}")
+    else:
+        robustbench_checkpoint_path(
+            cfg.name, model_dir=Path(cfg.model_dir).expanduser(),
+            dataset=cfg.dataset or _RB_DATASETS.get(data_name or "", "cifar10"), threat_model=cfg.threat_model or "Linf",
+        )  # fmt: skip
 
 
 def load_model(

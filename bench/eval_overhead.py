@@ -1,0 +1,117 @@
+"""Evaluation overhead, measured side by side in one run (issue 2's benchmark).
+
+Prints three ratios:
+  1. direct pyautoattack loop / Ray Data with 1 worker         (target >= 0.95: Ray costs <= 5 %)
+  2. Ray Data 1 worker / 2 workers, one torch thread each      (target >= 1.8 on a 2-core machine)
+  3. compare cold (old and new attacked) / old cached          (target >= 1.9)
+
+Both models are the same small CNN architecture (trained for a different number of epochs on
+Fashion-MNIST), so an evaluation of either costs about the same and ratio 3 measures the cache, not
+a difference between architectures. Models are trained once and kept in bench/out/.
+
+    .venv/bin/python bench/eval_overhead.py [--samples 1000] [--n-iter 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from rcat_ray.config import AttackConfig, CompareConfig, ComputeConfig, DataConfig, EvaluateConfig, ModelConfig  # noqa: E402
+from rcat_ray.core.attacks import chunk_seed, evaluate_chunk  # noqa: E402
+from rcat_ray.demo import TrainRecipe, train_or_load  # noqa: E402
+from rcat_ray.workflows import prepare, run_compare, run_evaluate  # noqa: E402
+
+OUT = Path(__file__).parent / "out"
+
+
+def timed(fn):
+    t = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t, result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--n-iter", type=int, default=50)
+    ap.add_argument("--chunk-size", type=int, default=125)
+    args = ap.parse_args()
+
+    torch.set_num_threads(2)
+    recipes = {
+        "old": TrainRecipe(arch="small_cnn", epochs=1, train_samples=20_000, seed=0),
+        "new": TrainRecipe(arch="small_cnn", epochs=2, train_samples=20_000, seed=1),
+    }
+    paths = {k: train_or_load(r, OUT / "models", None, f"bench-{k}") for k, r in recipes.items()}
+    models = {k: ModelConfig(source="checkpoint", name=k, path=str(p)) for k, p in paths.items()}
+    data = DataConfig(name="fashion_mnist", split="test", limit=args.samples)
+    attack = AttackConfig(eps=0.1, attacks=("apgd-ce", "apgd-dlr"), n_iter=args.n_iter)
+
+    def compute(workers: int) -> ComputeConfig:
+        return ComputeConfig(num_workers=workers, cpus_per_worker=1.0, threads_per_worker=1)
+
+    def settings(store: str, workers: int, model: str) -> EvaluateConfig:
+        return EvaluateConfig(data=data, attack=attack, chunk_size=args.chunk_size, store=store,
+                              compute=compute(workers), models=(models[model],))
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tmp = Path(tempfile.mkdtemp(prefix="rcat-bench-"))
+    try:
+        # warm-up: Ray workers and imports, so no measurement pays for first-start costs
+        run_evaluate(settings(str(tmp / "warm"), 2, "new").model_copy(update={"data": data.model_copy(update={"limit": 50})}))
+
+        # 1. direct loop (this process, one thread) vs Ray Data with 1 worker, over the same chunks
+        prep = prepare(settings(str(tmp / "direct"), 1, "new"), [models["new"]])
+        plan = prep.plans[0]
+        torch.set_num_threads(1)
+
+        def direct() -> None:
+            for c in plan.chunks():
+                sl = slice(c.start, c.stop)
+                evaluate_chunk(plan.model.module, plan.split.images[sl], plan.split.labels[sl],
+                               plan.split.sample_ids[sl], attack, num_classes=10,
+                               seed=chunk_seed(attack.seed, c.chunk_id))
+
+        t_direct, _ = timed(direct)
+        torch.set_num_threads(2)
+        t_ray1, _ = timed(lambda: run_evaluate(settings(str(tmp / "ray1"), 1, "new")))
+        # 2. two workers
+        t_ray2, _ = timed(lambda: run_evaluate(settings(str(tmp / "ray2"), 2, "new")))
+        # 3. compare cold vs with the old model's table cached (2 workers each)
+        cmp_cfg = CompareConfig(data=data, attack=attack, chunk_size=args.chunk_size, store=str(tmp / "cold"),
+                                compute=compute(2), old=models["old"], new=models["new"])
+        t_cold, _ = timed(lambda: run_compare(cmp_cfg))
+        warm_store = tmp / "cached"
+        run_evaluate(settings(str(warm_store), 2, "old"))  # last night's table of the old model
+        t_cached, (outcomes, _, _) = timed(lambda: run_compare(cmp_cfg.model_copy(update={"store": str(warm_store)})))
+        assert outcomes[0].chunks_computed == 0, "the old model must come from the cache"
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nsamples {args.samples}, APGD-CE + APGD-DLR x {args.n_iter} iterations, chunk {args.chunk_size}")
+    print(f"direct loop (1 thread)      {t_direct:7.1f} s")
+    print(f"Ray Data, 1 worker          {t_ray1:7.1f} s")
+    print(f"Ray Data, 2 workers         {t_ray2:7.1f} s")
+    print(f"compare, cold               {t_cold:7.1f} s")
+    print(f"compare, old model cached   {t_cached:7.1f} s")
+    print(f"ratio direct / Ray 1 worker   {t_direct / t_ray1:5.2f}  (target >= 0.95)")
+    print(f"ratio 1 worker / 2 workers    {t_ray1 / t_ray2:5.2f}  (target >= 1.8)")
+    print(f"ratio cold / old cached       {t_cold / t_cached:5.2f}  (target >= 1.9)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Shared fixtures: one real local Ray session for the whole test run, small trained models, data.
+
+The environment variables must be set before ``import ray`` anywhere (RAY_NOTES §4).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind Ray to 127.0.0.1 only
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from rcat_ray.config import DataConfig, ModelConfig  # noqa: E402
+from rcat_ray.core.data import Split, load_split  # noqa: E402
+from rcat_ray.core.models import LoadedModel, from_module, load_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray instance with 2 CPUs, shared by every test that needs Ray."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_train() -> Split:
+    return load_split(DataConfig(name="digits", split="train"))
+
+
+def _fit(model: torch.nn.Module, split: Split, steps: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(split.images), split.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_models(digits_train: Split) -> tuple[LoadedModel, LoadedModel]:
+    """Two small MLPs trained on digits for a different number of steps: an 'old' and a 'new' model."""
+    shape = digits_train.input_shape
+    old = load_model(ModelConfig(source="builtin", name="mlp", seed=0, arch_kwargs={"hidden": [32]}),
+                     num_classes=10, input_shape=shape)
+    new = load_model(ModelConfig(source="builtin", name="mlp", seed=1, arch_kwargs={"hidden": [64]}),
+                     num_classes=10, input_shape=shape)
+    with torch.random.fork_rng():
+        _fit(old.module, digits_train, 40, 0)
+        _fit(new.module, digits_train, 150, 1)
+    return (
+        from_module(old.module, name="old", num_classes=10),
+        from_module(new.module, name="new", num_classes=10),
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below a folder with its content: to assert a store was left untouched."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

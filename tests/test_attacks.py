@@ -1,0 +1,93 @@
+"""The pyautoattack cascade on a tiny model: per-sample rows that are consistent with each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rcat_ray.config import AttackConfig, DataConfig
+from rcat_ray.core.attacks import PER_MODEL_SCHEMA, chunk_seed, evaluate_chunk, margins
+from rcat_ray.core.data import load_split
+
+
+@pytest.fixture(scope="module")
+def test_slice():
+    return load_split(DataConfig(name="digits", split="test", limit=60))
+
+
+def _run(model, split, **kw):
+    cfg = AttackConfig(**{"eps": 0.1, "n_iter": 10, **kw})
+    return evaluate_chunk(model.module, split.images, split.labels, split.sample_ids, cfg, num_classes=10, seed=7,
+                          keep_adversarial=True)
+
+
+@pytest.mark.parametrize("attacks", [("apgd-ce", "apgd-dlr"), ("apgd-t", "fab-t", "square")])
+def test_cascade_rows_are_consistent(digits_models, test_slice, attacks):
+    _, new = digits_models
+    res = _run(new, test_slice, attacks=attacks, square_queries=50)
+    assert res.table.schema.equals(PER_MODEL_SCHEMA)
+    df = res.table.to_pandas()
+    assert len(df) == len(test_slice)
+    # robust implies clean-correct; a clean error is never attacked, never broken
+    assert not (df.robust & ~df.clean_correct).any()
+    assert df.loc[~df.clean_correct, "broken_by"].isna().all()
+    # broken_by is set exactly for the clean-correct samples that are not robust, and names a cascade member
+    broken = df.clean_correct & ~df.robust.astype(bool)
+    assert (df.broken_by.notna() == broken).all()
+    assert set(df.broken_by.dropna()) <= set(attacks)
+    assert broken.any(), "eps 0.1 on digits must break some samples, else this test checks nothing"
+    # a broken sample's adversarial point is misclassified and inside the eps ball; a robust one is classified right
+    assert (df.loc[broken, "adv_pred"] != df.loc[broken, "label"]).all()
+    assert (df.loc[df.robust.astype(bool), "adv_pred"] == df.loc[df.robust.astype(bool), "label"]).all()
+    assert (df.perturbation_linf <= 0.1 + 1e-6).all()
+    assert ((df.adv_margin > 0) == (df.adv_pred == df.label)).all()
+    assert res.adversarial is not None and res.adversarial.min() >= 0 and res.adversarial.max() <= 1
+
+
+def test_margins_match_predictions():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    m = margins(logits, torch.tensor([0, 2]))
+    assert m.tolist() == [1.0, -2.0]
+
+
+def test_same_seed_same_rows_and_global_rng_untouched(digits_models, test_slice):
+    _, new = digits_models
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = _run(new, test_slice)
+    assert torch.equal(torch.get_rng_state(), before), "the attack must not move the caller's RNG"
+    b = _run(new, test_slice)
+    assert a.table.equals(b.table)
+    np.testing.assert_array_equal(a.adversarial, b.adversarial)
+
+
+def test_attack_mask_leaves_unattacked_rows_null(digits_models, test_slice):
+    _, new = digits_models
+    mask = torch.arange(len(test_slice)) < 20
+    cfg = AttackConfig(eps=0.1, n_iter=5)
+    res = evaluate_chunk(new.module, test_slice.images, test_slice.labels, test_slice.sample_ids, cfg,
+                         num_classes=10, seed=1, attack_mask=mask)
+    df = res.table.to_pandas()
+    assert df.robust.iloc[:20].notna().all() and df.robust.iloc[20:].isna().all()
+    assert df.adv_pred.iloc[20:].isna().all() and df.clean_pred.notna().all()
+
+
+def test_standard_is_autoattacks_cascade():
+    cfg = AttackConfig(eps=8 / 255, attacks=("standard",))
+    assert cfg.cascade == ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def test_chunk_seed_depends_on_run_seed_and_chunk_only():
+    assert chunk_seed(0, 3) == chunk_seed(0, 3)
+    assert len({chunk_seed(0, i) for i in range(100)}) == 100
+    assert chunk_seed(0, 3) != chunk_seed(1, 3)
+
+
+def test_l2_perturbations_stay_in_the_ball(digits_models, test_slice):
+    _, new = digits_models
+    cfg = AttackConfig(norm="L2", eps=0.5, n_iter=10)
+    res = evaluate_chunk(new.module, test_slice.images, test_slice.labels, test_slice.sample_ids, cfg,
+                         num_classes=10, seed=2, keep_adversarial=True)
+    delta = torch.as_tensor(res.adversarial) - test_slice.images
+    assert (delta.flatten(1).norm(dim=1) <= 0.5 + 1e-4).all()

@@ -1,0 +1,191 @@
+"""Tests of rcat_ray.report on a small real store (digits, two trained MLPs, real attacks), without Ray."""
+
+from __future__ import annotations
+
+import html
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcat_ray import report
+from rcat_ray.comparison import Comparison, compare_stored
+from rcat_ray.config import AttackConfig, BootstrapConfig, DataConfig, EvaluationSettings, ModelConfig
+from rcat_ray.core.data import DataError, Split, load_split
+from rcat_ray.core.flips import METRIC_LABELS
+from rcat_ray.core.models import LoadedModel, from_module, load_model
+from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
+from rcat_ray.report import CLEAN_GRID_PNG, PER_CLASS_PNG, REPORT_NAME, ROBUST_GRID_PNG, write_report
+from rcat_ray.store import ResultStore
+
+OLD_LABEL = "old <b>mlp</b>"
+NEW_LABEL = "new mlp & co"
+DATA = DataConfig(name="digits", split="test", limit=40)
+ATTACK = AttackConfig(eps=0.1, n_iter=5)
+
+
+def _trained(seed: int, steps: int, label: str, train: Split) -> LoadedModel:
+    """A builtin MLP after a few Adam steps; re-wrapped so its fingerprint matches the trained weights."""
+    loaded = load_model(
+        ModelConfig(source="builtin", name="mlp", seed=seed, label=label),
+        num_classes=10,
+        input_shape=train.input_shape,
+    )
+    module = loaded.module
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+        module.train()
+        for _ in range(steps):
+            loss = F.cross_entropy(module(train.images), train.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return from_module(module, name=loaded.name, num_classes=10, source=loaded.source)
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[ResultStore, Comparison]:
+    """A store holding two per-model tables (with adversarial images) and their comparison."""
+    root = tmp_path_factory.mktemp("store")
+    store = ResultStore(root)
+    train = load_split(DataConfig(name="digits", split="train"))
+    split = load_split(DATA)
+    settings = EvaluationSettings(data=DATA, attack=ATTACK, chunk_size=20, store=str(root))
+    keys = []
+    for model in (_trained(0, 15, OLD_LABEL, train), _trained(1, 80, NEW_LABEL, train)):
+        plan = EvaluationPlan(model, split, ATTACK, chunk_size=20)
+        for chunk in plan.chunks():
+            run_chunk(plan, chunk, store, device=torch.device("cpu"), keep_adversarial=True)
+        assemble(plan, store, settings)
+        keys.append(plan.key)
+    comparison = compare_stored(store, keys[0], keys[1], BootstrapConfig(n_resamples=100))
+    return store, comparison
+
+
+def _n_robust_flips(comparison: Comparison) -> int:
+    return int(pc.sum(pc.fill_null(comparison.flips.column("robust_neg_flip"), False)).as_py() or 0)
+
+
+def test_report_contents(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    store, comparison = stored
+    path = write_report(store, comparison.key, tmp_path / "rep", top_k=4)
+    assert path == tmp_path / "rep" / REPORT_NAME
+    text = path.read_text(encoding="utf-8")
+
+    # names are escaped, never injected as markup
+    assert html.escape(OLD_LABEL) in text
+    assert html.escape(NEW_LABEL) in text
+    assert "<b>mlp</b>" not in text
+    assert comparison.summary["old"]["fingerprint"] in text
+    assert comparison.summary["new"]["fingerprint"] in text
+    assert "digits" in text and "Linf" in text and "apgd-ce" in text
+    for label in METRIC_LABELS.values():
+        assert f"<b>{html.escape(label)}</b>" in text
+    assert "95% CI" in text
+
+    png = path.parent / PER_CLASS_PNG
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert f'src="{PER_CLASS_PNG}"' in text
+
+    if _n_robust_flips(comparison):
+        assert (path.parent / ROBUST_GRID_PNG).read_bytes().startswith(b"\x89PNG")
+        assert f'src="{ROBUST_GRID_PNG}"' in text
+    if int(pc.sum(comparison.flips.column("neg_flip")).as_py() or 0):
+        assert (path.parent / CLEAN_GRID_PNG).read_bytes().startswith(b"\x89PNG")
+
+
+def test_fixture_has_robust_negative_flips(stored: tuple[ResultStore, Comparison]) -> None:
+    """Guards the other tests: without robust flips the image grid would silently go untested."""
+    _, comparison = stored
+    assert _n_robust_flips(comparison) > 0
+
+
+def test_second_call_replaces_atomically(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    store, comparison = stored
+    out = tmp_path / "rep"
+    first = write_report(store, comparison.key, out, top_k=2).read_text(encoding="utf-8")
+    second_path = write_report(store, comparison.key, out, top_k=3)
+    second = second_path.read_text(encoding="utf-8")
+    assert second.startswith("<!DOCTYPE html>") and second.rstrip().endswith("</html>")
+    assert first != second  # top_k changed what is listed, so the file really was replaced
+    leftovers = [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+    assert {p.name for p in out.iterdir()} <= {REPORT_NAME, PER_CLASS_PNG, ROBUST_GRID_PNG, CLEAN_GRID_PNG}
+
+
+def test_failure_keeps_previous_report(
+    stored: tuple[ResultStore, Comparison], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, comparison = stored
+    out = tmp_path / "rep"
+    before = write_report(store, comparison.key, out).read_bytes()
+
+    def broken(*_args: object, **_kwargs: object) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(report, "_page", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        write_report(store, comparison.key, out)
+    assert (out / REPORT_NAME).read_bytes() == before
+    assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_renders_without_images(
+    stored: tuple[ResultStore, Comparison], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, comparison = stored
+
+    def missing(_cfg: DataConfig) -> Split:
+        raise DataError("digits is not where it should be")
+
+    monkeypatch.setattr(report, "load_split", missing)
+    path = write_report(store, comparison.key, tmp_path / "rep")
+    text = path.read_text(encoding="utf-8")
+    assert "Images are not shown" in text and "digits is not where it should be" in text
+    assert not (path.parent / ROBUST_GRID_PNG).exists()
+    assert (path.parent / PER_CLASS_PNG).exists()
+
+
+def test_reversed_pair_shows_clean_flips(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    """new -> old turns the better model into the "old" one, so clean negative flips appear."""
+    store, comparison = stored
+    rev = compare_stored(store, comparison.new["key"], comparison.old["key"], BootstrapConfig(n_resamples=10))
+    n_neg = int(pc.sum(rev.flips.column("neg_flip")).as_py() or 0)
+    assert n_neg > 0
+    path = write_report(store, rev.key, tmp_path / "rev", top_k=2)
+    text = path.read_text(encoding="utf-8")
+    assert (path.parent / CLEAN_GRID_PNG).read_bytes().startswith(b"\x89PNG")
+    assert f'src="{CLEAN_GRID_PNG}"' in text
+    assert "wrong on clean, not attacked" in text  # the new model was never attacked on its clean errors
+    assert text.index(html.escape(NEW_LABEL)) < text.index(html.escape(OLD_LABEL))  # header: old first
+
+
+def test_top_k_zero_and_no_flips(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    """A comparison of a model with itself has no flips: the report says so instead of drawing grids."""
+    store, comparison = stored
+    same = compare_stored(store, comparison.old["key"], comparison.old["key"], BootstrapConfig(n_resamples=10))
+    text = write_report(store, same.key, tmp_path / "same").read_text(encoding="utf-8")
+    assert "introduced no robust negative flips" in text
+    assert "introduced no clean negative flips" in text
+    assert not (tmp_path / "same" / ROBUST_GRID_PNG).exists()
+    write_report(store, comparison.key, tmp_path / "k0", top_k=0)
+    with pytest.raises(ValueError, match="top_k"):
+        write_report(store, comparison.key, tmp_path / "bad", top_k=-1)
+
+
+def test_summary_values_are_percentages(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    store, comparison = stored
+    text = write_report(store, comparison.key, tmp_path / "rep").read_text(encoding="utf-8")
+    acc = comparison.summary["metrics"]["acc"]
+    assert f"{acc['value'] * 100:.2f}%" in text
+
+
+def test_report_module_does_not_import_ray() -> None:
+    """The report is part of the Ray-free side: it must be usable where Ray is not installed."""
+    code = "import sys, rcat_ray.report; sys.exit(1 if 'ray' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
