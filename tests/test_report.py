@@ -50,8 +50,20 @@ def _trained(seed: int, steps: int, label: str, train: Split) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[ResultStore, Comparison]:
-    """A store holding two per-model tables (with adversarial images) and their comparison."""
-    root = tmp_path_factory.mktemp("store")
+    """A store holding two per-model tables (with adversarial images) and their comparison.
+
+    One torch thread: these tensors are tiny, and on a shared 2-CPU machine intra-op threads fighting other
+    processes made the same work 30x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_store(tmp_path_factory.mktemp("store"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_store(root: Path) -> tuple[ResultStore, Comparison]:
     store = ResultStore(root)
     train = load_split(DataConfig(name="digits", split="train"))
     split = load_split(DATA)
