@@ -263,3 +263,108 @@ def stable_hash(obj: Any, length: int = 16) -> str:
         obj = obj.model_dump(mode="json")
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning (RCAT and its baselines)
+
+LossKind = Literal["rcat", "pct", "pcat", "at"]
+TrainAttackKind = Literal["fgsm-rs", "pgd", "paper"]
+
+
+class LossConfig(_Strict):
+    """Which fine-tuning loss, with its weights (DESIGN §1.2). Weights are checked against the loss kind."""
+
+    kind: LossKind = "rcat"
+    alpha: float = 0.5
+    beta: float = 0.4
+    normalisation: Literal["masked", "batch"] = Field("masked", description="RCAT: how L_new/L_old average")
+    mask_source: Literal["on-the-fly", "cached"] = Field(
+        "on-the-fly", description="RCAT m_old: from x* now, or the old model's stored robustness flags"
+    )
+    divergence: Literal["mse", "kl"] = Field("mse", description="PCT/PCAT distance")
+    temperature: float = Field(100.0, gt=0, description="PCT/PCAT KL temperature")
+
+    @model_validator(mode="after")
+    def _weights(self) -> LossConfig:
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.kind == "rcat" and self.alpha + self.beta > 1 + 1e-12:
+            raise ValueError(f"RCAT needs alpha + beta <= 1, got {self.alpha} + {self.beta} = {self.alpha + self.beta}")
+        return self
+
+    @property
+    def tag(self) -> str:
+        """A short name for tables: RCAT(0.5,0.4), PCT(1,2), AT."""
+        if self.kind == "at":
+            return "AT"
+        return f"{self.kind.upper()}({self.alpha:g},{self.beta:g})"
+
+
+class TrainAttackConfig(_Strict):
+    """The attack crafted against the model being trained, inside every step (DESIGN §1.3)."""
+
+    kind: TrainAttackKind = "fgsm-rs"
+    eps: float = Field(..., gt=0, le=1)
+    steps: int = Field(10, ge=1, description="PGD iterations")
+    step_size: float | None = Field(None, gt=0, description="PGD step; default 2.5*eps/steps")
+
+
+class OptimizerConfig(_Strict):
+    """SGD (the paper: lr 1e-3, momentum 0.9, no weight decay) or AdamW, with an optional schedule."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+class ValidationConfig(_Strict):
+    """Per-epoch validation flips of the model being trained against the old model (cheap attack)."""
+
+    data: DataConfig | None = Field(None, description="default: the val split of the training data")
+    samples: int = Field(1000, ge=1)
+    attack: AttackConfig | None = Field(None, description="default: APGD-CE, 10 iterations at the training eps")
+
+
+class FinetuneConfig(_Strict):
+    """``rcat-ray finetune``: fine-tune ``new`` towards ``old``-congruence on Ray Train."""
+
+    old: ModelConfig
+    new: ModelConfig
+    data: DataConfig = DataConfig(split="train")
+    loss: LossConfig = LossConfig()
+    train_attack: TrainAttackConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=1, description="per worker")
+    seed: int = 0
+    mixed_precision: bool = Field(True, description="autocast + grad scaling on GPU (ignored on CPU)")
+    validation: ValidationConfig = ValidationConfig()
+    cached_old_table: str | None = Field(
+        None, description="store key of the old model's table on the training split (mask_source: cached)"
+    )
+    out: str = Field("finetuned", description="folder for the final checkpoint and its manifest")
+    name: str | None = Field(None, description="run name (default: derived from the config hash)")
+    storage: str = Field("ray_results", description="Ray Train storage path (shared storage on a cluster)")
+    store: str = Field("results", description="result store (cached masks, evaluations)")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process local mode)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint")
+    address: str | None = None
+    fail_once_at_epoch: int | None = Field(
+        None, ge=0, description="testing aid: rank 1 (or 0) raises once at the start of this epoch"
+    )
+
+    @model_validator(mode="after")
+    def _cached_needs_table(self) -> FinetuneConfig:
+        if self.loss.mask_source == "cached" and not self.cached_old_table:
+            raise ValueError("loss.mask_source 'cached' needs cached_old_table (the old model's table key)")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"finetune-{self.loss.kind}-{stable_hash(self.model_dump(exclude={'address'}), 10)}"

@@ -55,6 +55,8 @@ def build_architecture(
     name: str, *, num_classes: int, input_shape: tuple[int, int, int], **kwargs: Any
 ) -> nn.Module:
     """Instantiate a registered architecture for a data shape."""
+    if name.startswith("robustbench/"):
+        return _robustbench_architecture(name)
     if name not in _ARCHITECTURES:
         hint = difflib.get_close_matches(name, architectures(), n=1)
         extra = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -125,6 +127,25 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         """What a manifest records about the model."""
         return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes, **self.source}
+
+
+def _robustbench_architecture(name: str) -> nn.Module:
+    """An untrained RobustBench zoo architecture, named ``robustbench/<dataset>/<threat_model>/<model>``.
+
+    Lets a fine-tuned RobustBench model be saved as a self-describing checkpoint and loaded back.
+    """
+    parts = name.split("/")
+    if len(parts) != 4:
+        raise ModelError(f"RobustBench architecture names look like robustbench/cifar10/Linf/<model>, got '{name}'")
+    _, dataset, threat, model_name = parts
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    try:
+        return model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)][model_name]["model"]()
+    except (KeyError, ValueError):
+        raise ModelError(f"unknown RobustBench architecture '{name}'") from None
 
 
 def from_module(module: nn.Module, *, name: str, num_classes: int, source: dict | None = None) -> LoadedModel:
@@ -217,7 +238,7 @@ def load_model(
         module = build_architecture(cfg.name, num_classes=num_classes, input_shape=input_shape, **cfg.arch_kwargs)
         return from_module(
             module, name=cfg.display_name, num_classes=num_classes,
-            source={"source": "builtin", "arch": cfg.name, "seed": cfg.seed},
+            source={"source": "builtin", "arch": cfg.name, "arch_kwargs": dict(cfg.arch_kwargs), "seed": cfg.seed},
         )  # fmt: skip
     if cfg.source == "checkpoint":
         return _load_checkpoint_model(cfg, num_classes=num_classes, input_shape=input_shape)
@@ -246,7 +267,7 @@ def _load_checkpoint_model(cfg: ModelConfig, *, num_classes: int, input_shape: t
         module=module.eval(),
         fingerprint=fingerprint_state_dict(state),
         num_classes=ck_classes,
-        source={"source": "checkpoint", "path": str(path.resolve()), "arch": arch,
+        source={"source": "checkpoint", "path": str(path.resolve()), "arch": arch, "arch_kwargs": kwargs,
                 "metadata": blob.get("metadata", {}) if described else {}},
     )  # fmt: skip
 
@@ -289,7 +310,8 @@ def _load_robustbench(cfg: ModelConfig, *, data_name: str | None) -> LoadedModel
         fingerprint=fingerprint_module(module),
         num_classes=n_classes,
         source={"source": "robustbench", "robustbench_name": cfg.name, "dataset": dataset,
-                "threat_model": threat, "path": str(path.resolve())},
+                "threat_model": threat, "path": str(path.resolve()),
+                "arch": f"robustbench/{dataset}/{threat}/{cfg.name}"},
     )  # fmt: skip
 
 

@@ -78,3 +78,15 @@ def pgd(
             x_adv = x_adv + step * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
     return x_adv.detach()
+
+
+def fgsm_paper(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The RCAT authors' CIFAR-10 variant: the FGSM gradient is taken at the clean point, then added to a
+    random start (step 1.25*eps), projected on the eps ball and clipped to [0, 1]."""
+    with _EvalMode(model):
+        grad = _loss_grad(model, x, y)
+        x_adv = x + _uniform_like(x, eps, generator) + 1.25 * eps * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()

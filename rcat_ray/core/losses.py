@@ -1,0 +1,114 @@
+"""Fine-tuning losses (DESIGN §1.2): RCAT, PCT, PCAT and plain adversarial training (AT).
+
+Pure functions of logits, labels and masks, so each can be checked by hand on small tensors and reused
+by any training loop. Notation: ``z`` the logits of the model being trained, ``z_new`` those of the
+frozen copy of the new model taken before fine-tuning (f_theta0), ``z_old`` those of the frozen old
+model, ``m_new``/``m_old`` boolean masks of the samples each frozen model classifies correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Normalisation = Literal["masked", "batch"]
+Divergence = Literal["mse", "kl"]
+
+
+class LossConfigError(ValueError):
+    """Loss weights outside their valid range."""
+
+
+def logit_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample D(a, b) = ||a - b||^2 / (2K): logit matching without temperature."""
+    return (a - b).pow(2).sum(dim=1) / (2 * a.shape[1])
+
+
+def kl_distance(z: torch.Tensor, z_ref: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-sample T^2 * KL(softmax(z_ref/T) || softmax(z/T)): PCT's distillation option."""
+    log_p = F.log_softmax(z_ref / temperature, dim=1)
+    log_q = F.log_softmax(z / temperature, dim=1)
+    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked samples; exactly 0 (with a gradient path) when the mask is empty, never NaN."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def check_rcat_weights(alpha: float, beta: float) -> None:
+    """RCAT needs alpha, beta >= 0 and alpha + beta <= 1 (the CE weight 1 - alpha - beta must stay >= 0)."""
+    if alpha < 0 or beta < 0:
+        raise LossConfigError(f"RCAT weights must be >= 0, got alpha={alpha}, beta={beta}")
+    if alpha + beta > 1 + 1e-12:
+        raise LossConfigError(f"RCAT needs alpha + beta <= 1, got alpha={alpha} + beta={beta} = {alpha + beta}")
+
+
+def check_pct_weights(alpha: float, beta: float) -> None:
+    """PCT/PCAT weights are any non-negative numbers (the paper uses alpha = 1, beta in {1, 2, 5, 10})."""
+    if alpha < 0 or beta < 0:
+        raise LossConfigError(f"PCT weights must be >= 0, got alpha={alpha}, beta={beta}")
+
+
+def rcat_loss(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    z_new: torch.Tensor,
+    z_old: torch.Tensor,
+    m_new: torch.Tensor,
+    m_old: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    normalisation: Normalisation = "masked",
+) -> torch.Tensor:
+    """L = (1 - a - b) CE(z, y) + a L_new + b L_old, all on the same adversarial batch.
+
+    ``masked`` (the authors' current code): each term averages D over its own mask. ``batch`` (their
+    CIFAR-10 runs): L_new is the unmasked batch mean and L_old the batch mean of m_old * D.
+    """
+    check_rcat_weights(alpha, beta)
+    ce = F.cross_entropy(z, y)
+    d_new = logit_distance(z, z_new)
+    d_old = logit_distance(z, z_old)
+    if normalisation == "masked":
+        l_new, l_old = _masked_mean(d_new, m_new), _masked_mean(d_old, m_old)
+    elif normalisation == "batch":
+        l_new, l_old = d_new.mean(), (d_old * m_old.to(d_old.dtype)).mean()
+    else:
+        raise LossConfigError(f"unknown normalisation '{normalisation}' (masked or batch)")
+    return (1 - alpha - beta) * ce + alpha * l_new + beta * l_old
+
+
+def pct_loss(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    z_old: torch.Tensor,
+    m_old: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    divergence: Divergence = "mse",
+    temperature: float = 100.0,
+) -> torch.Tensor:
+    """PCT focal distillation: L = CE(z, y) + mean_i (a + b m_old_i) D(z_i, z_old_i).
+
+    PCAT is the same function applied to adversarial inputs with masks from those inputs.
+    """
+    check_pct_weights(alpha, beta)
+    if divergence == "mse":
+        d = logit_distance(z, z_old)
+    elif divergence == "kl":
+        d = kl_distance(z, z_old, temperature)
+    else:
+        raise LossConfigError(f"unknown divergence '{divergence}' (mse or kl)")
+    weights = alpha + beta * m_old.to(d.dtype)
+    return F.cross_entropy(z, y) + (weights * d).mean()
+
+
+def at_loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Plain adversarial fine-tuning: cross-entropy on the adversarial batch (the unconstrained baseline)."""
+    return F.cross_entropy(z, y)

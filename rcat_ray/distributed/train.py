@@ -1,0 +1,226 @@
+"""Ray Train fine-tuning: TorchTrainer (DDP; gloo on CPU, nccl on GPU) around the core epoch function.
+
+Each worker loads the data and the two parent models itself (sources are paths or names, valid on every
+node), keeps a frozen copy of the new model (f_theta0) and the frozen old model, and trains the DDP-wrapped
+copy on its shard (a DistributedSampler from ``prepare_data_loader``). Every epoch, rank 0 measures
+validation flips against the old model and saves a checkpoint (model, optimizer, scheduler, scaler,
+epoch, RNG states); a restarted worker group resumes from the latest one (``FailureConfig``). After
+``fit`` the driver writes the final model as a self-describing checkpoint with a manifest naming both
+parents' fingerprints, so the flip engine loads it like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from rcat_ray.config import AttackConfig, FinetuneConfig, parse_config
+from rcat_ray.core.data import load_split
+from rcat_ray.core.finetune import CachedMask, finetune_epoch, frozen_copy, make_optimizer
+from rcat_ray.core.models import LoadedModel, load_model, save_checkpoint
+from rcat_ray.core.validation import per_model_table, validation_flips
+from rcat_ray.evaluation import resolve_device
+from rcat_ray.store import ResultStore, now_iso, package_versions
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class FinetuneOutcome:
+    """Where the fine-tuned model is and what the run reported."""
+
+    checkpoint: Path
+    manifest: Path
+    fingerprint: str
+    history: list[dict[str, Any]]
+
+
+def _load_parents(cfg: FinetuneConfig) -> tuple[LoadedModel, LoadedModel, Any]:
+    split = load_split(cfg.data)
+    kw = {"num_classes": split.num_classes, "input_shape": split.input_shape, "data_name": cfg.data.name}
+    return load_model(cfg.old, **kw), load_model(cfg.new, **kw), split
+
+
+def validation_setup(cfg: FinetuneConfig) -> tuple[Any, AttackConfig]:
+    """The validation subset and the cheap attack used every epoch."""
+    data = cfg.validation.data or cfg.data.model_copy(update={"split": "val", "offset": 0, "limit": None})
+    data = data.model_copy(update={"limit": min(cfg.validation.samples, data.limit or cfg.validation.samples)})
+    attack = cfg.validation.attack or AttackConfig(eps=cfg.train_attack.eps, attacks=("apgd-ce",), n_iter=10)
+    return load_split(data), attack
+
+
+def _cached_mask(cfg: FinetuneConfig) -> CachedMask | None:
+    if cfg.loss.mask_source != "cached":
+        return None
+    table = ResultStore(cfg.store).read_table(f"tables/{cfg.cached_old_table}/table.parquet")
+    robust = table.column("robust").fill_null(False).to_numpy(zero_copy_only=False)
+    return CachedMask(torch.as_tensor(table.column("sample_id").to_numpy()), torch.as_tensor(robust))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """The per-worker loop that Ray Train runs (also runs in-process with ``num_workers=0``)."""
+    cfg = parse_config(FinetuneConfig, loop_config["finetune"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device() if cfg.use_gpu else resolve_device("cpu")
+
+    old, new, split = _load_parents(cfg)
+    old_module = frozen_copy(old.module).to(device)
+    theta0 = frozen_copy(new.module).to(device) if cfg.loss.kind == "rcat" else None
+    model = ray.train.torch.prepare_model(new.module.train(), move_to_device=device)
+    inner = model.module if hasattr(model, "module") else model
+
+    dataset = TensorDataset(split.images, split.labels, split.sample_ids)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(loader))
+    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision and device.type == "cuda" else None
+    attack_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    cached = _cached_mask(cfg)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        inner.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        attack_gen.set_state(state["rng_attack"][rank % len(state["rng_attack"])])
+        start_epoch = int(state["epoch"]) + 1
+
+    val_split, val_attack = (validation_setup(cfg) if rank == 0 else (None, None))
+    old_val = per_model_table(old_module, val_split, val_attack, old.num_classes, device) if rank == 0 else None
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        _maybe_inject_fault(cfg, epoch, rank, world)
+        if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        stats = finetune_epoch(model, theta0, old_module, loader, optimizer, cfg.loss, cfg.train_attack,
+                               device=device, scheduler=scheduler, generator=attack_gen, cached_mask=cached,
+                               scaler=scaler)
+        metrics = {"epoch": epoch, **stats}
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = None
+            if rank == 0:
+                metrics.update(validation_flips(old_val, inner, val_split, val_attack, old.num_classes, device))
+                torch.save({
+                    "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "epoch": epoch,
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_attack": [attack_gen.get_state()],
+                }, Path(tmp) / STATE_FILE)  # fmt: skip
+                ck = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ck)
+    return metrics
+
+
+def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, rank: int, world: int) -> None:
+    """Testing aid for fault tolerance: one worker raises once, the first time it reaches the epoch."""
+    if cfg.fail_once_at_epoch is None or epoch != cfg.fail_once_at_epoch or rank != min(1, world - 1):
+        return
+    marker = Path(cfg.storage).expanduser().resolve() / cfg.run_name / ".fault-injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} epoch {epoch}\n")
+    raise RuntimeError(f"injected fault on rank {rank} at epoch {epoch}")
+
+
+def check_finetune_inputs(cfg: FinetuneConfig) -> None:
+    """Everything that can be wrong, checked in the driver before any worker starts."""
+    from rcat_ray.evaluation import validate_pair_inputs
+
+    old, new, split = _load_parents(cfg)
+    validate_pair_inputs([old, new], split)
+    if "arch" not in new.source:
+        raise ValueError("the new model's architecture is unknown; it cannot be saved after fine-tuning")
+    if cfg.loss.mask_source == "cached":
+        _cached_mask(cfg)
+    validation_setup(cfg)
+    Path(cfg.out).expanduser().mkdir(parents=True, exist_ok=True)
+
+
+def run_finetune(cfg: FinetuneConfig) -> FinetuneOutcome:
+    """Fine-tune on Ray Train and write the final checkpoint and manifest into ``cfg.out``."""
+    check_finetune_inputs(cfg)
+    storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"finetune": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning {cfg.run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    history = _history(result)
+    return _write_final(cfg, state, history)
+
+
+def _history(result: Any) -> list[dict[str, Any]]:
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and len(df):
+        return json.loads(df.to_json(orient="records"))
+    return [result.metrics] if result.metrics else []
+
+
+def _write_final(cfg: FinetuneConfig, state: dict[str, Any], history: list[dict[str, Any]]) -> FinetuneOutcome:
+    old, new, split = _load_parents(cfg)
+    new.module.load_state_dict(state["model"])
+    out = Path(cfg.out).expanduser()
+    path = out / f"{cfg.run_name}.pt"
+    manifest = {
+        "kind": "finetuned-model",
+        "run_name": cfg.run_name,
+        "method": cfg.loss.tag,
+        "config": cfg.model_dump(mode="json"),
+        "parents": {"old": old.describe(), "new": new.describe()},
+        "epochs_completed": int(state["epoch"]) + 1,
+        "history": history,
+        "versions": package_versions(),
+        "created_at": now_iso(),
+    }
+    arch_kwargs = new.source.get("arch_kwargs", {})
+    fingerprint = save_checkpoint(
+        path, new.module, arch=new.source["arch"], num_classes=new.num_classes, input_shape=split.input_shape,
+        arch_kwargs=arch_kwargs,
+        metadata={"method": cfg.loss.tag, "old_fingerprint": old.fingerprint, "new_fingerprint": new.fingerprint,
+                  "run_name": cfg.run_name},
+    )  # fmt: skip
+    manifest["fingerprint"] = fingerprint
+    manifest_path = out / f"{cfg.run_name}.json"
+    tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(manifest_path)
+    return FinetuneOutcome(path, manifest_path, fingerprint, history)
