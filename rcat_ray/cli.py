@@ -15,8 +15,11 @@ from typing import Any
 
 from rcat_ray.config import (
     CompareConfig,
+    ComputeConfig,
     ConfigError,
     EvaluateConfig,
+    FinetuneConfig,
+    TableConfig,
     deep_merge,
     load_yaml,
     parse_config,
@@ -46,6 +49,24 @@ _SETTING_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--threads-per-worker": ("compute.threads_per_worker", int, "torch threads per actor"),
     "--device": ("compute.device", str, "auto, cpu or cuda"),
     "--local-cpus": ("compute.local_cpus", int, "CPUs of the local Ray instance"),
+}
+
+
+_FINETUNE_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--old": ("old", "spec", "old model spec"),
+    "--new": ("new", "spec", "new model spec"),
+    "--loss": ("loss.kind", str, "rcat, pct, pcat or at"),
+    "--alpha": ("loss.alpha", float, "constraint weight alpha"),
+    "--beta": ("loss.beta", float, "constraint weight beta"),
+    "--train-eps": ("train_attack.eps", float, "training attack eps"),
+    "--train-attack": ("train_attack.kind", str, "fgsm-rs, pgd or paper"),
+    "--epochs": ("epochs", int, "epochs"),
+    "--batch-size": ("batch_size", int, "batch size per worker"),
+    "--lr": ("optimizer.lr", float, "learning rate"),
+    "--workers": ("num_workers", int, "Ray Train workers (0 = in-process)"),
+    "--use-gpu": ("use_gpu", bool, "one GPU per worker"),
+    "--out": ("out", str, "folder of the final checkpoint"),
+    "--address": ("address", str, "Ray address"),
 }
 
 
@@ -108,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--comparison", required=True, help="comparison key (or its folder in the store)")
     rep.add_argument("--out", default="report", help="output folder")
     rep.add_argument("--top-k", type=int, default=8, help="flipped samples to show")
+
+    ft = sub.add_parser("finetune", help="fine-tune the new model (RCAT, PCT, PCAT, AT) on Ray Train")
+    ft.add_argument("--config", help="YAML config file (flags override it)")
+    for flag, (key, typ, helptext) in _FINETUNE_FLAGS.items():
+        if typ is bool:
+            ft.add_argument(flag, dest=key, action="store_true", default=None, help=f"{helptext} [{key}]")
+        else:
+            ft.add_argument(flag, dest=key, type=str if typ == "spec" else typ, default=None,
+                            help=f"{helptext} [{key}]")
+    ft.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+    tab = sub.add_parser("table", help="the paper-style table of one or more pairs (Markdown, LaTeX, CSV)")
+    _add_setting_flags(tab)
+    tab.add_argument("--out", dest="out", help="output folder [out]")
 
     demo = sub.add_parser("demo", help="the embedded default: train old/new on Fashion-MNIST, compare, report")
     demo.add_argument("--config", help="YAML overriding the demo defaults")
@@ -179,6 +214,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    raw = load_yaml(args.config) if args.config else {}
+    over: dict[str, Any] = {}
+    for _flag, (key, typ, _h) in _FINETUNE_FLAGS.items():
+        value = getattr(args, key)
+        if value is not None:
+            _set_dotted(over, key, parse_model_spec(value) if typ == "spec" else value)
+    cfg = parse_config(FinetuneConfig, deep_merge(raw, over))
+    _prepare_local_ray_env(cfg.address)
+    from rcat_ray.distributed.cluster import ensure_ray
+    from rcat_ray.distributed.train import run_finetune
+
+    if cfg.num_workers > 0:
+        ensure_ray(ComputeConfig(address=cfg.address))
+    outcome = run_finetune(cfg)
+    last = outcome.history[-1] if outcome.history else {}
+    shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("val_", "train_loss"))}
+    print(f"fine-tuned model: {outcome.checkpoint} (fingerprint {outcome.fingerprint})")
+    print(f"last epoch: {shown}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    raw = _settings_dict(args)
+    if args.out:
+        raw["out"] = args.out
+    cfg = parse_config(TableConfig, raw)
+    _prepare_local_ray_env(cfg.compute.address)
+    from rcat_ray.paper_table import to_markdown
+    from rcat_ray.workflows import run_table
+
+    tables = run_table(cfg)
+    print(to_markdown(tables))
+    print(f"written: {cfg.out}/table.md, table.tex, table.csv")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _prepare_local_ray_env(args.address)
     from rcat_ray.demo import DemoConfig, run_demo
@@ -199,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from rcat_ray.errors import USER_ERRORS
 
-    handlers = {"evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "demo": cmd_demo}
+    handlers = {
+        "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report,
+        "finetune": cmd_finetune, "table": cmd_table, "demo": cmd_demo,
+    }  # fmt: skip
     try:
         return handlers[args.command](args)
     except USER_ERRORS as err:

@@ -368,3 +368,28 @@ class FinetuneConfig(_Strict):
     @property
     def run_name(self) -> str:
         return self.name or f"finetune-{self.loss.kind}-{stable_hash(self.model_dump(exclude={'address'}), 10)}"
+
+
+class TableEntry(_Strict):
+    """One row of a pair's table: a label (e.g. ``RCAT(0.5,0.4)``) and the model to evaluate."""
+
+    label: str = Field(..., min_length=1)
+    model: ModelConfig
+
+
+class TablePair(_Strict):
+    """An old -> new update and the fine-tuned versions of ``new`` to compare against ``old``."""
+
+    name: str = Field(..., min_length=1)
+    old: ModelConfig
+    new: ModelConfig
+    finetuned: tuple[TableEntry, ...] = ()
+    reference: str | None = Field(None, description="row whose paired differences are shown (default: RCAT)")
+
+
+class TableConfig(EvaluationSettings):
+    """``rcat-ray table``: the paper-style table of one or more pairs (every model evaluated once, cached)."""
+
+    pairs: tuple[TablePair, ...] = Field(..., min_length=1)
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    out: str = Field("table", description="folder for table.md, table.tex, table.csv")

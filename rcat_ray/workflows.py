@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rcat_ray.comparison import Comparison, compare_stored
-from rcat_ray.config import CompareConfig, EvaluateConfig, EvaluationSettings, ModelConfig
+from rcat_ray.config import CompareConfig, EvaluateConfig, EvaluationSettings, ModelConfig, TableConfig
 from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.models import LoadedModel, check_model_source, load_model
 from rcat_ray.evaluation import EvaluationPlan, validate_pair_inputs
@@ -76,3 +76,39 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
             class_names=list(prepared.split.class_names),
         )  # fmt: skip
     return outcomes, comparison, prepared
+
+
+def run_table(cfg: TableConfig) -> list:
+    """Evaluate every model of every pair (cached), compare each against its pair's old model, and build
+    the paper-style tables; writes table.md, table.tex and table.csv into ``cfg.out``."""
+    from pathlib import Path
+
+    from rcat_ray.distributed.cluster import ensure_ray
+    from rcat_ray.distributed.evaluate import evaluate_plans
+    from rcat_ray.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
+
+    prepared = [prepare(cfg, [p.old, p.new, *(e.model for e in p.finetuned)]) for p in cfg.pairs]
+    ensure_ray(cfg.compute)
+    tables = []
+    for pair, prep in zip(cfg.pairs, prepared, strict=True):
+        outcomes = evaluate_plans(prep.plans, prep.store, cfg)
+        if not all(o.complete for o in outcomes):
+            raise RuntimeError(f"pair {pair.name}: evaluations incomplete (max_new_chunks); run again")
+        labels = ["old", "new", *(e.label for e in pair.finetuned)]
+        rows = []
+        for label, plan in zip(labels, prep.plans, strict=True):
+            comp = compare_stored(prep.store, prep.plans[0].key, plan.key, cfg.bootstrap,
+                                  class_names=list(prep.split.class_names))
+            shown = {"old": pair.old.display_name, "new": pair.new.display_name}.get(label, label)
+            rows.append(TableRow(shown, comp.summary, comp.flips, is_old=label == "old"))
+        tables.append(build_pair_table(pair.name, rows, reference=pair.reference,
+                                       n_bootstrap=cfg.bootstrap.n_resamples, confidence=cfg.bootstrap.confidence,
+                                       seed=cfg.bootstrap.seed))
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("table.md", to_markdown(tables)), ("table.tex", to_latex(tables)),
+                       ("table.csv", to_csv(tables))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return tables

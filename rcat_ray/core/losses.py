@@ -28,9 +28,10 @@ def logit_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def kl_distance(z: torch.Tensor, z_ref: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample T^2 * KL(softmax(z_ref/T) || softmax(z/T)): PCT's distillation option."""
-    log_p = F.log_softmax(z_ref / temperature, dim=1)
-    log_q = F.log_softmax(z / temperature, dim=1)
-    return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    # in float64: at T = 100 the T^2 factor turns float32 rounding of the log-probabilities into visible error
+    log_p = F.log_softmax(z_ref.double() / temperature, dim=1)
+    log_q = F.log_softmax(z.double() / temperature, dim=1)
+    return (temperature**2 * (log_p.exp() * (log_p - log_q)).sum(dim=1)).to(z.dtype)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

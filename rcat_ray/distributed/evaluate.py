@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import ray
@@ -46,69 +45,71 @@ class EvaluationOutcome:
 
 
 class ChunkEvaluator:
-    """Ray Data actor: holds one model and the split, attacks whole chunks, writes them to the store."""
+    """Ray Data actor: holds the plans (models and the split), attacks whole chunks, writes them to the store."""
 
     def __init__(self, payload: list, store_uri: str, device: str, threads: int, keep_adversarial: bool):
         torch.set_num_threads(threads)
         register_autoattack_alias()  # a RobustBench model unpickles only with it
-        (self.plan,) = ray.get(payload)  # wrapped in a list so Ray does not resolve it before the actor exists
+        (self.plans,) = ray.get(payload)  # wrapped in a list so Ray does not resolve it before the actor exists
         self.store = ResultStore(store_uri)
         self.device = resolve_device(device)
         self.keep_adversarial = keep_adversarial
-        self.by_id = {c.chunk_id: c for c in self.plan.chunks()}
+        self.chunks = [{c.chunk_id: c for c in plan.chunks()} for plan in self.plans]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = batch["chunk_id"].tolist()
+        pairs = list(zip(batch["plan"].tolist(), batch["chunk_id"].tolist(), strict=True))
         rows = [
-            run_chunk(self.plan, self.by_id[i], self.store, device=self.device, keep_adversarial=self.keep_adversarial)
-            for i in ids
-        ]
-        return {"chunk_id": np.asarray(ids, dtype=np.int64), "n_rows": np.asarray(rows, dtype=np.int64)}
-
-
-def _actor_resources(compute: ComputeConfig) -> dict[str, Any]:
-    return {"num_cpus": compute.cpus_per_worker, "num_gpus": compute.gpus_per_worker}
+            run_chunk(self.plans[p], self.chunks[p][c], self.store, device=self.device,
+                      keep_adversarial=self.keep_adversarial)
+            for p, c in pairs
+        ]  # fmt: skip
+        return {
+            "plan": batch["plan"].astype(np.int64),
+            "chunk_id": batch["chunk_id"].astype(np.int64),
+            "n_rows": np.asarray(rows, dtype=np.int64),
+        }
 
 
 def evaluate_plans(
     plans: list[EvaluationPlan], store: ResultStore, settings: EvaluationSettings
 ) -> list[EvaluationOutcome]:
-    """Evaluate each plan's missing chunks on Ray, then assemble complete tables.
+    """Evaluate the missing chunks of every plan in one Ray Data pipeline, then assemble complete tables.
 
+    One pipeline for all models means one actor pool start-up per call, not one per model.
     ``settings.max_new_chunks`` bounds the new work of this call (over all plans), for time-boxed runs;
     the rest is picked up by the next call.
     """
-    compute = settings.compute
     budget = settings.max_new_chunks
-    outcomes = []
-    for plan in plans:
-        n_chunks = len(plan.chunks())
+    todo: list[tuple[int, int]] = []
+    cached: list[int] = []
+    for i, plan in enumerate(plans):
         if store.exists(plan.table_path):
-            outcomes.append(EvaluationOutcome(plan.model.name, plan.key, n_chunks, n_chunks, 0, True, plan.table_path))
+            cached.append(len(plan.chunks()))
             continue
         missing = plan.missing_chunks(store)
+        cached.append(len(plan.chunks()) - len(missing))
         if budget is not None:
-            missing = missing[: max(0, budget)]
-            budget -= len(missing)
-        cached = n_chunks - len(plan.missing_chunks(store))
-        computed = _run_chunks_on_ray(plan, missing, store, compute, settings.save_adversarial) if missing else 0
-        complete = not plan.missing_chunks(store)
+            missing = missing[: max(0, budget - len(todo))]
+        todo += [(i, c.chunk_id) for c in missing]
+    done = _run_chunks_on_ray(plans, todo, store, settings.compute, settings.save_adversarial) if todo else []
+    outcomes = []
+    for i, plan in enumerate(plans):
+        complete = store.exists(plan.table_path) or not plan.missing_chunks(store)
         if complete:
             assemble(plan, store, settings)
-        outcomes.append(
-            EvaluationOutcome(
-                plan.model.name, plan.key, n_chunks, cached, computed, complete, plan.table_path if complete else None
-            )
-        )
+        outcomes.append(EvaluationOutcome(
+            plan.model.name, plan.key, len(plan.chunks()), cached[i], sum(1 for p, _ in done if p == i),
+            complete, plan.table_path if complete else None,
+        ))  # fmt: skip
     return outcomes
 
 
 def _run_chunks_on_ray(
-    plan: EvaluationPlan, chunks: list, store: ResultStore, compute: ComputeConfig, keep_adversarial: bool
-) -> int:
-    payload = [ray.put(plan)]
-    pool = min(compute.num_workers, len(chunks))
-    ds = ray.data.from_items([{"chunk_id": c.chunk_id} for c in chunks], override_num_blocks=len(chunks))
+    plans: list[EvaluationPlan], todo: list[tuple[int, int]], store: ResultStore, compute: ComputeConfig,
+    keep_adversarial: bool,
+) -> list[tuple[int, int]]:
+    payload = [ray.put(plans)]
+    ds = ray.data.from_items([{"plan": p, "chunk_id": c} for p, c in todo], override_num_blocks=len(todo))
     results = ds.map_batches(
         ChunkEvaluator,
         fn_constructor_kwargs={
@@ -119,9 +120,9 @@ def _run_chunks_on_ray(
             "keep_adversarial": keep_adversarial,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=pool),
-        **_actor_resources(compute),
+        compute=ray.data.ActorPoolStrategy(size=min(compute.num_workers, len(todo))),
+        num_cpus=compute.cpus_per_worker,
+        num_gpus=compute.gpus_per_worker,
     ).take_all()
-    done = sorted(int(r["chunk_id"]) for r in results)
-    log.info("%s: computed %d chunks", plan.model.name, len(done))
-    return len(done)
+    log.info("computed %d chunks", len(results))
+    return [(int(r["plan"]), int(r["chunk_id"])) for r in results]
