@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cached = _cached_mask(cfg)
 
     start_epoch = 0
+    history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -105,6 +108,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.set_rng_state(state["rng_cpu"])
         attack_gen.set_state(state["rng_attack"][rank % len(state["rng_attack"])])
         start_epoch = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
 
     val_split, val_attack = (validation_setup(cfg) if rank == 0 else (None, None))
     old_val = per_model_table(old_module, val_split, val_attack, old.num_classes, device) if rank == 0 else None
@@ -117,11 +121,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         stats = finetune_epoch(model, theta0, old_module, loader, optimizer, cfg.loss, cfg.train_attack,
                                device=device, scheduler=scheduler, generator=attack_gen, cached_mask=cached,
                                scaler=scaler)
-        metrics = {"epoch": epoch, **stats}
-        with tempfile.TemporaryDirectory() as tmp:
+        metrics = {"epoch": epoch, "attempt_start_epoch": start_epoch, **stats}
+        with _checkpoint_dir(cfg, epoch) as tmp:
             ck = None
             if rank == 0:
                 metrics.update(validation_flips(old_val, inner, val_split, val_attack, old.num_classes, device))
+                history.append(dict(metrics))
                 torch.save({
                     "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
@@ -130,10 +135,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     "epoch": epoch,
                     "rng_cpu": torch.get_rng_state(),
                     "rng_attack": [attack_gen.get_state()],
+                    "history": history,
                 }, Path(tmp) / STATE_FILE)  # fmt: skip
                 ck = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ck)
     return metrics
+
+
+@contextmanager
+def _checkpoint_dir(cfg: FinetuneConfig, epoch: int) -> Iterator[str]:
+    """Where an epoch's checkpoint is written before ``report``: a temporary folder that Ray Train copies
+    into its storage, except in local mode (``num_workers=0``), where Ray keeps only the path and the
+    folder must therefore outlive the call."""
+    if cfg.num_workers > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tmp
+        return
+    folder = Path(cfg.storage).expanduser().resolve() / cfg.run_name / "local" / f"epoch-{epoch:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    yield str(folder)
 
 
 def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, rank: int, world: int) -> None:
@@ -184,15 +204,8 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneOutcome:
         raise RuntimeError(f"fine-tuning {cfg.run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    history = _history(result)
-    return _write_final(cfg, state, history)
-
-
-def _history(result: Any) -> list[dict[str, Any]]:
-    df = getattr(result, "metrics_dataframe", None)
-    if df is not None and len(df):
-        return json.loads(df.to_json(orient="records"))
-    return [result.metrics] if result.metrics else []
+    # the history travels in the checkpoint, so it spans worker-group restarts
+    return _write_final(cfg, state, list(state.get("history", [])))
 
 
 def _write_final(cfg: FinetuneConfig, state: dict[str, Any], history: list[dict[str, Any]]) -> FinetuneOutcome:
