@@ -25,13 +25,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
-import torch  # noqa: E402
+import ray
+import torch
 
-from rcat_ray.config import AttackConfig, CompareConfig, ComputeConfig, DataConfig, EvaluateConfig, ModelConfig  # noqa: E402
-from rcat_ray.core.attacks import chunk_seed, evaluate_chunk  # noqa: E402
-from rcat_ray.demo import TrainRecipe, train_or_load  # noqa: E402
-from rcat_ray.workflows import prepare, run_compare, run_evaluate  # noqa: E402
+from rcat_ray.config import AttackConfig, CompareConfig, ComputeConfig, DataConfig, EvaluateConfig, ModelConfig
+from rcat_ray.core.attacks import chunk_seed, evaluate_chunk
+from rcat_ray.demo import TrainRecipe, train_or_load
+from rcat_ray.workflows import prepare, run_compare, run_evaluate
 
 OUT = Path(__file__).parent / "out"
 
@@ -63,15 +63,23 @@ def main() -> None:
         return ComputeConfig(num_workers=workers, cpus_per_worker=1.0, threads_per_worker=1)
 
     def settings(store: str, workers: int, model: str) -> EvaluateConfig:
-        return EvaluateConfig(data=data, attack=attack, chunk_size=args.chunk_size, store=store,
-                              compute=compute(workers), models=(models[model],))
+        return EvaluateConfig(
+            data=data,
+            attack=attack,
+            chunk_size=args.chunk_size,
+            store=store,
+            compute=compute(workers),
+            models=(models[model],),
+        )
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="rcat-bench-"))
     try:
         # warm-up: Ray workers and imports, so no measurement pays for first-start costs
-        run_evaluate(settings(str(tmp / "warm"), 2, "new").model_copy(update={"data": data.model_copy(update={"limit": 50})}))
+        run_evaluate(
+            settings(str(tmp / "warm"), 2, "new").model_copy(update={"data": data.model_copy(update={"limit": 50})})
+        )
 
         # 1. direct loop (this process, one thread) vs Ray Data with 1 worker, over the same chunks
         prep = prepare(settings(str(tmp / "direct"), 1, "new"), [models["new"]])
@@ -81,9 +89,15 @@ def main() -> None:
         def direct() -> None:
             for c in plan.chunks():
                 sl = slice(c.start, c.stop)
-                evaluate_chunk(plan.model.module, plan.split.images[sl], plan.split.labels[sl],
-                               plan.split.sample_ids[sl], attack, num_classes=10,
-                               seed=chunk_seed(attack.seed, c.chunk_id))
+                evaluate_chunk(
+                    plan.model.module,
+                    plan.split.images[sl],
+                    plan.split.labels[sl],
+                    plan.split.sample_ids[sl],
+                    attack,
+                    num_classes=10,
+                    seed=chunk_seed(attack.seed, c.chunk_id),
+                )
 
         t_direct, _ = timed(direct)
         torch.set_num_threads(2)
@@ -91,8 +105,15 @@ def main() -> None:
         # 2. two workers
         t_ray2, _ = timed(lambda: run_evaluate(settings(str(tmp / "ray2"), 2, "new")))
         # 3. compare cold vs with the old model's table cached (2 workers each)
-        cmp_cfg = CompareConfig(data=data, attack=attack, chunk_size=args.chunk_size, store=str(tmp / "cold"),
-                                compute=compute(2), old=models["old"], new=models["new"])
+        cmp_cfg = CompareConfig(
+            data=data,
+            attack=attack,
+            chunk_size=args.chunk_size,
+            store=str(tmp / "cold"),
+            compute=compute(2),
+            old=models["old"],
+            new=models["new"],
+        )
         t_cold, _ = timed(lambda: run_compare(cmp_cfg))
         warm_store = tmp / "cached"
         run_evaluate(settings(str(warm_store), 2, "old"))  # last night's table of the old model

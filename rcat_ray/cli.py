@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(cmp_)
     cmp_.add_argument("--old", metavar="SPEC", help="old model spec [old]")
     cmp_.add_argument("--new", metavar="SPEC", help="new model spec [new]")
-    cmp_.add_argument("--bootstrap", type=int, dest="bootstrap.n_resamples", help="bootstrap resamples [bootstrap.n_resamples]")
+    cmp_.add_argument(
+        "--bootstrap", type=int, dest="bootstrap.n_resamples", help="bootstrap resamples [bootstrap.n_resamples]"
+    )
     cmp_.add_argument("--report", help="also write the HTML report into this folder [report]")
 
     rep = sub.add_parser("report", help="write the HTML report of a stored comparison")
@@ -136,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         if typ is bool:
             ft.add_argument(flag, dest=key, action="store_true", default=None, help=f"{helptext} [{key}]")
         else:
-            ft.add_argument(flag, dest=key, type=str if typ == "spec" else typ, default=None,
-                            help=f"{helptext} [{key}]")
+            ft.add_argument(
+                flag, dest=key, type=str if typ == "spec" else typ, default=None, help=f"{helptext} [{key}]"
+            )
     ft.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
     tab = sub.add_parser("table", help="the paper-style table of one or more pairs (Markdown, LaTeX, CSV)")
@@ -267,8 +270,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     from rcat_ray.errors import USER_ERRORS
 
     handlers = {

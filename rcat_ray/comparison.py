@@ -55,7 +55,9 @@ def compare_stored(
             key, folder, old_manifest, new_manifest,
             store.read_table(f"{folder}/flips.parquet"), store.read_json(f"{folder}/summary.json"),
         )  # fmt: skip
-    flips = flip_table(store.read_table(f"tables/{old_key}/table.parquet"), store.read_table(f"tables/{new_key}/table.parquet"))
+    flips = flip_table(
+        store.read_table(f"tables/{old_key}/table.parquet"), store.read_table(f"tables/{new_key}/table.parquet")
+    )
     summary = summarize(
         flips,
         n_bootstrap=bootstrap.n_resamples,

@@ -1,8 +1,10 @@
-"""The embedded default (``make demo``): a real model update on Fashion-MNIST, evaluated and compared.
+"""The embedded default (``make demo``): a real model update on Fashion-MNIST, fine-tuned and compared.
 
-Old model: an MLP, new model: a small CNN, both adversarially trained with FGSM-RS (DESIGN §4). Both are
-then attacked once each on Ray (APGD-CE + APGD-DLR) and compared into flip statistics and a report.
-Trained models are cached by a hash of their training recipe, so a second run skips training.
+Old model: an MLP, new model: a small CNN, both adversarially trained with FGSM-RS (DESIGN §4). The new
+model is then fine-tuned on Ray Train with AT, PCT, PCAT and RCAT; every model is attacked once on Ray
+Data (APGD-CE + APGD-DLR) and compared against the old one: the paper-style table with every paired
+difference, and HTML reports. Trained and fine-tuned models are cached by a hash of their recipe, and
+evaluations by the result store, so a second run only recomputes what changed.
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ from pydantic import Field
 from rcat_ray.config import (
     AttackConfig,
     BootstrapConfig,
-    CompareConfig,
     ComputeConfig,
     DataConfig,
+    FinetuneConfig,
+    LossConfig,
     ModelConfig,
+    OptimizerConfig,
+    TableConfig,
+    TableEntry,
+    TablePair,
+    TrainAttackConfig,
+    ValidationConfig,
     _Strict,
     stable_hash,
 )
 from rcat_ray.core.data import load_split
 from rcat_ray.core.models import build_architecture, save_checkpoint
 from rcat_ray.core.training import adversarial_train
+from rcat_ray.store import ResultStore
 
 
 class TrainRecipe(_Strict):
@@ -54,6 +64,18 @@ class DemoConfig(_Strict):
     compute: ComputeConfig = ComputeConfig(num_workers=2, cpus_per_worker=1.0, threads_per_worker=1)
     bootstrap: BootstrapConfig = BootstrapConfig()
     train_threads: int = Field(2, ge=1, description="torch threads for training in the driver")
+    methods: tuple[LossConfig, ...] = (
+        LossConfig(kind="at"),
+        LossConfig(kind="pct", alpha=1, beta=2),
+        LossConfig(kind="pcat", alpha=1, beta=2),
+        LossConfig(kind="rcat", alpha=0.5, beta=0.4),
+    )
+    finetune_epochs: int = Field(2, ge=1)
+    finetune_samples: int = Field(50_000, ge=1, description="the first N images of the train split")
+    finetune_batch_size: int = Field(64, ge=1, description="per worker")
+    finetune_optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9)
+    finetune_workers: int = Field(2, ge=0, description="Ray Train workers (0 = in the driver)")
+    validation_samples: int = Field(1000, ge=1)
 
 
 def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, name: str) -> Path:
@@ -80,11 +102,47 @@ def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, 
     return path
 
 
+def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[str, Path]]:
+    """Fine-tune the new model with every method on Ray Train (each reused if already done)."""
+    from rcat_ray.distributed.train import run_finetune
+
+    out = []
+    for loss in cfg.methods:
+        ft = FinetuneConfig(
+            old=ModelConfig(source="checkpoint", name="old", path=str(old_path)),
+            new=ModelConfig(source="checkpoint", name="new", path=str(new_path)),
+            data=DataConfig(name="fashion_mnist", root=cfg.data_root, split="train", limit=cfg.finetune_samples),
+            loss=loss,
+            train_attack=TrainAttackConfig(kind="fgsm-rs", eps=cfg.attack.eps),
+            optimizer=cfg.finetune_optimizer,
+            epochs=cfg.finetune_epochs,
+            batch_size=cfg.finetune_batch_size,
+            validation=ValidationConfig(samples=cfg.validation_samples),
+            out=str(Path(cfg.out) / "models"),
+            storage=str(Path(cfg.out) / "ray_results"),
+            store=str(Path(cfg.out) / "store"),
+            num_workers=cfg.finetune_workers,
+            threads_per_worker=1 if cfg.finetune_workers else cfg.train_threads,
+        )
+        path = Path(ft.out) / f"{ft.run_name}.pt"
+        if path.is_file():
+            print(f"[demo] {loss.tag}: reusing {path}")
+        else:
+            t0 = time.perf_counter()
+            outcome = run_finetune(ft)
+            last = {k: round(100 * v, 2) for k, v in (outcome.history or [{}])[-1].items() if k.startswith("val_")}
+            print(f"[demo] {loss.tag}: fine-tuned in {time.perf_counter() - t0:.0f} s; last epoch (%): {last}")
+            path = outcome.checkpoint
+        out.append((loss.tag, path))
+    return out
+
+
 def run_demo(cfg: DemoConfig) -> None:
-    """Train (or reuse) old and new, compare them on Ray, print the summary and write the report."""
-    from rcat_ray.core.flips import format_summary
+    """Train (or reuse) old and new, fine-tune new with each method, evaluate and compare everything."""
+    from rcat_ray.distributed.cluster import ensure_ray
+    from rcat_ray.paper_table import to_markdown
     from rcat_ray.report import write_report
-    from rcat_ray.workflows import run_compare
+    from rcat_ray.workflows import run_table
 
     torch.set_num_threads(cfg.train_threads)
     out = Path(cfg.out)
@@ -92,23 +150,46 @@ def run_demo(cfg: DemoConfig) -> None:
     old_path = train_or_load(cfg.old, out / "models", cfg.data_root, "old")
     new_path = train_or_load(cfg.new, out / "models", cfg.data_root, "new")
     t_train = time.perf_counter() - t0
-    compare = CompareConfig(
+
+    ensure_ray(cfg.compute)
+    t1 = time.perf_counter()
+    tuned = finetune_all(cfg, old_path, new_path)
+    t_finetune = time.perf_counter() - t1
+
+    table_cfg = TableConfig(
         data=DataConfig(name="fashion_mnist", root=cfg.data_root, split="test", limit=cfg.test_samples),
         attack=cfg.attack,
         chunk_size=cfg.chunk_size,
         store=str(out / "store"),
         compute=cfg.compute,
-        old=ModelConfig(source="checkpoint", name="old", label="old (MLP)", path=str(old_path)),
-        new=ModelConfig(source="checkpoint", name="new", label="new (CNN)", path=str(new_path)),
         bootstrap=cfg.bootstrap,
+        out=str(out / "table"),
+        pairs=(TablePair(
+            name=f"Fashion-MNIST, MLP -> CNN (Linf eps {cfg.attack.eps:g}, {cfg.test_samples} test images)",
+            old=ModelConfig(source="checkpoint", name="old", label="old (MLP)", path=str(old_path)),
+            new=ModelConfig(source="checkpoint", name="new", label="new (CNN)", path=str(new_path)),
+            finetuned=tuple(TableEntry(label=tag, model=ModelConfig(source="checkpoint", name=tag, label=tag,
+                                                                    path=str(p))) for tag, p in tuned),
+        ),),
+    )  # fmt: skip
+    t2 = time.perf_counter()
+    (table,) = run_table(table_cfg)
+    t_eval = time.perf_counter() - t2
+    print()
+    print(to_markdown([table]))
+
+    # reports: the update as it is (old -> new) and as RCAT makes it (old -> RCAT)
+    store = ResultStore(table_cfg.store)
+    reports = []
+    for row in table.rows[1:]:
+        if row.label == "new (CNN)" or row.label.startswith("RCAT"):
+            folder = "new" if row.label == "new (CNN)" else "".join(c if c.isalnum() else "-" for c in row.label)
+            reports.append(write_report(store, row.comparison_key, out / "report" / folder))
+    total = time.perf_counter() - t0
+    print(
+        f"[demo] training {t_train:.0f} s, fine-tuning {t_finetune:.0f} s, evaluation {t_eval:.0f} s, "
+        f"total {total:.0f} s"
     )
-    t1 = time.perf_counter()
-    outcomes, comparison, prepared = run_compare(compare)
-    t_eval = time.perf_counter() - t1
-    for o in outcomes:
-        print(f"[demo] {o.describe()}")
-    assert comparison is not None  # no chunk budget in the demo: both evaluations complete
-    print(format_summary(comparison.summary))
-    report = write_report(prepared.store, comparison.key, out / "report")
-    print(f"[demo] training {t_train:.0f} s, evaluation {t_eval:.0f} s, total {time.perf_counter() - t0:.0f} s")
-    print(f"[demo] report: {report}")
+    print(f"[demo] table: {out / 'table' / 'table.md'}")
+    for r in reports:
+        print(f"[demo] report: {r}")

@@ -35,6 +35,7 @@ class TableRow:
     summary: dict[str, Any]
     flips: pa.Table
     is_old: bool = False
+    comparison_key: str | None = None  # the stored comparison behind the row (for reports)
 
 
 @dataclass
@@ -58,8 +59,15 @@ def _cell(summary: dict[str, Any], metric: str, error: bool) -> tuple[float | No
     return 1 - m["value"], lo, hi
 
 
-def build_pair_table(name: str, rows: list[TableRow], *, reference: str | None = None,
-                     n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0) -> PairTable:
+def build_pair_table(
+    name: str,
+    rows: list[TableRow],
+    *,
+    reference: str | None = None,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairTable:
     """Compute the reference row's paired differences against every other row (same samples, same old model)."""
     if reference is None:
         reference = next((r.label for r in rows if r.label.upper().startswith("RCAT")), None)
@@ -73,8 +81,9 @@ def build_pair_table(name: str, rows: list[TableRow], *, reference: str | None =
         for title, metric, error in COLUMNS:
             if other.is_old and metric in _FLIP_COLUMNS:
                 continue  # the old model has no flips against itself
-            d = paired_difference(ref.flips, other.flips, metric, n_bootstrap=n_bootstrap,
-                                  confidence=confidence, seed=seed)
+            d = paired_difference(
+                ref.flips, other.flips, metric, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed
+            )
             if error and d["value"] is not None:  # error difference = -(accuracy difference)
                 d = {**d, "value": -d["value"], "ci_low": -d["ci_high"], "ci_high": -d["ci_low"]}
             table.differences.append({"minus": other.label, "column": title, **d})
@@ -84,8 +93,7 @@ def build_pair_table(name: str, rows: list[TableRow], *, reference: str | None =
 def _best(pair: PairTable) -> dict[str, float]:
     best: dict[str, float] = {}
     for title, metric, error in COLUMNS:
-        values = [_cell(r.summary, metric, error)[0] for r in pair.rows
-                  if not (r.is_old and metric in _FLIP_COLUMNS)]
+        values = [_cell(r.summary, metric, error)[0] for r in pair.rows if not (r.is_old and metric in _FLIP_COLUMNS)]
         values = [v for v in values if v is not None]
         if values:
             best[title] = min(values)
@@ -135,8 +143,13 @@ def to_markdown(pairs: list[PairTable]) -> str:
         lines += [f"### {pair.name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(cells) + " |" for cells in _rows_text(pair)]
         if pair.differences:
-            lines += ["", f"Paired differences, {pair.reference} minus each row (points; * = CI excludes 0):", "",
-                      "| minus | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+            lines += [
+                "",
+                f"Paired differences, {pair.reference} minus each row (points; * = CI excludes 0):",
+                "",
+                "| minus | " + " | ".join(c[0] for c in COLUMNS) + " |",
+                "|" + "---|" * (len(COLUMNS) + 1),
+            ]
             for other in dict.fromkeys(d["minus"] for d in pair.differences):
                 by_col = {d["column"]: d for d in pair.differences if d["minus"] == other}
                 cells = [_signed(by_col[c[0]]) if c[0] in by_col else "-" for c in COLUMNS]
@@ -155,14 +168,18 @@ def to_latex(pairs: list[PairTable]) -> str:
     """LaTeX tabular per pair (booktabs), best per column in bold."""
     out = []
     for pair in pairs:
-        out += [f"% {pair.name}", r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}", r"\toprule",
-                "model & " + " & ".join(c[0] for c in COLUMNS) + r" \\", r"\midrule"]
+        out += [
+            f"% {pair.name}",
+            r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}",
+            r"\toprule",
+            "model & " + " & ".join(c[0] for c in COLUMNS) + r" \\",
+            r"\midrule",
+        ]
         for cells in _rows_text(pair):
             tex = []
-            for c in cells:
-                bold = c.startswith("**")
-                c = _latex_escape(c.strip("*"))
-                tex.append(rf"\textbf{{{c}}}" if bold else c)
+            for cell in cells:
+                text = _latex_escape(cell.strip("*"))
+                tex.append(rf"\textbf{{{text}}}" if cell.startswith("**") else text)
             out.append(" & ".join(tex) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(out)
@@ -181,6 +198,17 @@ def to_csv(pairs: list[PairTable]) -> str:
                 v, lo, hi = _cell(r.summary, metric, error)
                 w.writerow([pair.name, "value", r.label, "", title, v, lo, hi, r.summary["metrics"][metric]["n"]])
         for d in pair.differences:
-            w.writerow([pair.name, "difference", pair.reference, d["minus"], d["column"], d["value"],
-                        d["ci_low"], d["ci_high"], d["n"]])
+            w.writerow(
+                [
+                    pair.name,
+                    "difference",
+                    pair.reference,
+                    d["minus"],
+                    d["column"],
+                    d["value"],
+                    d["ci_low"],
+                    d["ci_high"],
+                    d["n"],
+                ]
+            )
     return buf.getvalue()

@@ -97,17 +97,28 @@ def run_table(cfg: TableConfig) -> list:
         labels = ["old", "new", *(e.label for e in pair.finetuned)]
         rows = []
         for label, plan in zip(labels, prep.plans, strict=True):
-            comp = compare_stored(prep.store, prep.plans[0].key, plan.key, cfg.bootstrap,
-                                  class_names=list(prep.split.class_names))
+            comp = compare_stored(
+                prep.store, prep.plans[0].key, plan.key, cfg.bootstrap, class_names=list(prep.split.class_names)
+            )
             shown = {"old": pair.old.display_name, "new": pair.new.display_name}.get(label, label)
-            rows.append(TableRow(shown, comp.summary, comp.flips, is_old=label == "old"))
-        tables.append(build_pair_table(pair.name, rows, reference=pair.reference,
-                                       n_bootstrap=cfg.bootstrap.n_resamples, confidence=cfg.bootstrap.confidence,
-                                       seed=cfg.bootstrap.seed))
+            rows.append(TableRow(shown, comp.summary, comp.flips, is_old=label == "old", comparison_key=comp.key))
+        tables.append(
+            build_pair_table(
+                pair.name,
+                rows,
+                reference=pair.reference,
+                n_bootstrap=cfg.bootstrap.n_resamples,
+                confidence=cfg.bootstrap.confidence,
+                seed=cfg.bootstrap.seed,
+            )
+        )
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("table.md", to_markdown(tables)), ("table.tex", to_latex(tables)),
-                       ("table.csv", to_csv(tables))):
+    for name, text in (
+        ("table.md", to_markdown(tables)),
+        ("table.tex", to_latex(tables)),
+        ("table.csv", to_csv(tables)),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(out / name)

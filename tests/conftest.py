@@ -12,15 +12,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
-from rcat_ray.config import DataConfig, ModelConfig  # noqa: E402
-from rcat_ray.core.data import Split, load_split  # noqa: E402
-from rcat_ray.core.models import LoadedModel, from_module, load_model  # noqa: E402
+from rcat_ray.config import DataConfig, ModelConfig
+from rcat_ray.core.data import Split, load_split
+from rcat_ray.core.models import LoadedModel, from_module, load_model
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +55,16 @@ def _fit(model: torch.nn.Module, split: Split, steps: int, seed: int) -> torch.n
 def digits_models(digits_train: Split) -> tuple[LoadedModel, LoadedModel]:
     """Two small MLPs trained on digits for a different number of steps: an 'old' and a 'new' model."""
     shape = digits_train.input_shape
-    old = load_model(ModelConfig(source="builtin", name="mlp", seed=0, arch_kwargs={"hidden": [32]}),
-                     num_classes=10, input_shape=shape)
-    new = load_model(ModelConfig(source="builtin", name="mlp", seed=1, arch_kwargs={"hidden": [64]}),
-                     num_classes=10, input_shape=shape)
+    old = load_model(
+        ModelConfig(source="builtin", name="mlp", seed=0, arch_kwargs={"hidden": [32]}),
+        num_classes=10,
+        input_shape=shape,
+    )
+    new = load_model(
+        ModelConfig(source="builtin", name="mlp", seed=1, arch_kwargs={"hidden": [64]}),
+        num_classes=10,
+        input_shape=shape,
+    )
     with torch.random.fork_rng():
         _fit(old.module, digits_train, 40, 0)
         _fit(new.module, digits_train, 150, 1)

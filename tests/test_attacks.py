@@ -18,8 +18,9 @@ def test_slice():
 
 def _run(model, split, **kw):
     cfg = AttackConfig(**{"eps": 0.1, "n_iter": 10, **kw})
-    return evaluate_chunk(model.module, split.images, split.labels, split.sample_ids, cfg, num_classes=10, seed=7,
-                          keep_adversarial=True)
+    return evaluate_chunk(
+        model.module, split.images, split.labels, split.sample_ids, cfg, num_classes=10, seed=7, keep_adversarial=True
+    )
 
 
 @pytest.mark.parametrize("attacks", [("apgd-ce", "apgd-dlr"), ("apgd-t", "fab-t", "square")])
@@ -66,8 +67,16 @@ def test_attack_mask_leaves_unattacked_rows_null(digits_models, test_slice):
     _, new = digits_models
     mask = torch.arange(len(test_slice)) < 20
     cfg = AttackConfig(eps=0.1, n_iter=5)
-    res = evaluate_chunk(new.module, test_slice.images, test_slice.labels, test_slice.sample_ids, cfg,
-                         num_classes=10, seed=1, attack_mask=mask)
+    res = evaluate_chunk(
+        new.module,
+        test_slice.images,
+        test_slice.labels,
+        test_slice.sample_ids,
+        cfg,
+        num_classes=10,
+        seed=1,
+        attack_mask=mask,
+    )
     df = res.table.to_pandas()
     assert df.robust.iloc[:20].notna().all() and df.robust.iloc[20:].isna().all()
     assert df.adv_pred.iloc[20:].isna().all() and df.clean_pred.notna().all()
@@ -87,7 +96,15 @@ def test_chunk_seed_depends_on_run_seed_and_chunk_only():
 def test_l2_perturbations_stay_in_the_ball(digits_models, test_slice):
     _, new = digits_models
     cfg = AttackConfig(norm="L2", eps=0.5, n_iter=10)
-    res = evaluate_chunk(new.module, test_slice.images, test_slice.labels, test_slice.sample_ids, cfg,
-                         num_classes=10, seed=2, keep_adversarial=True)
+    res = evaluate_chunk(
+        new.module,
+        test_slice.images,
+        test_slice.labels,
+        test_slice.sample_ids,
+        cfg,
+        num_classes=10,
+        seed=2,
+        keep_adversarial=True,
+    )
     delta = torch.as_tensor(res.adversarial) - test_slice.images
     assert (delta.flatten(1).norm(dim=1) <= 0.5 + 1e-4).all()

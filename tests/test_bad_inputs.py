@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import rcat_ray.distributed.cluster as cluster
-import rcat_ray.evaluation as evaluation
+from rcat_ray import evaluation
 from rcat_ray.cli import main
 from rcat_ray.core.models import build_architecture, save_checkpoint
+from rcat_ray.distributed import cluster
 
 from .conftest import snapshot
 
@@ -59,19 +59,24 @@ def _compare(store: Path, old: str, new: str, *extra: str) -> list[str]:
 
 
 CASES = {
-    "missing dataset": (lambda s, c, t: _compare(s, f"{c['digits']}", f"{c['digits']}", "--data", "cifar10",
-                                                   "--data-root", str(t / "nothing")), "cifar-10-batches-py"),
+    "missing dataset": (
+        lambda s, c, t: _compare(
+            s, f"{c['digits']}", f"{c['digits']}", "--data", "cifar10", "--data-root", str(t / "nothing")
+        ),
+        "cifar-10-batches-py",
+    ),
     "corrupt checkpoint": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["corrupt"])), "corrupt"),
     "pickled object": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["pickled"])), "pickled Python objects"),
     "class mismatch": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["five"])), "disagree on the number"),
     "input shape": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["fashion"])), "cannot run on digits"),
-    "eps below 0": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["digits"])) + ["--eps", "-0.1"],
-                    "attack.eps"),
-    "eps above 1": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["digits"])) + ["--eps", "1.5"],
-                    "at most 1"),
-    "unknown robustbench": (lambda s, c, t: _compare(s, str(c["digits"]), "robustbench:Carmon2019Unlabelled",
-                                                       "--data", "cifar10", "--data-root", str(t)),
-                            "unknown RobustBench model"),
+    "eps below 0": (lambda s, c, t: [*_compare(s, str(c["digits"]), str(c["digits"])), "--eps", "-0.1"], "attack.eps"),
+    "eps above 1": (lambda s, c, t: [*_compare(s, str(c["digits"]), str(c["digits"])), "--eps", "1.5"], "at most 1"),
+    "unknown robustbench": (
+        lambda s, c, t: _compare(
+            s, str(c["digits"]), "robustbench:Carmon2019Unlabelled", "--data", "cifar10", "--data-root", str(t)
+        ),
+        "unknown RobustBench model",
+    ),
     "empty split": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["digits"]), "--offset", "100000"), "empty"),
     "bad model spec": (lambda s, c, t: _compare(s, "mystery", str(c["digits"])), "model spec"),
 }
@@ -90,8 +95,10 @@ def test_bad_input_fails_early_and_leaves_store(case, store, ckpts, tmp_path, no
 
 def test_misspelt_config_key(tmp_path, store, no_compute, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("data: {name: digits}\nattack: {eps: 0.1, n_iters: 5}\nold: {source: builtin, name: mlp}\n"
-                   "new: {source: builtin, name: mlp}\n")
+    cfg.write_text(
+        "data: {name: digits}\nattack: {eps: 0.1, n_iters: 5}\nold: {source: builtin, name: mlp}\n"
+        "new: {source: builtin, name: mlp}\n"
+    )
     before = snapshot(store)
     assert main(["compare", "--config", str(cfg), "--store", str(store)]) == 2
     err = capsys.readouterr().err

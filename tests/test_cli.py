@@ -19,21 +19,55 @@ def checkpoints(tmp_path, digits_models):
     for name, m in (("old", old), ("new", new)):
         paths[name] = tmp_path / f"{name}.pt"
         hidden = [m.module[1].out_features]
-        save_checkpoint(paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
-                        arch_kwargs={"hidden": hidden})
+        save_checkpoint(
+            paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8), arch_kwargs={"hidden": hidden}
+        )
     return paths
 
 
 def test_evaluate_then_compare_reuses_tables_then_report(ray_session, checkpoints, tmp_path, capsys):
     store = tmp_path / "store"
-    common = ["--data", "digits", "--limit", "80", "--eps", "0.1", "--n-iter", "5", "--chunk-size", "40",
-              "--store", str(store), "--workers", "2", "--cpus-per-worker", "0.5", "--threads-per-worker", "1"]
+    common = [
+        "--data",
+        "digits",
+        "--limit",
+        "80",
+        "--eps",
+        "0.1",
+        "--n-iter",
+        "5",
+        "--chunk-size",
+        "40",
+        "--store",
+        str(store),
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        "--threads-per-worker",
+        "1",
+    ]
     assert main(["evaluate", *common, "--model", str(checkpoints["old"])]) == 0
     out = capsys.readouterr().out
     assert "2 chunks computed, 0 reused" in out
 
-    assert main(["compare", *common, "--old", str(checkpoints["old"]), "--new", str(checkpoints["new"]),
-                 "--bootstrap", "200", "--report", str(tmp_path / "rep")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                *common,
+                "--old",
+                str(checkpoints["old"]),
+                "--new",
+                str(checkpoints["new"]),
+                "--bootstrap",
+                "200",
+                "--report",
+                str(tmp_path / "rep"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "chunks computed" in line]
     assert "0 chunks computed, 2 reused" in lines[0]  # old: from the evaluate run
@@ -50,7 +84,10 @@ def test_evaluate_then_compare_reuses_tables_then_report(ray_session, checkpoint
 
 
 def test_model_specs():
-    assert parse_model_spec("robustbench:Carmon2019Unlabeled") == {"source": "robustbench", "name": "Carmon2019Unlabeled"}
+    assert parse_model_spec("robustbench:Carmon2019Unlabeled") == {
+        "source": "robustbench",
+        "name": "Carmon2019Unlabeled",
+    }
     assert parse_model_spec("builtin:mlp") == {"source": "builtin", "name": "mlp"}
     assert parse_model_spec("a/b/m.pt")["path"] == "a/b/m.pt"
     assert parse_model_spec("checkpoint:x.bin")["source"] == "checkpoint"

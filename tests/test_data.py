@@ -19,7 +19,7 @@ def test_digits_splits_are_disjoint_and_stable():
     assert len(train) + len(val) == DIGITS_TRAIN_SIZE and len(test) == 1797 - DIGITS_TRAIN_SIZE
     ids = [set(s.sample_ids.tolist()) for s in (train, val, test)]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
-    assert train.images.shape[1:] == (1, 8, 8) and 0 <= train.images.min() and train.images.max() <= 1
+    assert train.images.shape[1:] == (1, 8, 8) and train.images.min() >= 0 and train.images.max() <= 1
     sub = load_split(DataConfig(name="digits", split="test", offset=10, limit=5))
     assert sub.sample_ids.tolist() == test.sample_ids[10:15].tolist()
     assert torch.equal(sub.images, test.images[10:15])
@@ -91,8 +91,14 @@ def test_user_tensors(tmp_path, suffix):
     labels = np.arange(12) % 3
     path = tmp_path / f"mine{suffix}"
     if suffix == ".pt":
-        torch.save({"images": torch.as_tensor(images), "labels": torch.as_tensor(labels),
-                    "sample_ids": torch.arange(100, 112)}, path)
+        torch.save(
+            {
+                "images": torch.as_tensor(images),
+                "labels": torch.as_tensor(labels),
+                "sample_ids": torch.arange(100, 112),
+            },
+            path,
+        )
     else:
         np.savez(path, images=images, labels=labels)
     split = load_split(DataConfig(name="tensors", path=str(path), split="test", limit=5))

@@ -17,8 +17,7 @@ def _cfg(store, workers=1, **kw) -> EvaluateConfig:
         attack=AttackConfig(eps=0.1, n_iter=8, seed=3, robust_samples=100),
         chunk_size=25,
         store=str(store),
-        compute=ComputeConfig(num_workers=workers, cpus_per_worker=1.0 if workers == 1 else 0.5,
-                              threads_per_worker=1),
+        compute=ComputeConfig(num_workers=workers, cpus_per_worker=1.0 if workers == 1 else 0.5, threads_per_worker=1),
         models=({"source": "builtin", "name": "mlp", "seed": 4},),
         **kw,
     )

@@ -9,9 +9,8 @@ import torch
 
 import rcat_ray.distributed.train as train_mod
 from rcat_ray.cli import main
-from rcat_ray.config import FinetuneConfig, parse_config
+from rcat_ray.config import FinetuneConfig, ModelConfig, parse_config
 from rcat_ray.core.models import build_architecture, load_model, save_checkpoint
-from rcat_ray.config import ModelConfig
 
 
 @pytest.fixture
@@ -20,8 +19,14 @@ def parents(tmp_path, digits_models):
     paths = {}
     for name, m in (("old", old), ("new", new)):
         paths[name] = tmp_path / f"{name}.pt"
-        save_checkpoint(paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
-                        arch_kwargs={"hidden": [m.module[1].out_features]})
+        save_checkpoint(
+            paths[name],
+            m.module,
+            arch="mlp",
+            num_classes=10,
+            input_shape=(1, 8, 8),
+            arch_kwargs={"hidden": [m.module[1].out_features]},
+        )
     return paths
 
 
@@ -55,11 +60,13 @@ def _check_outcome(outcome, cfg, parents, epochs):
         assert h["val_rob_acc"] <= h["val_acc"]
     manifest = json.loads(outcome.manifest.read_text())
     assert manifest["epochs_completed"] == epochs
-    old = load_model(ModelConfig(source="checkpoint", name="o", path=str(parents["old"])), num_classes=10,
-                     input_shape=(1, 8, 8))
+    old = load_model(
+        ModelConfig(source="checkpoint", name="o", path=str(parents["old"])), num_classes=10, input_shape=(1, 8, 8)
+    )
     assert manifest["parents"]["old"]["fingerprint"] == old.fingerprint
-    tuned = load_model(ModelConfig(source="checkpoint", name="t", path=str(outcome.checkpoint)), num_classes=10,
-                       input_shape=(1, 8, 8))
+    tuned = load_model(
+        ModelConfig(source="checkpoint", name="t", path=str(outcome.checkpoint)), num_classes=10, input_shape=(1, 8, 8)
+    )
     assert tuned.fingerprint == outcome.fingerprint != manifest["parents"]["new"]["fingerprint"]
     assert tuned.source["metadata"]["old_fingerprint"] == old.fingerprint
 
@@ -101,14 +108,21 @@ def test_cached_masks_from_a_stored_table(tmp_path, parents):
 
     store = ResultStore(tmp_path / "store")
     split = load_split(DataConfig(name="digits", split="train"))
-    old = load_model(ModelConfig(source="checkpoint", name="o", path=str(parents["old"])), num_classes=10,
-                     input_shape=(1, 8, 8))
+    old = load_model(
+        ModelConfig(source="checkpoint", name="o", path=str(parents["old"])), num_classes=10, input_shape=(1, 8, 8)
+    )
     plan = EvaluationPlan(old, split, AttackConfig(eps=0.1, n_iter=3), chunk_size=600)
     for c in plan.chunks():
         run_chunk(plan, c, store, device=torch.device("cpu"), keep_adversarial=False)
     assemble(plan, store)
-    cfg = _cfg(tmp_path, parents, epochs=1, store=str(tmp_path / "store"), cached_old_table=plan.key,
-               loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"})
+    cfg = _cfg(
+        tmp_path,
+        parents,
+        epochs=1,
+        store=str(tmp_path / "store"),
+        cached_old_table=plan.key,
+        loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"},
+    )
     _check_outcome(train_mod.run_finetune(cfg), cfg, parents, 1)
 
 
@@ -131,11 +145,27 @@ def no_training(monkeypatch):
 )
 def test_bad_configs_fail_before_training(tmp_path, parents, no_training, capsys, flags, message):
     five = tmp_path / "five.pt"
-    save_checkpoint(five, build_architecture("mlp", num_classes=5, input_shape=(1, 8, 8)), arch="mlp",
-                    num_classes=5, input_shape=(1, 8, 8))
+    save_checkpoint(
+        five,
+        build_architecture("mlp", num_classes=5, input_shape=(1, 8, 8)),
+        arch="mlp",
+        num_classes=5,
+        input_shape=(1, 8, 8),
+    )
     flags = [str(five) if f == "CLASSES5" else f for f in flags]
-    argv = ["finetune", "--old", str(parents["old"]), "--new", str(parents["new"]), "--train-eps", "0.1",
-            "--workers", "0", "--out", str(tmp_path / "o")]
+    argv = [
+        "finetune",
+        "--old",
+        str(parents["old"]),
+        "--new",
+        str(parents["new"]),
+        "--train-eps",
+        "0.1",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main([*argv, *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

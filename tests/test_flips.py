@@ -43,9 +43,7 @@ def model_table(
     adv_pred = np.where(robust_np, labels_np, wrong)
     clean_margin = np.where(correct, 1.0, -1.0).astype(np.float32)
     adv_margin = np.where(robust_np, 0.5, -0.5).astype(np.float32)
-    broken_by = [
-        "apgd-ce" if a and c and not r else None for a, c, r in zip(attacked, correct, robust_np, strict=True)
-    ]
+    broken_by = ["apgd-ce" if a and c and not r else None for a, c, r in zip(attacked, correct, robust_np, strict=True)]
     return pa.table(
         {
             "sample_id": pa.array(sample_ids, pa.int64()),
@@ -212,9 +210,7 @@ def test_robust_metrics_use_only_the_attacked_subset() -> None:
     c_new = [True] * 9 + [False]
     r_old: list[bool | None] = [None, None, True, True, True, True, False, False, True, True]
     r_new: list[bool | None] = [False, False, None, False, True, True, True, False, True, False]
-    summary = summarize(
-        flip_table(model_table(ids, labels, c_old, r_old), model_table(ids, labels, c_new, r_new))
-    )
+    summary = summarize(flip_table(model_table(ids, labels, c_old, r_old), model_table(ids, labels, c_new, r_new)))
     assert summary["n_clean"] == 10
     assert summary["n_robust"] == 7
     m = summary["metrics"]

@@ -34,8 +34,9 @@ def test_fingerprint_tracks_weights():
 def test_checkpoint_round_trip(tmp_path):
     model = build_architecture("small_cnn", num_classes=10, input_shape=(1, 28, 28))
     fp = save_checkpoint(tmp_path / "m.pt", model, arch="small_cnn", num_classes=10, input_shape=(1, 28, 28))
-    loaded = load_model(ModelConfig(source="checkpoint", name="m", path=str(tmp_path / "m.pt")),
-                        num_classes=10, input_shape=(1, 28, 28))
+    loaded = load_model(
+        ModelConfig(source="checkpoint", name="m", path=str(tmp_path / "m.pt")), num_classes=10, input_shape=(1, 28, 28)
+    )
     assert loaded.fingerprint == fp and loaded.source["arch"] == "small_cnn"
     x = torch.rand(3, 1, 28, 28)
     assert torch.equal(loaded.module(x), model.eval()(x))
@@ -46,10 +47,14 @@ def test_plain_state_dict_needs_arch(tmp_path):
     model = build_architecture("mlp", num_classes=10, input_shape=SHAPE)
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ModelError, match="set 'arch'"):
-        load_model(ModelConfig(source="checkpoint", name="sd", path=str(tmp_path / "sd.pt")),
-                   num_classes=10, input_shape=SHAPE)
-    ok = load_model(ModelConfig(source="checkpoint", name="sd", path=str(tmp_path / "sd.pt"), arch="mlp"),
-                    num_classes=10, input_shape=SHAPE)
+        load_model(
+            ModelConfig(source="checkpoint", name="sd", path=str(tmp_path / "sd.pt")), num_classes=10, input_shape=SHAPE
+        )
+    ok = load_model(
+        ModelConfig(source="checkpoint", name="sd", path=str(tmp_path / "sd.pt"), arch="mlp"),
+        num_classes=10,
+        input_shape=SHAPE,
+    )
     assert ok.fingerprint == fingerprint_module(model)
 
 
@@ -59,8 +64,9 @@ def test_corrupt_checkpoint(tmp_path):
     torch.save(model.state_dict(), path)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ModelError, match="unreadable or corrupt"):
-        load_model(ModelConfig(source="checkpoint", name="bad", path=str(path), arch="mlp"),
-                   num_classes=10, input_shape=SHAPE)
+        load_model(
+            ModelConfig(source="checkpoint", name="bad", path=str(path), arch="mlp"), num_classes=10, input_shape=SHAPE
+        )
 
 
 class _Payload:
@@ -78,8 +84,9 @@ def test_pickled_object_is_refused_and_never_executed(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "hook": _Payload(marker)}, path)
     with pytest.raises(ModelError, match="pickled Python objects"):
-        load_model(ModelConfig(source="checkpoint", name="evil", path=str(path), arch="mlp"),
-                   num_classes=10, input_shape=SHAPE)
+        load_model(
+            ModelConfig(source="checkpoint", name="evil", path=str(path), arch="mlp"), num_classes=10, input_shape=SHAPE
+        )
     assert not marker.exists()
     # sanity: the file really would run code under a plain unpickler
     with zipfile.ZipFile(path) as z:
@@ -126,5 +133,5 @@ def test_robustbench_missing_weights_say_where_to_put_them(tmp_path):
 
 def test_robustbench_unknown_name(tmp_path):
     cfg = ModelConfig(source="robustbench", name="Carmon2019Unlabelled", model_dir=str(tmp_path))
-    with pytest.raises(ModelError, match="unknown RobustBench model.*Carmon2019Unlabeled"):
+    with pytest.raises(ModelError, match=r"unknown RobustBench model.*Carmon2019Unlabeled"):
         load_model(cfg, num_classes=10, input_shape=(3, 32, 32), data_name="cifar10")

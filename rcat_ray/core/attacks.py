@@ -86,7 +86,9 @@ class ChunkResult:
 
 @torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    return torch.cat([model(x[i : i + batch]) for i in range(0, x.shape[0], batch)]) if x.shape[0] else x.new_zeros((0,))
+    return (
+        torch.cat([model(x[i : i + batch]) for i in range(0, x.shape[0], batch)]) if x.shape[0] else x.new_zeros((0,))
+    )
 
 
 def evaluate_chunk(

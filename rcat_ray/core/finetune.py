@@ -44,8 +44,9 @@ def make_optimizer(
     return opt, sched
 
 
-def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainAttackConfig,
-          generator: torch.Generator | None) -> torch.Tensor:
+def craft(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainAttackConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """The training adversarial example x* against the model being trained."""
     if cfg.kind == "fgsm-rs":
         return fgsm_rs(model, x, y, cfg.eps, generator=generator)
@@ -93,8 +94,16 @@ def batch_loss(
         z_old = old(x_star).float()
     if kind in ("pct", "pcat"):
         m_old = z_old.argmax(1) == y
-        return pct_loss(z.float(), y, z_old, m_old, alpha=loss_cfg.alpha, beta=loss_cfg.beta,
-                        divergence=loss_cfg.divergence, temperature=loss_cfg.temperature)
+        return pct_loss(
+            z.float(),
+            y,
+            z_old,
+            m_old,
+            alpha=loss_cfg.alpha,
+            beta=loss_cfg.beta,
+            divergence=loss_cfg.divergence,
+            temperature=loss_cfg.temperature,
+        )
     assert theta0 is not None, "RCAT needs the frozen copy of the new model"
     with torch.no_grad():
         z_new = theta0(x_star).float()
@@ -104,8 +113,17 @@ def batch_loss(
         m_old = cached_mask(ids).to(y.device)
     else:
         m_old = z_old.argmax(1) == y
-    return rcat_loss(z.float(), y, z_new, z_old, m_new, m_old, alpha=loss_cfg.alpha, beta=loss_cfg.beta,
-                     normalisation=loss_cfg.normalisation)
+    return rcat_loss(
+        z.float(),
+        y,
+        z_new,
+        z_old,
+        m_new,
+        m_old,
+        alpha=loss_cfg.alpha,
+        beta=loss_cfg.beta,
+        normalisation=loss_cfg.normalisation,
+    )
 
 
 def finetune_epoch(
@@ -132,11 +150,22 @@ def finetune_epoch(
     model.train()
     total, seen = 0.0, 0
     amp = torch.autocast(device_type=device.type) if scaler is not None else nullcontext()
-    for x, y, ids in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for x_cpu, y_cpu, ids in batches:
+        x, y = x_cpu.to(device, non_blocking=True), y_cpu.to(device, non_blocking=True)
         with amp:
-            loss = batch_loss(model, attack_model, theta0, old, x, y, ids, loss_cfg, attack_cfg,
-                              generator=generator, cached_mask=cached_mask)
+            loss = batch_loss(
+                model,
+                attack_model,
+                theta0,
+                old,
+                x,
+                y,
+                ids,
+                loss_cfg,
+                attack_cfg,
+                generator=generator,
+                cached_mask=cached_mask,
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -167,8 +167,7 @@ def _prepare_model_table(table: pa.Table, which: str) -> pa.Table:
     duplicated = ids[1:][ids[1:] == ids[:-1]]
     if duplicated.size:
         raise FlipInputError(
-            f"{which} table has {np.unique(duplicated).size} duplicated sample_id(s), "
-            f"e.g. {int(duplicated[0])}"
+            f"{which} table has {np.unique(duplicated).size} duplicated sample_id(s), e.g. {int(duplicated[0])}"
         )
     return prepared
 
@@ -297,9 +296,7 @@ def _metric_from_counts(metric: str, counts: np.ndarray) -> np.ndarray:
         return counts @ _INDICATORS[metric] / n
 
 
-def _bootstrap_counts(
-    codes: np.ndarray, n_codes: int, n_bootstrap: int, rng: np.random.Generator
-) -> np.ndarray:
+def _bootstrap_counts(codes: np.ndarray, n_codes: int, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     """Code counts of ``n_bootstrap`` resamples (with replacement) of the rows, shape (B, n_codes).
 
     Resampling whole rows keeps everything known about a sample (old and new, clean and robust, and
@@ -380,9 +377,7 @@ def _group_metrics(
         counts = robust_counts if robust else clean_counts
         boot = robust_boot if robust else clean_boot
         stats = None if boot is None else _metric_from_counts(metric, boot)
-        metrics[metric] = _metric_entry(
-            _metric_from_counts(metric, counts), stats, int(counts.sum()), confidence
-        )
+        metrics[metric] = _metric_entry(_metric_from_counts(metric, counts), stats, int(counts.sum()), confidence)
     return metrics, int(clean_counts.sum()), int(robust_counts.sum())
 
 
@@ -447,9 +442,7 @@ def summarize(
     else:
         classes = [int(c) for c in np.unique(labels)]
 
-    metrics, n_clean, n_robust = _group_metrics(
-        codes, robust_set, n_bootstrap, confidence, np.random.default_rng(seed)
-    )
+    metrics, n_clean, n_robust = _group_metrics(codes, robust_set, n_bootstrap, confidence, np.random.default_rng(seed))
 
     per_class = []
     order = np.argsort(labels, kind="stable")
@@ -588,9 +581,7 @@ def format_summary(summary: Mapping[str, Any], *, per_class: bool = True) -> str
     if per_class and classes:
         shown = ("acc", "nfr", "pfr", "rob_acc", "r_nfr", "r_pfr", "s_nfr")
         name_width = max(5, *(len(str(c["name"])) for c in classes)) + 1
-        header = f"{'class':<{name_width}}{'N':>7}{'N rob':>7}" + "".join(
-            f"{METRIC_LABELS[key]:>8}" for key in shown
-        )
+        header = f"{'class':<{name_width}}{'N':>7}{'N rob':>7}" + "".join(f"{METRIC_LABELS[key]:>8}" for key in shown)
         lines += ["", "per class (values in %)", header, "-" * len(header)]
         for c in classes:
             values = "".join(_pct(c["metrics"][key]["value"], 8) for key in shown)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import pickle
 import sys
 from collections.abc import Callable
@@ -51,9 +52,7 @@ def architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def build_architecture(
-    name: str, *, num_classes: int, input_shape: tuple[int, int, int], **kwargs: Any
-) -> nn.Module:
+def build_architecture(name: str, *, num_classes: int, input_shape: tuple[int, int, int], **kwargs: Any) -> nn.Module:
     """Instantiate a registered architecture for a data shape."""
     if name.startswith("robustbench/"):
         return _robustbench_architecture(name)
@@ -69,7 +68,7 @@ def _mlp(*, num_classes: int, input_shape: tuple[int, int, int], hidden: tuple[i
     """The demo's old model (784-256-128-10 on Fashion-MNIST)."""
     dims = [int(torch.tensor(input_shape).prod()), *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in zip(dims[:-1], dims[1:], strict=True):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(dims[-1], num_classes))
     return nn.Sequential(*layers)
@@ -224,9 +223,11 @@ def check_model_source(cfg: ModelConfig, *, data_name: str | None = None) -> Non
             raise ModelError(f"checkpoint not found: {cfg.path}")
     else:
         robustbench_checkpoint_path(
-            cfg.name, model_dir=Path(cfg.model_dir).expanduser(),
-            dataset=cfg.dataset or _RB_DATASETS.get(data_name or "", "cifar10"), threat_model=cfg.threat_model or "Linf",
-        )  # fmt: skip
+            cfg.name,
+            model_dir=Path(cfg.model_dir).expanduser(),
+            dataset=cfg.dataset or _RB_DATASETS.get(data_name or "", "cifar10"),
+            threat_model=cfg.threat_model or "Linf",
+        )
 
 
 def load_model(
@@ -327,7 +328,9 @@ def robustbench_checkpoint_path(name: str, *, model_dir: Path, dataset: str, thr
     try:
         zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat_model)]
     except (ValueError, KeyError):
-        raise ModelError(f"RobustBench has no models for dataset '{dataset}' and threat model '{threat_model}'") from None
+        raise ModelError(
+            f"RobustBench has no models for dataset '{dataset}' and threat model '{threat_model}'"
+        ) from None
     if name not in zoo:
         hint = difflib.get_close_matches(name, list(zoo), n=3)
         extra = f"; did you mean {', '.join(hint)}?" if hint else ""

@@ -39,7 +39,9 @@ def adversarial_train(
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=order_gen)
         total, seen = 0.0, 0
-        bar = tqdm(range(0, n, batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            range(0, n, batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False
+        )
         for start in bar:
             idx = perm[start : start + batch_size]
             x, y = images[idx].to(device), labels[idx].to(device)

@@ -19,21 +19,33 @@ from rcat_ray.core.flips import flip_table, summarize
 EPOCH_METRICS = ("acc", "rob_acc", "nfr", "r_nfr", "s_nfr", "pfr", "r_pfr")
 
 
-def per_model_table(model: nn.Module, split: Split, attack: AttackConfig, num_classes: int,
-                    device: torch.device, chunk: int = 500) -> pa.Table:
+def per_model_table(
+    model: nn.Module, split: Split, attack: AttackConfig, num_classes: int, device: torch.device, chunk: int = 500
+) -> pa.Table:
     """Per-sample results of one model on the validation subset (fixed chunks and seeds)."""
     was_training = model.training
     parts = []
     for i, start in enumerate(range(0, len(split), chunk)):
         sl = slice(start, start + chunk)
-        parts.append(evaluate_chunk(model, split.images[sl], split.labels[sl], split.sample_ids[sl], attack,
-                                    num_classes=num_classes, seed=attack.seed + i, device=device).table)
+        parts.append(
+            evaluate_chunk(
+                model,
+                split.images[sl],
+                split.labels[sl],
+                split.sample_ids[sl],
+                attack,
+                num_classes=num_classes,
+                seed=attack.seed + i,
+                device=device,
+            ).table
+        )
     model.train(was_training)
     return pa.concat_tables(parts)
 
 
-def validation_flips(old_table: pa.Table, model: nn.Module, split: Split, attack: AttackConfig,
-                     num_classes: int, device: torch.device) -> dict[str, float]:
+def validation_flips(
+    old_table: pa.Table, model: nn.Module, split: Split, attack: AttackConfig, num_classes: int, device: torch.device
+) -> dict[str, float]:
     """Acc, RobAcc, NFR, R-NFR, S-NFR (and PFRs) of ``model`` against the old model's stored table."""
     new_table = per_model_table(model, split, attack, num_classes, device)
     summary = summarize(flip_table(old_table, new_table), n_bootstrap=0)

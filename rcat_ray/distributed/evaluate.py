@@ -105,7 +105,10 @@ def evaluate_plans(
 
 
 def _run_chunks_on_ray(
-    plans: list[EvaluationPlan], todo: list[tuple[int, int]], store: ResultStore, compute: ComputeConfig,
+    plans: list[EvaluationPlan],
+    todo: list[tuple[int, int]],
+    store: ResultStore,
+    compute: ComputeConfig,
     keep_adversarial: bool,
 ) -> list[tuple[int, int]]:
     payload = [ray.put(plans)]

@@ -85,8 +85,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     inner = model.module if hasattr(model, "module") else model
 
     dataset = TensorDataset(split.images, split.labels, split.sample_ids)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
+    )
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(loader))
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision and device.type == "cuda" else None
@@ -110,7 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
 
-    val_split, val_attack = (validation_setup(cfg) if rank == 0 else (None, None))
+    val_split, val_attack = validation_setup(cfg) if rank == 0 else (None, None)
     old_val = per_model_table(old_module, val_split, val_attack, old.num_classes, device) if rank == 0 else None
 
     metrics: dict[str, Any] = {}
@@ -118,9 +119,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         _maybe_inject_fault(cfg, epoch, rank, world)
         if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        stats = finetune_epoch(model, theta0, old_module, loader, optimizer, cfg.loss, cfg.train_attack,
-                               device=device, scheduler=scheduler, generator=attack_gen, cached_mask=cached,
-                               scaler=scaler)
+        stats = finetune_epoch(
+            model,
+            theta0,
+            old_module,
+            loader,
+            optimizer,
+            cfg.loss,
+            cfg.train_attack,
+            device=device,
+            scheduler=scheduler,
+            generator=attack_gen,
+            cached_mask=cached,
+            scaler=scaler,
+        )
         metrics = {"epoch": epoch, "attempt_start_epoch": start_epoch, **stats}
         with _checkpoint_dir(cfg, epoch) as tmp:
             ck = None
@@ -190,8 +202,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneOutcome:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"finetune": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=storage,
