@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "tensors"]
+DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagenet", "tensors"]
 SplitName = Literal["train", "val", "test"]
 ModelSourceKind = Literal["robustbench", "checkpoint", "builtin"]
 Norm = Literal["Linf", "L2"]

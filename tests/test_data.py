@@ -110,3 +110,20 @@ def test_user_tensors(tmp_path, suffix):
 def test_empty_selection_is_an_error():
     with pytest.raises(DataError, match="empty"):
         load_split(DataConfig(name="digits", split="test", offset=10_000))
+
+
+def test_imagenet_folder_slice(tmp_path):
+    """ImageNet in ImageFolder layout, preprocessed as RobustBench (resize 256, crop 224); only the slice is read."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for wnid in ("n01440764", "n01443537"):
+        folder = tmp_path / "val" / wnid
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    split = load_split(DataConfig(name="imagenet", root=str(tmp_path), split="test", offset=2, limit=3))
+    assert split.images.shape == (3, 3, 224, 224) and split.num_classes == 2
+    assert split.sample_ids.tolist() == [2, 3, 4] and split.labels.tolist() == [0, 1, 1]
+    with pytest.raises(DataError, match="val/<wnid>"):
+        load_split(DataConfig(name="imagenet", root=str(tmp_path / "none")))

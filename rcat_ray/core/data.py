@@ -105,6 +105,8 @@ def load_split(cfg: DataConfig) -> Split:
         "cifar100": _load_cifar,
         "tensors": _load_tensors,
     }
+    if cfg.name == "imagenet":
+        return _load_imagenet(cfg, root)
     images, labels, ids, class_names = loaders[cfg.name](cfg, root)
     num_classes = len(class_names)
     val_size = cfg.val_size if cfg.val_size is not None else DEFAULT_VAL_SIZE.get(cfg.name, 0)
@@ -255,3 +257,36 @@ def _load_tensors(cfg: DataConfig, root: Path):
     else:
         names = tuple(str(i) for i in range(int(labels.max()) + 1 if labels.numel() else 0))
     return images, labels, ids, names
+
+
+def _load_imagenet(cfg: DataConfig, root: Path) -> Split:
+    """ImageNet from an ImageFolder layout (``root/val/<wnid>/*.JPEG``, ``root/train/...``), preprocessed as
+    RobustBench does (resize 256, centre crop 224). Only the selected slice is decoded: 50k images would not
+    fit in memory as floats. ``test`` reads ``val/``; ``train``/``val`` are the head/tail of ``train/``.
+    """
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    folder = root / ("val" if cfg.split == "test" else "train")
+    if not folder.is_dir():
+        raise DataError(f"ImageNet is not in {root}: place the class folders at {folder}/<wnid>/*.JPEG")
+    ds = ImageFolder(str(folder), transform=transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()]
+    ))  # fmt: skip
+    n = len(ds)
+    val_size = cfg.val_size if cfg.val_size is not None else 0
+    lo, hi = {"test": (0, n), "train": (0, n - val_size), "val": (n - val_size, n)}[cfg.split]
+    start = lo + cfg.offset
+    stop = hi if cfg.limit is None else min(hi, start + cfg.limit)
+    if stop <= start:
+        raise DataError(f"the selection is empty: imagenet {cfg.split}, offset {cfg.offset}, limit {cfg.limit}")
+    items = [ds[i] for i in range(start, stop)]
+    return Split(
+        dataset="imagenet",
+        split=cfg.split,
+        images=torch.stack([x for x, _ in items]),
+        labels=torch.as_tensor([y for _, y in items], dtype=torch.int64),
+        sample_ids=torch.arange(start, stop, dtype=torch.int64),
+        num_classes=len(ds.classes),
+        class_names=tuple(ds.classes),
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         _maybe_inject_fault(cfg, epoch, rank, world)
         if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        t_epoch = time.perf_counter()
         stats = finetune_epoch(
             model,
             theta0,
@@ -133,7 +135,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             cached_mask=cached,
             scaler=scaler,
         )
-        metrics = {"epoch": epoch, "attempt_start_epoch": start_epoch, **stats}
+        stats["epoch_seconds"] = time.perf_counter() - t_epoch  # training only, validation excluded
+        metrics = {"epoch": epoch, "attempt_start_epoch": start_epoch, "world_size": world, **stats}
         with _checkpoint_dir(cfg, epoch) as tmp:
             ck = None
             if rank == 0:
