@@ -75,7 +75,7 @@ class DemoConfig(_Strict):
     finetune_batch_size: int = Field(64, ge=1, description="per worker")
     finetune_optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9)
     finetune_workers: int = Field(2, ge=0, description="Ray Train workers (0 = in the driver)")
-    validation_samples: int = Field(1000, ge=1)
+    validation_samples: int = Field(500, ge=1)
 
 
 def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, name: str) -> Path:

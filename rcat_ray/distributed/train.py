@@ -32,7 +32,6 @@ from rcat_ray.core.data import load_split
 from rcat_ray.core.finetune import CachedMask, finetune_epoch, frozen_copy, make_optimizer
 from rcat_ray.core.models import LoadedModel, load_model, save_checkpoint
 from rcat_ray.core.validation import per_model_table, validation_flips
-from rcat_ray.evaluation import resolve_device
 from rcat_ray.store import ResultStore, now_iso, package_versions
 
 STATE_FILE = "state.pt"
@@ -70,26 +69,57 @@ def _cached_mask(cfg: FinetuneConfig) -> CachedMask | None:
     return CachedMask(torch.as_tensor(table.column("sample_id").to_numpy()), torch.as_tensor(robust))
 
 
+class TrainSession:
+    """The loop's view of Ray Train: ranks, device, DDP preparation, checkpoints and reports."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+        # local mode keeps only the checkpoint's path, so its folder must outlive report()
+        self.persistent_checkpoints = cfg.num_workers == 0
+
+    def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(module, move_to_device=self.device)
+
+    def prepare_loader(self, loader: DataLoader) -> DataLoader:
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def get_checkpoint(self) -> Any:
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        ck = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ck)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker loop that Ray Train runs (also runs in-process with ``num_workers=0``)."""
     cfg = parse_config(FinetuneConfig, loop_config["finetune"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    return finetune_loop(cfg, TrainSession(cfg))
+
+
+def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
+    """Fine-tune for ``cfg.epochs`` epochs, resuming from the session's checkpoint, reporting every epoch.
+
+    ``session`` is a TrainSession (Ray Train workers, DDP) or a Tune session (one trial in one process);
+    the loop itself does not know which.
+    """
+    rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed + rank)
-    device = ray.train.torch.get_device() if cfg.use_gpu else resolve_device("cpu")
 
     old, new, split = _load_parents(cfg)
     old_module = frozen_copy(old.module).to(device)
     theta0 = frozen_copy(new.module).to(device) if cfg.loss.kind == "rcat" else None
-    model = ray.train.torch.prepare_model(new.module.train(), move_to_device=device)
+    model = session.prepare_model(new.module.train())
     inner = model.module if hasattr(model, "module") else model
 
     dataset = TensorDataset(split.images, split.labels, split.sample_ids)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
     )
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    loader = session.prepare_loader(loader)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(loader))
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision and device.type == "cuda" else None
     attack_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -97,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     start_epoch = 0
     history: list[dict[str, Any]] = []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -137,8 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         stats["epoch_seconds"] = time.perf_counter() - t_epoch  # training only, validation excluded
         metrics = {"epoch": epoch, "attempt_start_epoch": start_epoch, "world_size": world, **stats}
-        with _checkpoint_dir(cfg, epoch) as tmp:
-            ck = None
+        with _checkpoint_dir(cfg, epoch, session.persistent_checkpoints) as tmp:
             if rank == 0:
                 metrics.update(validation_flips(old_val, inner, val_split, val_attack, old.num_classes, device))
                 history.append(dict(metrics))
@@ -152,17 +181,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     "rng_attack": [attack_gen.get_state()],
                     "history": history,
                 }, Path(tmp) / STATE_FILE)  # fmt: skip
-                ck = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ck)
+            session.report(metrics, tmp if rank == 0 else None)
     return metrics
 
 
 @contextmanager
-def _checkpoint_dir(cfg: FinetuneConfig, epoch: int) -> Iterator[str]:
-    """Where an epoch's checkpoint is written before ``report``: a temporary folder that Ray Train copies
-    into its storage, except in local mode (``num_workers=0``), where Ray keeps only the path and the
-    folder must therefore outlive the call."""
-    if cfg.num_workers > 0:
+def _checkpoint_dir(cfg: FinetuneConfig, epoch: int, persistent: bool) -> Iterator[str]:
+    """Where an epoch's checkpoint is written before ``report``: a temporary folder that Ray copies into
+    its storage, or (``persistent``) a folder under the storage path that outlives the call."""
+    if not persistent:
         with tempfile.TemporaryDirectory() as tmp:
             yield tmp
         return
