@@ -19,6 +19,7 @@ from rcat_ray.config import (
     ConfigError,
     EvaluateConfig,
     FinetuneConfig,
+    SweepConfig,
     TableConfig,
     deep_merge,
     load_yaml,
@@ -147,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(tab)
     tab.add_argument("--out", dest="out", help="output folder [out]")
 
+    sw = sub.add_parser("sweep", help="search the fine-tuning weights/eps with Ray Tune, choose, evaluate")
+    sw.add_argument("--config", required=True, help="YAML sweep config")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials kept)")
+    sw.add_argument("--mode", dest="mode", help="grid or search [mode]")
+    sw.add_argument("--num-samples", dest="num_samples", type=int, help="trials in search mode [num_samples]")
+    sw.add_argument("--out", dest="out", help="output folder [out]")
+    sw.add_argument("--address", dest="address", help="Ray address [address]")
+    sw.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
     demo = sub.add_parser("demo", help="the embedded default: train old/new on Fashion-MNIST, compare, report")
     demo.add_argument("--config", help="YAML overriding the demo defaults")
     demo.add_argument("--out", default="demo-out", help="folder for the store, models and report")
@@ -256,6 +266,34 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    raw = load_yaml(args.config)
+    for key in ("mode", "num_samples", "out", "address"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    cfg = parse_config(SweepConfig, raw)
+    _prepare_local_ray_env(cfg.address)
+    from rcat_ray.distributed.cluster import ensure_ray
+    from rcat_ray.distributed.sweep import run_sweep
+
+    from rcat_ray.distributed.sweep import SweepInterrupted
+
+    ensure_ray(ComputeConfig(address=cfg.address))
+    try:
+        outcome = run_sweep(cfg, resume=args.resume)
+    except SweepInterrupted as err:
+        print(f"rcat-ray sweep: {err}", file=sys.stderr)
+        return 3
+    c = outcome.chosen
+    print(f"{len(outcome.trials)} trials; new model's validation robust accuracy {100 * outcome.new_val_rob_acc:.2f}%")
+    print(
+        f"chosen trial {c['trial_id']}: {c['kind']} alpha={c['alpha']} beta={c['beta']}, "
+        f"val S-NFR {100 * c['val_s_nfr']:.2f}%, val robust acc {100 * c['val_rob_acc']:.2f}%"
+    )
+    print(f"written: {outcome.out}/trials.parquet, best.yaml, pareto.png, report.html; model {outcome.checkpoint}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _prepare_local_ray_env(args.address)
     from rcat_ray.demo import DemoConfig, run_demo
@@ -280,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {
         "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report,
-        "finetune": cmd_finetune, "table": cmd_table, "demo": cmd_demo,
+        "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "demo": cmd_demo,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

@@ -22,4 +22,5 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if address:
         ray.init(address=address if compute.address else None, log_to_driver=True)
     else:
-        ray.init(num_cpus=compute.local_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": never attach to a cluster that a `ray start` elsewhere on this machine left behind
+        ray.init(address="local", num_cpus=compute.local_cpus, include_dashboard=False, log_to_driver=False)

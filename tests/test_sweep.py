@@ -1,0 +1,195 @@
+"""Sweeps: the search space, the selection rule, and real Ray Tune runs on digits (complete and resumed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rcat_ray.config import SweepConfig, parse_config
+from rcat_ray.core.models import save_checkpoint
+from rcat_ray.search_space import PAPER_PCT_BETAS, PAPER_RCAT_GRID, expand, paper_grid, random_trials, sample_simplex
+from rcat_ray.selection import SelectionError, pareto_front, select_trial
+
+
+@given(seed=st.integers(0, 2**31 - 1), lo=st.floats(0, 0.5), width=st.floats(0.3, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_simplex_sampler_never_leaves_the_simplex(seed, lo, width):
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        a, b = sample_simplex(rng, (lo, min(1.0, lo + width)), (0.0, 1.0))
+        assert a >= 0 and b >= 0 and a + b <= 1 + 1e-12
+        assert lo <= a <= lo + width
+
+
+def test_random_trials_respect_the_simplex_and_cycle_kinds():
+    trials = random_trials(("rcat", "pcat", "at"), 300, seed=1)
+    assert [t["kind"] for t in trials[:3]] == ["rcat", "pcat", "at"]
+    rcat = [t for t in trials if t["kind"] == "rcat"]
+    assert all(t["alpha"] + t["beta"] <= 1 for t in rcat)
+    assert max(t["alpha"] + t["beta"] for t in rcat) > 0.9  # the whole simplex is reached
+    assert all(t["alpha"] == 1.0 and 0.5 <= t["beta"] <= 10 for t in trials if t["kind"] == "pcat")
+    assert random_trials(("rcat",), 5, seed=1) == random_trials(("rcat",), 5, seed=1)
+    with pytest.raises(ValueError, match="simplex"):
+        sample_simplex(np.random.default_rng(0), (0.8, 1.0), (0.5, 1.0))
+
+
+def test_grid_is_exactly_the_papers():
+    grid = paper_grid(("rcat", "pct", "pcat"))
+    assert [(g["alpha"], g["beta"]) for g in grid[:4]] == list(PAPER_RCAT_GRID)
+    assert PAPER_RCAT_GRID == ((0.75, 0.2), (0.7, 0.2), (0.5, 0.4), (0.3, 0.6))
+    assert [(g["kind"], g["alpha"], g["beta"]) for g in grid[4:]] == (
+        [("pct", 1.0, b) for b in (1.0, 2.0, 5.0, 10.0)] + [("pcat", 1.0, b) for b in (1.0, 2.0, 5.0, 10.0)]
+    )
+    assert PAPER_PCT_BETAS == (1.0, 2.0, 5.0, 10.0)
+    crossed = expand(grid[:4], train_eps=(0.03, 8 / 255), lr=(1e-3,))
+    assert len(crossed) == 8 and crossed[0] == {"loss": grid[0], "train_eps": 0.03, "lr": 1e-3}
+
+
+def _table():
+    return pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d", "e"],
+        "val_s_nfr": [0.010, 0.030, 0.030, 0.050, 0.020],
+        "val_rob_acc": [0.50, 0.66, 0.67, 0.70, 0.64],
+        "val_r_nfr": [0.005, 0.02, 0.02, 0.03, 0.01],
+    })  # fmt: skip
+
+
+def test_selection_rule_skips_the_trial_that_breaks_the_tolerance():
+    t = _table()
+    # "a" has the lowest S-NFR but gave up robustness: new model 0.68, tolerance 0.05 -> bar 0.63
+    chosen = select_trial(t, new_rob_acc=0.68, tolerance=0.05)
+    assert chosen["trial_id"] == "e"
+    # bar 0.65: "e" is out; "b" and "c" tie on S-NFR, "c" has the higher robust accuracy
+    assert select_trial(t, new_rob_acc=0.68, tolerance=0.03)["trial_id"] == "c"
+    assert select_trial(t, new_rob_acc=0.50, tolerance=0.0)["trial_id"] == "a"
+    with pytest.raises(SelectionError, match="relax the tolerance"):
+        select_trial(t, new_rob_acc=0.9, tolerance=0.01)
+
+
+def test_pareto_front():
+    t = _table()
+    front = pareto_front(t, maximise="val_rob_acc", minimise="val_s_nfr")
+    # a (lowest S-NFR), e (better S-NFR than b, c at lower acc), c (beats b), d (highest acc)
+    assert front.tolist() == [True, False, True, True, True]
+
+
+# --------------------------------------------------------------------------------------------------
+# real Ray Tune runs
+
+
+@pytest.fixture
+def sweep_yaml(tmp_path, digits_models):
+    old, new = digits_models
+    paths = {}
+    for name, m in (("old", old), ("new", new)):
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
+                        arch_kwargs={"hidden": [m.module[1].out_features]})  # fmt: skip
+
+    def make(**over) -> Path:
+        raw = {
+            "base": {
+                "old": {"source": "checkpoint", "name": "old", "path": str(paths["old"])},
+                "new": {"source": "checkpoint", "name": "new", "path": str(paths["new"])},
+                "data": {"name": "digits", "split": "train"},
+                "train_attack": {"eps": 0.1},
+                "optimizer": {"lr": 0.01},
+                "epochs": 2,
+                "batch_size": 64,
+                "validation": {"samples": 100, "attack": {"eps": 0.1, "attacks": ["apgd-ce"], "n_iter": 3}},
+                "num_workers": 0,
+                "threads_per_worker": 1,
+                "storage": str(tmp_path / "ft"),
+                "store": str(tmp_path / "store"),
+            },
+            "mode": "grid",
+            "space": {"losses": ["rcat"]},
+            "tolerance": 0.05,
+            "name": "digits",
+            "storage": str(tmp_path / "tune"),
+            "out": str(tmp_path / "out"),
+            **over,
+        }
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return make
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, sweep_yaml, tmp_path):
+    from rcat_ray.distributed.sweep import run_sweep
+
+    cfg = parse_config(SweepConfig, yaml.safe_load(sweep_yaml(asha={"enabled": True, "grace_period": 1}).read_text()))
+    outcome = run_sweep(cfg)
+    trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pandas()
+    assert len(trials) == 4
+    assert sorted(zip(trials["alpha"], trials["beta"], strict=True)) == sorted(PAPER_RCAT_GRID)
+    expected = select_trial(trials, new_rob_acc=outcome.new_val_rob_acc, tolerance=0.05)
+    assert outcome.chosen["trial_id"] == expected["trial_id"]
+    assert trials.loc[trials["chosen"], "trial_id"].tolist() == [expected["trial_id"]]
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    assert best["trial_id"] == expected["trial_id"]
+    assert best["finetune"]["loss"]["alpha"] == pytest.approx(expected["alpha"])
+    assert Path(best["checkpoint"]).is_file()
+    assert (tmp_path / "out" / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    assert "Selection rule" in (tmp_path / "out" / "report.html").read_text()
+
+
+def _finished_trials(tune_dir: Path, epochs: int) -> dict[Path, tuple[float, int]]:
+    done = {}
+    for result in tune_dir.glob("*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if lines and lines[-1].get("training_iteration") == epochs:
+            done[result] = (result.stat().st_mtime, result.stat().st_size)
+    return done
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session, sweep_yaml, tmp_path):
+    from rcat_ray.distributed.sweep import run_sweep
+
+    config = sweep_yaml(asha={"enabled": False}, max_concurrent=1)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "rcat_ray.cli", "sweep", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    tune_dir = tmp_path / "tune" / "digits"
+    deadline = time.monotonic() + 240
+    try:
+        while len(_finished_trials(tune_dir, 2)) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the sweep did not finish two trials in time"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, out
+    assert "--resume" in out
+    before = _finished_trials(tune_dir, 2)
+    assert 2 <= len(before) < 4
+
+    cfg = parse_config(SweepConfig, yaml.safe_load(config.read_text()))
+    outcome = run_sweep(cfg, resume=True)
+    assert len(outcome.trials) == 4 and outcome.trials["error"].isna().all()
+    after = _finished_trials(tune_dir, 2)
+    assert len(after) == 4
+    for path, stamp in before.items():
+        assert after[path] == stamp, f"{path.parent.name} was run again"
