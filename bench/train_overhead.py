@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+import numpy as np
 import ray
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,7 +38,8 @@ from rcat_ray.distributed.train import run_finetune
 
 
 def step_ratio(split, batch: int, steps: int) -> tuple[float, float, float]:
-    """Mean seconds of an RCAT step, an AT step, and two frozen forwards on x*, interleaved on the same batches."""
+    """Median seconds of an RCAT step, an AT step, and two frozen forwards on x*, interleaved on the same
+    batches (medians: this machine's timing noise is a few ms per step)."""
     torch.manual_seed(0)
     model = build_architecture("small_cnn", num_classes=10, input_shape=(1, 28, 28))
     old = frozen_copy(build_architecture("mlp", num_classes=10, input_shape=(1, 28, 28)))
@@ -46,26 +48,28 @@ def step_ratio(split, batch: int, steps: int) -> tuple[float, float, float]:
     rcat, at = LossConfig(kind="rcat", alpha=0.5, beta=0.4), LossConfig(kind="at")
     opt, _ = make_optimizer(model.parameters(), parse_config(FinetuneConfig, _ft_raw()).optimizer, steps)
     gen = torch.Generator().manual_seed(0)
-    t = {"rcat": 0.0, "at": 0.0, "fwd": 0.0}
+    t: dict[str, list[float]] = {"rcat": [], "at": [], "fwd": []}
     for i in range(steps + 5):
         lo = (i * batch) % (len(split) - batch)
         x, y, ids = split.images[lo : lo + batch], split.labels[lo : lo + batch], split.sample_ids[lo : lo + batch]
-        for name, cfg in (("rcat", rcat), ("at", at)):
+        order = (("rcat", rcat), ("at", at)) if i % 2 == 0 else (("at", at), ("rcat", rcat))
+        for name, cfg in order:  # alternating, so neither always runs on a warmer cache
             s = time.perf_counter()
             loss = batch_loss(model, model, theta0, old, x, y, ids, cfg, attack, generator=gen)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if i >= 5:
-                t[name] += time.perf_counter() - s
+                t[name].append(time.perf_counter() - s)
         x_star = x + 0.05
         s = time.perf_counter()
         with torch.no_grad():
             old(x_star)
             theta0(x_star)
         if i >= 5:
-            t["fwd"] += time.perf_counter() - s
-    return t["rcat"] / steps, t["at"] / steps, t["fwd"] / steps
+            t["fwd"].append(time.perf_counter() - s)
+    med = {k: float(np.median(v)) for k, v in t.items()}
+    return med["rcat"], med["at"], med["fwd"]
 
 
 def _ft_raw(**kw) -> dict:
