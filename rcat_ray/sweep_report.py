@@ -102,7 +102,7 @@ def write_sweep_outputs(cfg: SweepConfig, outcome: Any) -> Path:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buf)
     _atomic_write(out / "trials.parquet", buf.getvalue())
-    _atomic_write(out / "pareto.png", pareto_plot(trials, outcome.new_rob_acc, cfg.tolerance))
+    _atomic_write(out / "pareto.png", pareto_plot(trials, outcome.new_val_rob_acc, cfg.tolerance))
 
     columns = ("trial_id", "kind", "alpha", "beta", "train_eps", "lr", "epochs", "epochs_run",
                "val_acc", "val_rob_acc", "val_nfr", "val_r_nfr", "val_s_nfr")  # fmt: skip
@@ -132,7 +132,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} tr.chosen{{backg
 </style></head><body>
 <h2>Sweep {html.escape(cfg.name)} ({html.escape(cfg.mode)}, {len(trials)} trials)</h2>
 <p><b>Selection rule.</b> Among the trials whose validation robust accuracy is at least the new model's
-({100 * outcome.new_rob_acc:.2f}%) minus the tolerance ({100 * cfg.tolerance:.2f} points), the lowest validation
+({100 * outcome.new_val_rob_acc:.2f}%) minus the tolerance ({100 * cfg.tolerance:.2f} points), the lowest validation
 S-NFR; ties go to the higher robust accuracy, then to the lower trial id.</p>
 <p><b>Chosen:</b> trial {html.escape(str(chosen["trial_id"]))}, {html.escape(_trial_label(chosen))},
 validation S-NFR {100 * chosen["val_s_nfr"]:.2f}%, robust accuracy {100 * chosen["val_rob_acc"]:.2f}%;

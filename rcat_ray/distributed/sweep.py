@@ -235,6 +235,19 @@ def trial_table(results: Any) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("trial_id", kind="mergesort").reset_index(drop=True)
 
 
+def _raise_if_unfinished(cfg: SweepConfig, results: Any) -> None:
+    """Tune returns normally after Ctrl+C; a sweep with unfinished or not yet started trials must not be judged."""
+    statuses = [t.status for t in ray.tune.ExperimentAnalysis(results.experiment_path).trials]
+    planned = planned_trials(cfg)
+    expected = len(planned) if planned is not None else cfg.num_samples
+    finished = sum(s in ("TERMINATED", "ERROR") for s in statuses)
+    if finished < expected:
+        raise SweepInterrupted(
+            f"sweep {cfg.name} stopped with {finished} of {expected} trials finished; its state is saved: "
+            "continue with `rcat-ray sweep --config <file> --resume`"
+        )
+
+
 def new_model_val_rob_acc(base: FinetuneConfig) -> float:
     """Validation robust accuracy of the new model before fine-tuning: the bar of the selection rule."""
     _, new, _ = _load_parents(base)
@@ -250,12 +263,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> SweepOutcome:
     check_finetune_inputs(cfg.base)
     new_rob = new_model_val_rob_acc(cfg.base)
     results = build_tuner(cfg, resume=resume).fit()
-    finished = results.num_terminated + results.num_errors
-    if finished < len(results):
-        raise SweepInterrupted(
-            f"sweep {cfg.name} stopped with {finished} of {len(results)} trials finished; its state is saved: "
-            "continue with `rcat-ray sweep --config <file> --resume`"
-        )
+    _raise_if_unfinished(cfg, results)
     trials = trial_table(results)
     chosen = select_trial(trials, new_rob_acc=new_rob, tolerance=cfg.tolerance)
     out = Path(cfg.out).expanduser()
