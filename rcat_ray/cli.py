@@ -19,6 +19,7 @@ from rcat_ray.config import (
     ConfigError,
     EvaluateConfig,
     FinetuneConfig,
+    NightlyConfig,
     SweepConfig,
     TableConfig,
     deep_merge,
@@ -157,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", dest="address", help="Ray address [address]")
     sw.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
+    ni = sub.add_parser("nightly", help="gate a candidate against the production model (exit 0 pass, 1 fail, 2 error)")
+    _add_setting_flags(ni)
+    ni.add_argument("--baseline", metavar="SPEC", help="production model spec [baseline]")
+    ni.add_argument("--candidate", metavar="SPEC", help="candidate model spec [candidate]")
+    ni.add_argument("--candidate-dir", dest="candidate_dir", help="newest *.pt in this folder [candidate_dir]")
+    ni.add_argument("--history", dest="history", help="history dataset folder or URI [history]")
+    ni.add_argument("--date", dest="date", help="the night's date YYYY-MM-DD [date]")
+    ni.add_argument("--out", dest="out", help="output folder [out]")
+
     demo = sub.add_parser("demo", help="the embedded default: train old/new on Fashion-MNIST, compare, report")
     demo.add_argument("--config", help="YAML overriding the demo defaults")
     demo.add_argument("--out", default="demo-out", help="folder for the store, models and report")
@@ -274,14 +284,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = parse_config(SweepConfig, raw)
     _prepare_local_ray_env(cfg.address)
     from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.distributed.sweep import run_sweep
-
-    from rcat_ray.distributed.sweep import SweepInterrupted
+    from rcat_ray.distributed.sweep import SweepInterruptedError, run_sweep
 
     ensure_ray(ComputeConfig(address=cfg.address))
     try:
         outcome = run_sweep(cfg, resume=args.resume)
-    except SweepInterrupted as err:
+    except SweepInterruptedError as err:
         print(f"rcat-ray sweep: {err}", file=sys.stderr)
         return 3
     c = outcome.chosen
@@ -292,6 +300,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     print(f"written: {outcome.out}/trials.parquet, best.yaml, pareto.png, report.html; model {outcome.checkpoint}")
     return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """Exit codes are the contract with cron/CI: 0 pass, 1 a gate failed, 2 the night could not run."""
+    import traceback
+
+    from rcat_ray.errors import USER_ERRORS
+    from rcat_ray.nightly import EXIT_COULD_NOT_RUN, NightlyError, run_nightly
+
+    try:
+        raw = _settings_dict(args)
+        for side in ("baseline", "candidate"):
+            if getattr(args, side):
+                raw[side] = parse_model_spec(getattr(args, side))
+        for key in ("candidate_dir", "history", "date", "out"):
+            if getattr(args, key) is not None:
+                raw[key] = getattr(args, key)
+        cfg = parse_config(NightlyConfig, raw)
+        _prepare_local_ray_env(cfg.compute.address)
+        outcome = run_nightly(cfg)
+    except (*USER_ERRORS, NightlyError) as err:
+        print(f"rcat-ray nightly: could not run: {err}", file=sys.stderr)
+        return EXIT_COULD_NOT_RUN
+    except Exception:  # noqa: BLE001 - any crash means "could not run" (2), never "gate failed" (1)
+        traceback.print_exc()
+        print("rcat-ray nightly: could not run (unexpected error above)", file=sys.stderr)
+        return EXIT_COULD_NOT_RUN
+    print(f"verdict: {outcome.verdict_path}; report: {outcome.report}")
+    return outcome.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -318,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {
         "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report,
-        "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "demo": cmd_demo,
+        "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "nightly": cmd_nightly,
+        "demo": cmd_demo,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

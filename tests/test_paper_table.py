@@ -32,8 +32,11 @@ def pair():
     c_new, r_new = _flags(rng, 0.85, 0.65)
     # "RCAT": the new model, but keeping the old model's robust samples robust
     c_rcat, r_rcat = c_new | r_old, r_new | r_old
-    models = {"old": old, "new": model_table(ids, labels, c_new.tolist(), r_new.tolist()),
-              "RCAT(0.5,0.4)": model_table(ids, labels, c_rcat.tolist(), r_rcat.tolist())}
+    models = {
+        "old": old,
+        "new": model_table(ids, labels, c_new.tolist(), r_new.tolist()),
+        "RCAT(0.5,0.4)": model_table(ids, labels, c_rcat.tolist(), r_rcat.tolist()),
+    }
     rows = []
     for label, table in models.items():
         flips = flip_table(old, table)

@@ -37,7 +37,7 @@ from rcat_ray.selection import pareto_front, select_trial
 TRIAL_KEYS = ("kind", "alpha", "beta", "train_eps", "lr", "epochs")
 
 
-class SweepInterrupted(RuntimeError):
+class SweepInterruptedError(RuntimeError):
     """The sweep was stopped (Ctrl+C, SIGINT) before every trial finished; it can be resumed."""
 
 
@@ -242,7 +242,7 @@ def _raise_if_unfinished(cfg: SweepConfig, results: Any) -> None:
     expected = len(planned) if planned is not None else cfg.num_samples
     finished = sum(s in ("TERMINATED", "ERROR") for s in statuses)
     if finished < expected:
-        raise SweepInterrupted(
+        raise SweepInterruptedError(
             f"sweep {cfg.name} stopped with {finished} of {expected} trials finished; its state is saved: "
             "continue with `rcat-ray sweep --config <file> --resume`"
         )

@@ -1,0 +1,123 @@
+"""The nightly robustness-regression gate: tonight's candidate against the production (baseline) model.
+
+The baseline's per-model table comes from the result store whenever its weights and the evaluation
+settings are unchanged, so a normal night attacks only the candidate. The comparison is judged against
+the gates (:mod:`rcat_ray.gates`); the verdict is written as JSON, appended to the history, sent to the
+notifier, and returned as the exit code: 0 pass, 1 a gate failed, 2 the night could not run. A night
+that cannot run leaves the history untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rcat_ray.config import ModelConfig, NightlyConfig
+from rcat_ray.gates import GATE_METRICS, judge
+from rcat_ray.history import append_night, read_history
+from rcat_ray.notify import deliver, make_notifier
+from rcat_ray.store import now_iso
+
+EXIT_PASS, EXIT_GATE_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
+
+
+class NightlyError(ValueError):
+    """The night cannot run (missing candidate and the like): exit code 2."""
+
+
+@dataclass
+class NightOutcome:
+    verdict: dict[str, Any]
+    exit_code: int
+    verdict_path: Path
+    report: Path | None
+
+
+def newest_checkpoint(folder: str) -> ModelConfig:
+    """The most recently written ``*.pt`` in a folder (ties: the later name), as a model source."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise NightlyError(f"candidate_dir {path} does not exist")
+    files = [p for p in path.glob("*.pt") if p.is_file()]
+    if not files:
+        raise NightlyError(f"candidate_dir {path} holds no *.pt checkpoint")
+    newest = max(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return ModelConfig(source="checkpoint", name=newest.stem, label=f"candidate ({newest.name})", path=str(newest))
+
+
+def _candidate(cfg: NightlyConfig) -> ModelConfig:
+    if cfg.candidate is not None:
+        if cfg.candidate.source == "checkpoint" and not Path(cfg.candidate.path or "").expanduser().is_file():
+            raise NightlyError(f"candidate checkpoint not found: {cfg.candidate.path}")
+        return cfg.candidate
+    return newest_checkpoint(cfg.candidate_dir or "")
+
+
+def run_nightly(cfg: NightlyConfig) -> NightOutcome:
+    """Evaluate, compare, judge, record and notify one night. Raises on anything that prevents the night."""
+    from rcat_ray.config import CompareConfig
+    from rcat_ray.nightly_report import write_nightly_report
+    from rcat_ray.workflows import run_compare
+
+    date = cfg.date or dt.datetime.now(dt.UTC).date().isoformat()
+    dt.date.fromisoformat(date)  # a malformed date is an input error, before any compute
+    candidate = _candidate(cfg)
+    compare_cfg = CompareConfig(**cfg.model_dump(include=set(CompareConfig.model_fields) - {"old", "new", "report"}),
+                                old=cfg.baseline, new=candidate)  # fmt: skip
+    outcomes, comparison, prepared = run_compare(compare_cfg)
+    if comparison is None:
+        raise NightlyError("an evaluation is incomplete (max_new_chunks); the night cannot be judged")
+    judged = judge(comparison.summary, cfg.gates)
+    run_id = f"{date}-{dt.datetime.now(dt.UTC).strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    base_out, cand_out = outcomes
+    verdict = {
+        "pair": cfg.pair,
+        "date": date,
+        "run_id": run_id,
+        "created_at": now_iso(),
+        "passed": judged["passed"],
+        "failing": judged["failing"],
+        "gates": judged["gates"],
+        "baseline": {"name": base_out.model_name, "fingerprint": prepared.plans[0].model.fingerprint,
+                     "chunks_computed": base_out.chunks_computed, "chunks_reused": base_out.chunks_cached},
+        "candidate": {"name": cand_out.model_name, "fingerprint": prepared.plans[1].model.fingerprint,
+                      "path": candidate.path, "chunks_computed": cand_out.chunks_computed,
+                      "chunks_reused": cand_out.chunks_cached},
+        "comparison": comparison.key,
+        "store": cfg.store,
+        "summary": {k: v for k, v in comparison.summary["metrics"].items()},
+    }  # fmt: skip
+    metrics = comparison.summary["metrics"]
+    row = {
+        "run_id": run_id, "timestamp": verdict["created_at"], "pair": cfg.pair,
+        "baseline": base_out.model_name, "baseline_fingerprint": verdict["baseline"]["fingerprint"],
+        "candidate": cand_out.model_name, "candidate_fingerprint": verdict["candidate"]["fingerprint"],
+        "candidate_path": candidate.path, "verdict": "pass" if judged["passed"] else "fail",
+        "failing": ", ".join(judged["failing"]), "comparison": comparison.key,
+        "n_clean": comparison.summary["n_clean"], "n_robust": comparison.summary["n_robust"],
+        "baseline_chunks_computed": base_out.chunks_computed, "candidate_chunks_computed": cand_out.chunks_computed,
+        **{f"{m}_{part}": metrics[m][part] for m in metrics for part in ("value", "ci_low", "ci_high")},
+        **{f"gate_{g}": getattr(cfg.gates, g) for g in GATE_METRICS},
+    }  # fmt: skip
+    out = Path(cfg.out).expanduser() / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    verdict_path = out / "verdict.json"
+    _write_json(verdict_path, verdict)
+    append_night(cfg.history, date, row)
+    report = write_nightly_report(cfg, read_history(cfg.history), verdict, prepared.store, out)
+    verdict["report"] = str(report)
+    _write_json(verdict_path, verdict)
+    _write_json(Path(cfg.out).expanduser() / "latest-verdict.json", verdict)
+    deliver(make_notifier(cfg.notify), verdict)
+    return NightOutcome(verdict, EXIT_PASS if judged["passed"] else EXIT_GATE_FAILED, verdict_path, report)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
