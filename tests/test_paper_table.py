@@ -45,7 +45,7 @@ def pair():
 
 
 def test_reference_is_rcat_and_differences_are_paired(pair):
-    table, (c_old, r_old, c_new, r_new, c_rcat, r_rcat) = pair
+    table, (_c_old, r_old, c_new, r_new, c_rcat, _r_rcat) = pair
     assert table.reference == "RCAT(0.5,0.4)"
     by = {(d["minus"], d["column"]): d for d in table.differences}
     r_nfr_new = np.mean(r_old & ~r_new)
