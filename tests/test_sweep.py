@@ -193,3 +193,31 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
     assert len(after) == 4
     for path, stamp in before.items():
         assert after[path] == stamp, f"{path.parent.name} was run again"
+
+
+def testoptuna_space_stays_on_the_simplex():
+    import optuna
+
+    from rcat_ray.distributed.sweep import optuna_space, trial_settings
+
+    cfg = parse_config(SweepConfig, {
+        "base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
+                 "train_attack": {"eps": 0.1}},
+        "mode": "search", "algorithm": "optuna",
+        "space": {"losses": ["rcat", "pcat"], "alpha_range": [0.2, 0.9], "train_eps": [0.05, 0.1]},
+    })  # fmt: skip
+    space = optuna_space(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = set()
+    for _ in range(200):
+        trial = study.ask()
+        space(trial)
+        p = trial_settings(trial.params)  # what a trial is trained with
+        kinds.add(p["kind"])
+        assert p["train_eps"] in (0.05, 0.1)
+        if p["kind"] == "rcat":
+            assert 0.2 <= p["alpha"] <= 0.9 and p["beta"] >= 0 and p["alpha"] + p["beta"] <= 1 + 1e-12
+        else:
+            assert p["alpha"] == 1.0 and 0.5 <= p["beta"] <= 10
+        study.tell(trial, 0.0)
+    assert kinds == {"rcat", "pcat"}

@@ -69,7 +69,12 @@ def trial_settings(config: dict[str, Any]) -> dict[str, Any]:
     if "trial" in config:
         t = config["trial"]
         return {**t["loss"], **{k: t[k] for k in ("train_eps", "lr", "epochs") if k in t}}
-    return {k: config[k] for k in TRIAL_KEYS if k in config}
+    out = {k: config[k] for k in ("kind", "train_eps", "lr", "epochs") if k in config}
+    if out.get("kind") == "rcat":
+        out.update(alpha=config["rcat_alpha"], beta=config["rcat_beta"])
+    elif out.get("kind") in ("pct", "pcat"):
+        out.update(alpha=1.0, beta=config["pct_beta"])
+    return out
 
 
 def apply_trial(base: FinetuneConfig, settings: dict[str, Any], name: str) -> FinetuneConfig:
@@ -114,19 +119,19 @@ def sweep_trainable(config: dict[str, Any]) -> None:
     ).fit()
 
 
-def _optuna_space(cfg: SweepConfig):
+def optuna_space(cfg: SweepConfig):
     """Optuna's define-by-run space: RCAT's beta is drawn below 1 - alpha, so the simplex is never left."""
     sp = cfg.space
 
     def space(trial: Any) -> None:
         kind = trial.suggest_categorical("kind", list(sp.losses))
+        # per-kind parameter names: Optuna keeps one distribution per name (log scale for PCT's beta only)
         if kind == "rcat":
-            a = trial.suggest_float("alpha", sp.alpha_range[0], min(sp.alpha_range[1], 1.0))
+            a = trial.suggest_float("rcat_alpha", sp.alpha_range[0], min(sp.alpha_range[1], 1.0))
             hi = min(sp.beta_range[1], 1.0 - a)
-            trial.suggest_float("beta", min(sp.beta_range[0], hi), hi)
+            trial.suggest_float("rcat_beta", min(sp.beta_range[0], hi), hi)
         elif kind in ("pct", "pcat"):
-            trial.suggest_float("alpha", 1.0, 1.0)
-            trial.suggest_float("beta", sp.pct_beta_range[0], sp.pct_beta_range[1], log=True)
+            trial.suggest_float("pct_beta", sp.pct_beta_range[0], sp.pct_beta_range[1], log=True)
         for key in ("train_eps", "lr", "epochs"):
             choices = getattr(sp, key)
             if choices:
@@ -191,7 +196,7 @@ def build_tuner(cfg: SweepConfig, *, resume: bool) -> ray.tune.Tuner:
 
         param_space = base
         num_samples = cfg.num_samples
-        search_alg = OptunaSearch(space=_optuna_space(cfg), metric="val_s_nfr", mode="min", seed=cfg.seed)
+        search_alg = OptunaSearch(space=optuna_space(cfg), metric="val_s_nfr", mode="min", seed=cfg.seed)
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=cfg.max_concurrent or 2)
     max_epochs = max((*cfg.space.epochs, cfg.base.epochs))
     scheduler = (
