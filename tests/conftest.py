@@ -74,6 +74,19 @@ def digits_models(digits_train: Split) -> tuple[LoadedModel, LoadedModel]:
     )
 
 
+@pytest.fixture
+def digits_checkpoints(tmp_path, digits_models) -> dict[str, Path]:
+    """The two digits models as self-describing checkpoints (the form every model source reads)."""
+    from rcat_ray.core.models import save_checkpoint
+
+    paths = {}
+    for name, m in zip(("old", "new"), digits_models, strict=True):
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
+                        arch_kwargs={"hidden": [m.module[1].out_features]})  # fmt: skip
+    return paths
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below a folder with its content: to assert a store was left untouched."""
     if not folder.exists():

@@ -7,25 +7,12 @@ import json
 import pytest
 
 from rcat_ray.cli import main, parse_model_spec
-from rcat_ray.core.models import save_checkpoint
 
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def checkpoints(tmp_path, digits_models):
-    old, new = digits_models
-    paths = {}
-    for name, m in (("old", old), ("new", new)):
-        paths[name] = tmp_path / f"{name}.pt"
-        hidden = [m.module[1].out_features]
-        save_checkpoint(
-            paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8), arch_kwargs={"hidden": hidden}
-        )
-    return paths
-
-
-def test_evaluate_then_compare_reuses_tables_then_report(ray_session, checkpoints, tmp_path, capsys):
+def test_evaluate_then_compare_reuses_tables_then_report(ray_session, digits_checkpoints, tmp_path, capsys):
+    checkpoints = digits_checkpoints
     store = tmp_path / "store"
     common = [
         "--data",

@@ -14,20 +14,8 @@ from rcat_ray.core.models import build_architecture, load_model, save_checkpoint
 
 
 @pytest.fixture
-def parents(tmp_path, digits_models):
-    old, new = digits_models
-    paths = {}
-    for name, m in (("old", old), ("new", new)):
-        paths[name] = tmp_path / f"{name}.pt"
-        save_checkpoint(
-            paths[name],
-            m.module,
-            arch="mlp",
-            num_classes=10,
-            input_shape=(1, 8, 8),
-            arch_kwargs={"hidden": [m.module[1].out_features]},
-        )
-    return paths
+def parents(digits_checkpoints):
+    return digits_checkpoints
 
 
 def _cfg(tmp_path, parents, **kw) -> FinetuneConfig:

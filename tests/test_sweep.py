@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rcat_ray.config import SweepConfig, parse_config
-from rcat_ray.core.models import save_checkpoint
 from rcat_ray.search_space import PAPER_PCT_BETAS, PAPER_RCAT_GRID, expand, paper_grid, random_trials, sample_simplex
 from rcat_ray.selection import SelectionError, pareto_front, select_trial
 
@@ -91,13 +90,8 @@ def test_pareto_front():
 
 
 @pytest.fixture
-def sweep_yaml(tmp_path, digits_models):
-    old, new = digits_models
-    paths = {}
-    for name, m in (("old", old), ("new", new)):
-        paths[name] = tmp_path / f"{name}.pt"
-        save_checkpoint(paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
-                        arch_kwargs={"hidden": [m.module[1].out_features]})  # fmt: skip
+def sweep_yaml(tmp_path, digits_checkpoints):
+    paths = digits_checkpoints
 
     def make(**over) -> Path:
         raw = {
