@@ -30,7 +30,8 @@ import torch
 
 from rcat_ray.config import AttackConfig, CompareConfig, ComputeConfig, DataConfig, EvaluateConfig, ModelConfig
 from rcat_ray.core.attacks import chunk_seed, evaluate_chunk
-from rcat_ray.demo import TrainRecipe, train_or_load
+from rcat_ray.demo import train_or_load
+from rcat_ray.pretrain import TrainRecipe
 from rcat_ray.workflows import prepare, run_compare, run_evaluate
 
 OUT = Path(__file__).parent / "out"

@@ -23,8 +23,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 
 from rcat_ray.config import SweepConfig, parse_config
-from rcat_ray.demo import TrainRecipe, train_or_load
+from rcat_ray.demo import train_or_load
 from rcat_ray.distributed.sweep import run_sweep
+from rcat_ray.pretrain import TrainRecipe
 
 OUT = Path(__file__).parent / "out"
 

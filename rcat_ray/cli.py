@@ -167,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     ni.add_argument("--date", dest="date", help="the night's date YYYY-MM-DD [date]")
     ni.add_argument("--out", dest="out", help="output folder [out]")
 
+    tr = sub.add_parser("train", help="adversarially train a built-in architecture from scratch (FGSM-RS)")
+    tr.add_argument("--config", help="YAML with 'data' and 'recipe' (flags override it)")
+    tr.add_argument("--data", dest="data.name", help="dataset [data.name]")
+    tr.add_argument("--data-root", dest="data.root", help="dataset folder [data.root]")
+    tr.add_argument("--arch", dest="recipe.arch", help="mlp or small_cnn [recipe.arch]")
+    tr.add_argument("--epochs", dest="recipe.epochs", type=int, help="epochs [recipe.epochs]")
+    tr.add_argument("--train-samples", dest="recipe.train_samples", type=int, help="first N training images")
+    tr.add_argument("--eps", dest="recipe.eps", type=float, help="FGSM-RS eps [recipe.eps]")
+    tr.add_argument("--lr", dest="recipe.lr", type=float, help="Adam learning rate [recipe.lr]")
+    tr.add_argument("--seed", dest="recipe.seed", type=int, help="seed [recipe.seed]")
+    tr.add_argument("--out", required=True, help="checkpoint to write (*.pt)")
+
     demo = sub.add_parser("demo", help="the embedded default: train old/new on Fashion-MNIST, compare, report")
     demo.add_argument("--config", help="YAML overriding the demo defaults")
     demo.add_argument("--out", default="demo-out", help="folder for the store, models and report")
@@ -286,7 +298,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from rcat_ray.distributed.cluster import ensure_ray
     from rcat_ray.distributed.sweep import SweepInterruptedError, run_sweep
 
-    ensure_ray(ComputeConfig(address=cfg.address))
+    # a TorchTrainer per trial (pattern B) needs the dashboard's state API when ASHA stops a trial
+    ensure_ray(ComputeConfig(address=cfg.address), dashboard=cfg.base.num_workers > 1)
     try:
         outcome = run_sweep(cfg, resume=args.resume)
     except SweepInterruptedError as err:
@@ -331,6 +344,24 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from rcat_ray.config import DataConfig
+    from rcat_ray.pretrain import TrainRecipe, train_checkpoint
+
+    raw = load_yaml(args.config) if args.config else {}
+    for key in ("data.name", "data.root", "recipe.arch", "recipe.epochs", "recipe.train_samples", "recipe.eps",
+                "recipe.lr", "recipe.seed"):  # fmt: skip
+        if getattr(args, key) is not None:
+            _set_dotted(raw, key, getattr(args, key))
+    data = parse_config(DataConfig, raw.get("data", {}))
+    recipe = parse_config(TrainRecipe, raw.get("recipe", {}))
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; choose another --out (checkpoints are never overwritten)")
+    train_checkpoint(recipe, data, out, out.stem)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _prepare_local_ray_env(args.address)
     from rcat_ray.demo import DemoConfig, run_demo
@@ -355,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {
         "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report,
-        "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "nightly": cmd_nightly,
+        "train": cmd_train, "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "nightly": cmd_nightly,
         "demo": cmd_demo,
     }  # fmt: skip
     try:

@@ -32,23 +32,8 @@ from rcat_ray.config import (
     _Strict,
     stable_hash,
 )
-from rcat_ray.core.data import load_split
-from rcat_ray.core.models import build_architecture, save_checkpoint
-from rcat_ray.core.training import adversarial_train
+from rcat_ray.pretrain import TrainRecipe, train_checkpoint
 from rcat_ray.store import ResultStore
-
-
-class TrainRecipe(_Strict):
-    """How one demo model is trained (its hash names the cached checkpoint)."""
-
-    arch: str
-    arch_kwargs: dict = Field(default_factory=dict)
-    epochs: int = Field(..., ge=1)
-    train_samples: int = Field(..., ge=1, description="the first N images of the train split")
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    eps: float = Field(0.1, gt=0, le=1)
-    seed: int = 0
 
 
 class DemoConfig(_Strict):
@@ -79,27 +64,12 @@ class DemoConfig(_Strict):
 
 
 def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, name: str) -> Path:
-    """The checkpoint of a recipe: trained once, then reused from ``models_dir``."""
+    """The checkpoint of a recipe on Fashion-MNIST: trained once, then reused from ``models_dir``."""
     path = models_dir / f"{name}-{recipe.arch}-{stable_hash(recipe)}.pt"
     if path.is_file():
         print(f"[demo] {name}: reusing {path}")
         return path
-    split = load_split(DataConfig(name="fashion_mnist", root=data_root, split="train", limit=recipe.train_samples))
-    torch.manual_seed(recipe.seed)
-    model = build_architecture(
-        recipe.arch, num_classes=split.num_classes, input_shape=split.input_shape, **recipe.arch_kwargs
-    )
-    t0 = time.perf_counter()
-    losses = adversarial_train(
-        model, split.images, split.labels, epochs=recipe.epochs, eps=recipe.eps,
-        batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, desc=name,
-    )  # fmt: skip
-    print(f"[demo] {name}: trained {recipe.arch} in {time.perf_counter() - t0:.0f} s (final loss {losses[-1]:.3f})")
-    save_checkpoint(
-        path, model, arch=recipe.arch, num_classes=split.num_classes, input_shape=split.input_shape,
-        arch_kwargs=recipe.arch_kwargs, metadata={"recipe": recipe.model_dump(), "losses": losses},
-    )  # fmt: skip
-    return path
+    return train_checkpoint(recipe, DataConfig(name="fashion_mnist", root=data_root), path, name)
 
 
 def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[str, Path]]:

@@ -134,7 +134,7 @@ def run_chunk(
     )
     if keep_adversarial and result.adversarial is not None and len(result.adversarial_ids):
         buf = io.BytesIO()
-        np.savez_compressed(buf, sample_id=result.adversarial_ids, images=result.adversarial)
+        np.savez(buf, sample_id=result.adversarial_ids, images=result.adversarial)  # float noise compresses poorly
         store.put_bytes(plan.adversarial_path(chunk.chunk_id), buf.getvalue())
     # the rows file goes last: its presence is what marks the chunk as done
     store.put_table(plan.chunk_path(chunk.chunk_id), result.table)

@@ -70,6 +70,19 @@ def test_evaluate_then_compare_reuses_tables_then_report(ray_session, digits_che
     assert "R-NFR" in html
 
 
+def test_train_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+    from rcat_ray.config import ModelConfig
+    from rcat_ray.core.models import load_model
+
+    out = tmp_path / "digits-old.pt"
+    argv = ["train", "--data", "digits", "--arch", "mlp", "--epochs", "2", "--eps", "0.1", "--out", str(out)]
+    assert main(argv) == 0
+    model = load_model(ModelConfig(source="checkpoint", name="m", path=str(out)), num_classes=10, input_shape=(1, 8, 8))
+    assert model.source["metadata"]["recipe"]["epochs"] == 2 and len(model.source["metadata"]["losses"]) == 2
+    assert main(argv) == 2  # an existing checkpoint is never overwritten
+    assert "exists" in capsys.readouterr().err
+
+
 def test_model_specs():
     assert parse_model_spec("robustbench:Carmon2019Unlabeled") == {
         "source": "robustbench",

@@ -4,6 +4,7 @@ for two nights, and the cluster launcher config validated against Ray's autoscal
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import socket
@@ -72,8 +73,10 @@ def _submit(env: dict, sid: str, config: Path) -> subprocess.CompletedProcess:
     deadline = time.monotonic() + 90
     while True:
         done = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", sid, "--",
-             str(VENV_BIN / "python"), str(ROOT / "jobs" / "nightly.py"), "--config", str(config)],
+            [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", sid, "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+                                              "excludes": [".venv/", "demo-out/"]}),
+             "--", "python", "jobs/nightly.py", "--config", str(config)],
             env=env, capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
         if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:

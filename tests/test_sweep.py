@@ -129,7 +129,11 @@ def sweep_yaml(tmp_path, digits_checkpoints):
 def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, sweep_yaml, tmp_path):
     from rcat_ray.distributed.sweep import run_sweep
 
-    cfg = parse_config(SweepConfig, yaml.safe_load(sweep_yaml(asha={"enabled": True, "grace_period": 1}).read_text()))
+    test = {"data": {"name": "digits", "split": "test", "limit": 100}, "attack": {"eps": 0.1, "n_iter": 3},
+            "chunk_size": 50, "store": str(tmp_path / "store"),
+            "compute": {"num_workers": 1, "cpus_per_worker": 0.5, "threads_per_worker": 1}}  # fmt: skip
+    config = sweep_yaml(asha={"enabled": True, "grace_period": 1}, test=test, bootstrap={"n_resamples": 100})
+    cfg = parse_config(SweepConfig, yaml.safe_load(config.read_text()))
     outcome = run_sweep(cfg)
     trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pandas()
     assert len(trials) == 4
@@ -142,7 +146,11 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
     assert best["finetune"]["loss"]["alpha"] == pytest.approx(expected["alpha"])
     assert Path(best["checkpoint"]).is_file()
     assert (tmp_path / "out" / "pareto.png").read_bytes().startswith(b"\x89PNG")
-    assert "Selection rule" in (tmp_path / "out" / "report.html").read_text()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Selection rule" in html and "Chosen model on the test settings" in html
+    # the chosen model went through the flip engine on the test split into the paper-style table
+    assert [r.label for r in outcome.table.rows][2].startswith("RCAT(")
+    assert (tmp_path / "out" / "table" / "table.md").is_file()
 
 
 def _finished_trials(tune_dir: Path, epochs: int) -> dict[Path, tuple[float, int]]:

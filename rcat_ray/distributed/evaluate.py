@@ -123,7 +123,9 @@ def _run_chunks_on_ray(
             "keep_adversarial": keep_adversarial,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(compute.num_workers, len(todo))),
+        # one chunk in flight per actor: chunks are long (seconds to minutes), so queueing a second one behind a
+        # busy actor only leaves another actor idle at the end of the run
+        compute=ray.data.ActorPoolStrategy(size=min(compute.num_workers, len(todo)), max_tasks_in_flight_per_actor=1),
         num_cpus=compute.cpus_per_worker,
         num_gpus=compute.gpus_per_worker,
     ).take_all()
