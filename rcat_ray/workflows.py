@@ -30,8 +30,15 @@ class Prepared:
 def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel]) -> Prepared:
     """Load and cross-check everything a run needs; raises a clear error before any compute.
 
-    ``models`` may mix configs and models already in memory (the Python API, the demo).
+    ``models`` may mix configs and models already in memory (the Python API, the demo). A RobustBench
+    source without a threat model takes the attack's norm (Linf or L2 zoo).
     """
+    models = [
+        m.model_copy(update={"threat_model": settings.attack.norm})
+        if isinstance(m, ModelConfig) and m.source == "robustbench" and m.threat_model is None
+        else m
+        for m in models
+    ]
     for m in models:
         if not isinstance(m, LoadedModel):
             check_model_source(m, data_name=settings.data.name)

@@ -35,13 +35,16 @@ def ray_head():
     """A real head node on loopback in its own temp dir. Started with --block, so stopping this one process
     stops exactly this cluster (never `ray stop`, which would kill every Ray on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    gcs, dash, client = _free_port(), _free_port(), _free_port()
+    # every port explicit: the session's own Ray (other tests) already holds the default agent ports
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = (_free_port() for _ in range(7))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip

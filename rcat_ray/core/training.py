@@ -40,7 +40,10 @@ def adversarial_train(
         perm = torch.randperm(n, generator=order_gen)
         total, seen = 0.0, 0
         bar = tqdm(
-            range(0, n, batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False
+            range(0, n, batch_size),
+            desc=f"{desc} epoch {epoch + 1}/{epochs}",
+            disable=None if progress else True,  # None: off when not a terminal
+            leave=False,
         )
         for start in bar:
             idx = perm[start : start + batch_size]
