@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from rcat_ray.config import ModelConfig, NightlyConfig
 from rcat_ray.gates import GATE_METRICS, judge
 from rcat_ray.history import append_night, read_history
 from rcat_ray.notify import deliver, make_notifier
-from rcat_ray.store import now_iso
+from rcat_ray.store import now_iso, write_file_atomic
 
 EXIT_PASS, EXIT_GATE_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
 
@@ -107,17 +106,11 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
     out = Path(cfg.out).expanduser() / run_id
     out.mkdir(parents=True, exist_ok=True)
     verdict_path = out / "verdict.json"
-    _write_json(verdict_path, verdict)
+    write_file_atomic(verdict_path, json.dumps(verdict, indent=2, default=str))
     append_night(cfg.history, date, row)
     report = write_nightly_report(cfg, read_history(cfg.history), verdict, prepared.store, out)
     verdict["report"] = str(report)
-    _write_json(verdict_path, verdict)
-    _write_json(Path(cfg.out).expanduser() / "latest-verdict.json", verdict)
+    write_file_atomic(verdict_path, json.dumps(verdict, indent=2, default=str))
+    write_file_atomic(Path(cfg.out).expanduser() / "latest-verdict.json", json.dumps(verdict, indent=2, default=str))
     deliver(make_notifier(cfg.notify), verdict)
     return NightOutcome(verdict, EXIT_PASS if judged["passed"] else EXIT_GATE_FAILED, verdict_path, report)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

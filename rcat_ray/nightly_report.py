@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from matplotlib.figure import Figure
 from rcat_ray.config import NightlyConfig
 from rcat_ray.core.flips import METRIC_LABELS
 from rcat_ray.gates import GATE_METRICS
-from rcat_ray.store import ResultStore
+from rcat_ray.store import ResultStore, write_file_atomic
 
 TREND_METRICS = ("nfr", "r_nfr", "s_nfr", "acc", "rob_acc")
 
@@ -53,12 +51,6 @@ def fmt(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_nightly_report(cfg: NightlyConfig, history: pd.DataFrame, verdict: dict[str, Any], store: ResultStore,
                          out: Path) -> Path:  # fmt: skip
     """Write ``trends.png``, tonight's flip report (``flips/report.html``) and ``report.html`` into ``out``."""
@@ -72,7 +64,7 @@ def write_nightly_report(cfg: NightlyConfig, history: pd.DataFrame, verdict: dic
         if (out / "flips" / name).is_file()
     ) or "<p>No negative flips tonight.</p>"  # fmt: skip
     gates = {g: getattr(cfg.gates, g) for g in GATE_METRICS}
-    _atomic(out / "trends.png", trend_plot(history, gates, cfg.pair))
+    write_file_atomic(out / "trends.png", trend_plot(history, gates, cfg.pair))
     rows = []
     for g in verdict["gates"]:
         state = {True: "pass", False: "FAIL", None: "not judged"}[g["passed"]]
@@ -103,5 +95,5 @@ below it)</h3>
 {grids}
 <p><a href="flips/report.html">Full flip report: summary with CIs, per-class flips</a></p>
 </body></html>"""
-    _atomic(out / "report.html", page.encode())
+    write_file_atomic(out / "report.html", page.encode())
     return out / "report.html"

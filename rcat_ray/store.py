@@ -49,6 +49,17 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def write_file_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write a local file under a temporary name in its folder, then rename it into place: a reader sees the
+    old file or the new one, never half of one (reports, verdicts, tables, manifests)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    tmp.replace(path)
+    return path
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 

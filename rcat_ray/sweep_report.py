@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from rcat_ray.config import SweepConfig
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from rcat_ray.store import write_file_atomic
 
 
 def pareto_plot(trials: Any, new_rob_acc: float, tolerance: float) -> bytes:
@@ -101,8 +94,8 @@ def write_sweep_outputs(cfg: SweepConfig, outcome: Any) -> Path:
     trials = outcome.trials
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(trials, preserve_index=False), buf)
-    _atomic_write(out / "trials.parquet", buf.getvalue())
-    _atomic_write(out / "pareto.png", pareto_plot(trials, outcome.new_val_rob_acc, cfg.tolerance))
+    write_file_atomic(out / "trials.parquet", buf.getvalue())
+    write_file_atomic(out / "pareto.png", pareto_plot(trials, outcome.new_val_rob_acc, cfg.tolerance))
 
     columns = ("trial_id", "kind", "alpha", "beta", "train_eps", "lr", "epochs", "epochs_run",
                "val_acc", "val_rob_acc", "val_nfr", "val_r_nfr", "val_s_nfr")  # fmt: skip
@@ -143,5 +136,5 @@ checkpoint <code>{html.escape(str(outcome.checkpoint))}</code>, config <code>bes
 {test_html}
 </body></html>"""
     report = out / "report.html"
-    _atomic_write(report, page.encode())
+    write_file_atomic(report, page.encode())
     return report

@@ -14,7 +14,7 @@ from rcat_ray.config import CompareConfig, EvaluateConfig, EvaluationSettings, M
 from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.models import LoadedModel, check_model_source, load_model
 from rcat_ray.evaluation import EvaluationPlan, validate_pair_inputs
-from rcat_ray.store import ResultStore
+from rcat_ray.store import ResultStore, write_file_atomic
 
 
 @dataclass
@@ -126,7 +126,5 @@ def run_table(cfg: TableConfig) -> list:
         ("table.tex", to_latex(tables)),
         ("table.csv", to_csv(tables)),
     ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        write_file_atomic(out / name, text)
     return tables

@@ -33,6 +33,7 @@ from rcat_ray.distributed.train import (
 )
 from rcat_ray.search_space import expand, paper_grid, random_trials
 from rcat_ray.selection import pareto_front, select_trial
+from rcat_ray.store import write_file_atomic
 
 TRIAL_KEYS = ("kind", "alpha", "beta", "train_eps", "lr", "epochs")
 
@@ -289,9 +290,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> SweepOutcome:
         "finetune": chosen_cfg.model_dump(mode="json"),
     }
     best_yaml = out / "best.yaml"
-    tmp = out / ".best.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(best, sort_keys=False))
-    tmp.replace(best_yaml)
+    write_file_atomic(best_yaml, yaml.safe_dump(best, sort_keys=False))
     trials = trials.assign(pareto_r_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_r_nfr"),
                            pareto_s_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_s_nfr"),
                            chosen=trials["trial_id"] == chosen["trial_id"])  # fmt: skip

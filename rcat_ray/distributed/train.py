@@ -32,7 +32,7 @@ from rcat_ray.core.data import load_split
 from rcat_ray.core.finetune import CachedMask, finetune_epoch, frozen_copy, make_optimizer
 from rcat_ray.core.models import LoadedModel, load_model, save_checkpoint
 from rcat_ray.core.validation import per_model_table, validation_flips
-from rcat_ray.store import ResultStore, now_iso, package_versions
+from rcat_ray.store import ResultStore, now_iso, package_versions, write_file_atomic
 
 STATE_FILE = "state.pt"
 
@@ -274,7 +274,5 @@ def _write_final(cfg: FinetuneConfig, state: dict[str, Any], history: list[dict[
     )  # fmt: skip
     manifest["fingerprint"] = fingerprint
     manifest_path = out / f"{cfg.run_name}.json"
-    tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(manifest_path)
+    write_file_atomic(manifest_path, json.dumps(manifest, indent=2, default=str))
     return FinetuneOutcome(path, manifest_path, fingerprint, history)
