@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from rcat_ray.config import AttackConfig, ComputeConfig, DataConfig, EvaluateConfig
 from rcat_ray.workflows import run_evaluate
@@ -70,3 +74,48 @@ def test_manifest_records_what_produced_the_table(ray_session, digits_models, tm
     assert json.loads(meta[b"rcat_ray"])["key"] == o.key
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
     assert not leftovers
+
+
+class _FailsOnceOnASample(torch.nn.Module):
+    """Wraps a model; while ``marker`` exists, a clean forward holding the poisoned image raises.
+
+    The weights are the wrapped model's, so the fingerprint (and the store key) is the same with or without
+    the fault: the re-run continues the crashed evaluation.
+    """
+
+    def __init__(self, inner: torch.nn.Module, poison: torch.Tensor, marker: str):
+        super().__init__()
+        self.inner = inner
+        self.poison = poison.clone()  # a plain attribute, not a buffer: it is not part of the weights
+        self.marker = marker
+
+    def forward(self, x):
+        if os.path.exists(self.marker) and (x.flatten(1) == self.poison.flatten()).all(1).any():
+            raise RuntimeError("injected crash in the middle of an evaluation")
+        return self.inner(x)
+
+
+def test_crashed_run_resumes_only_missing_chunks(ray_session, digits_models, tmp_path):
+    import ray.cloudpickle
+
+    from rcat_ray.core.data import load_split
+    from rcat_ray.core.models import from_module
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper class travels to the actors
+    _, new = digits_models
+    cfg = _cfg(tmp_path / "crash", 1).model_copy(update={"models": ()})
+    split = load_split(cfg.data)
+    marker = tmp_path / "fail-now"
+    marker.write_text("1")
+    faulty = from_module(_FailsOnceOnASample(new.module, split.images[3 * 25], str(marker)), name="new", num_classes=10)
+    with pytest.raises(Exception, match="injected crash"):
+        run_evaluate(cfg, extra_models=[faulty])
+    chunks = tmp_path / "crash" / "tables"
+    stored = sorted(p.name for p in chunks.glob("*/chunks/chunk-*.parquet"))
+    assert "chunk-000003.parquet" not in stored and not list(chunks.glob("*/table.parquet"))
+    marker.unlink()
+    (o,), _ = run_evaluate(cfg, extra_models=[faulty])
+    assert o.complete and (o.chunks_cached, o.chunks_computed) == (len(stored), 5 - len(stored))
+    (s,), _ = run_evaluate(_cfg(tmp_path / "straight", 1).model_copy(update={"models": ()}), extra_models=[new])
+    # the wrapper's weights are named "inner.*", so its key differs from the plain model's; its rows must not
+    assert pq.read_table(tmp_path / "crash" / o.table_path).equals(pq.read_table(tmp_path / "straight" / s.table_path))
