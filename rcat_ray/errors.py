@@ -1,4 +1,5 @@
-"""The errors that mean "your input is wrong" (exit status 2), as opposed to bugs or crashes."""
+"""The errors the CLI reports as one clear message with exit status 2 (input that cannot run, or a run that
+stopped and can be resumed), as opposed to bugs, which keep their traceback."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from rcat_ray.core.data import DataError
 from rcat_ray.core.flips import FlipInputError
 from rcat_ray.core.losses import LossConfigError
 from rcat_ray.core.models import ModelError
-from rcat_ray.evaluation import EvaluationInputError
+from rcat_ray.evaluation import EvaluationInputError, EvaluationRunError
 from rcat_ray.selection import SelectionError
 from rcat_ray.store import StoreError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, ModelError, EvaluationInputError, StoreError, FlipInputError, ComparisonError,
-    LossConfigError, SelectionError,
+    LossConfigError, SelectionError, EvaluationRunError,
 )  # fmt: skip

@@ -29,6 +29,10 @@ class EvaluationInputError(ValueError):
     """Inputs that cannot be evaluated together (caught before any attack runs)."""
 
 
+class EvaluationRunError(RuntimeError):
+    """A chunk failed on a worker; the chunks finished before it are kept in the store."""
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` means the GPU when this process has one, else the CPU."""
     if device == "auto":

@@ -91,3 +91,18 @@ def test_model_specs():
     assert parse_model_spec("builtin:mlp") == {"source": "builtin", "name": "mlp"}
     assert parse_model_spec("a/b/m.pt")["path"] == "a/b/m.pt"
     assert parse_model_spec("checkpoint:x.bin")["source"] == "checkpoint"
+
+
+def test_core_and_cli_import_no_ray():
+    """The core is Ray-free (DESIGN §2), and the CLI must not import Ray before it has set the local-Ray
+    environment (loopback binding) that Ray reads at import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rcat_ray.cli, rcat_ray.errors, rcat_ray.core.data, rcat_ray.core.models, rcat_ray.core.attacks, "
+        "rcat_ray.core.flips, rcat_ray.core.losses, rcat_ray.core.finetune, rcat_ray.core.validation, "
+        "rcat_ray.evaluation, rcat_ray.store; assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -9,6 +9,7 @@ and writes each finished chunk straight into the result store. The driver then a
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 
 from rcat_ray.config import ComputeConfig, EvaluationSettings
 from rcat_ray.core.models import register_autoattack_alias
-from rcat_ray.evaluation import EvaluationPlan, assemble, resolve_device, run_chunk
+from rcat_ray.evaluation import EvaluationPlan, EvaluationRunError, assemble, resolve_device, run_chunk
 from rcat_ray.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def _run_chunks_on_ray(
 ) -> list[tuple[int, int]]:
     payload = [ray.put(plans)]
     ds = ray.data.from_items([{"plan": p, "chunk_id": c} for p, c in todo], override_num_blocks=len(todo))
-    results = ds.map_batches(
+    pipeline = ds.map_batches(
         ChunkEvaluator,
         fn_constructor_kwargs={
             "payload": payload,
@@ -128,6 +129,19 @@ def _run_chunks_on_ray(
         compute=ray.data.ActorPoolStrategy(size=min(compute.num_workers, len(todo)), max_tasks_in_flight_per_actor=1),
         num_cpus=compute.cpus_per_worker,
         num_gpus=compute.gpus_per_worker,
-    ).take_all()
+    )
+    failure = None
+    try:
+        results = pipeline.take_all()
+    except Exception as err:  # noqa: BLE001 - re-raised below, once the pipeline can be released
+        failure = f"{type(err).__name__}: {err}"
+    if failure is not None:
+        # The original exception's traceback holds the pipeline, whose actors keep their CPUs/GPUs for as long
+        # as it lives (a caller that keeps the error would starve later Ray work); raise a plain one instead.
+        del pipeline, ds, payload
+        gc.collect()
+        raise EvaluationRunError(
+            f"the evaluation stopped: {failure}\nfinished chunks are stored; run again to compute the rest"
+        )
     log.info("computed %d chunks", len(results))
     return [(int(r["plan"]), int(r["chunk_id"])) for r in results]
