@@ -39,7 +39,8 @@ def digits_train() -> Split:
     return load_split(DataConfig(name="digits", split="train"))
 
 
-def _fit(model: torch.nn.Module, split: Split, steps: int, seed: int) -> torch.nn.Module:
+def fit(model: torch.nn.Module, split: Split, steps: int, seed: int) -> torch.nn.Module:
+    """A few full-batch Adam steps: enough for digits models that differ and classify well."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
@@ -66,8 +67,8 @@ def digits_models(digits_train: Split) -> tuple[LoadedModel, LoadedModel]:
         input_shape=shape,
     )
     with torch.random.fork_rng():
-        _fit(old.module, digits_train, 40, 0)
-        _fit(new.module, digits_train, 150, 1)
+        fit(old.module, digits_train, 40, 0)
+        fit(new.module, digits_train, 150, 1)
     return (
         from_module(old.module, name="old", num_classes=10),
         from_module(new.module, name="new", num_classes=10),

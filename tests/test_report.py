@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rcat_ray import report
 from rcat_ray.comparison import Comparison, compare_stored
@@ -21,6 +20,8 @@ from rcat_ray.core.models import LoadedModel, from_module, load_model
 from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
 from rcat_ray.report import CLEAN_GRID_PNG, PER_CLASS_PNG, REPORT_NAME, ROBUST_GRID_PNG, write_report
 from rcat_ray.store import ResultStore
+
+from .conftest import fit
 
 OLD_LABEL = "old <b>mlp</b>"
 NEW_LABEL = "new mlp & co"
@@ -35,16 +36,8 @@ def _trained(seed: int, steps: int, label: str, train: Split) -> LoadedModel:
         num_classes=10,
         input_shape=train.input_shape,
     )
-    module = loaded.module
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-        module.train()
-        for _ in range(steps):
-            loss = F.cross_entropy(module(train.images), train.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        module = fit(loaded.module, train, steps, seed)
     return from_module(module, name=loaded.name, num_classes=10, source=loaded.source)
 
 
