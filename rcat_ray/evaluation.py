@@ -145,10 +145,10 @@ def run_chunk(
     return result.table.num_rows
 
 
-def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSettings | None = None) -> pa.Table:
-    """Join the finished chunks into the per-model table (written once) and its manifest."""
+def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSettings | None = None) -> None:
+    """Join the finished chunks into the per-model table and its manifest (written once; a no-op after)."""
     if store.exists(plan.table_path):
-        return store.read_table(plan.table_path)
+        return
     missing = plan.missing_chunks(store)
     if missing:
         raise StoreError(f"cannot assemble {plan.key}: {len(missing)} chunks are not computed yet")
@@ -160,7 +160,6 @@ def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSetti
     manifest = plan.manifest(settings)
     store.put_json(f"{plan.folder}/manifest.json", manifest)
     store.put_table(plan.table_path, table, metadata_=manifest)
-    return store.read_table(plan.table_path)
 
 
 def load_adversarial(store: ResultStore, plan_key: str, sample_ids: list[int]) -> dict[int, np.ndarray]:

@@ -89,7 +89,7 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
                       "chunks_reused": cand_out.chunks_cached},
         "comparison": comparison.key,
         "store": cfg.store,
-        "summary": {k: v for k, v in comparison.summary["metrics"].items()},
+        "summary": dict(comparison.summary["metrics"]),
     }  # fmt: skip
     metrics = comparison.summary["metrics"]
     row = {

@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from rcat_ray.config import FinetuneConfig, SweepConfig, parse_config
+from rcat_ray.core.models import LoadedModel
 from rcat_ray.core.validation import per_model_table
 from rcat_ray.distributed.train import (
     STATE_FILE,
-    _load_parents,
     _write_final,
     check_finetune_inputs,
     finetune_loop,
@@ -254,9 +254,8 @@ def _raise_if_unfinished(cfg: SweepConfig, results: Any) -> None:
         )
 
 
-def new_model_val_rob_acc(base: FinetuneConfig) -> float:
+def new_model_val_rob_acc(base: FinetuneConfig, new: LoadedModel) -> float:
     """Validation robust accuracy of the new model before fine-tuning: the bar of the selection rule."""
-    _, new, _ = _load_parents(base)
     val_split, val_attack = validation_setup(base)
     table = per_model_table(new.module.eval(), val_split, val_attack, new.num_classes, torch.device("cpu"))
     return float(table.column("robust").to_numpy(zero_copy_only=False).astype(bool).mean())
@@ -266,8 +265,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> SweepOutcome:
     """Run (or resume) the sweep, write the trial table, choose a trial, write its model and the plots."""
     from rcat_ray.sweep_report import write_sweep_outputs
 
-    check_finetune_inputs(cfg.base)
-    new_rob = new_model_val_rob_acc(cfg.base)
+    parents = check_finetune_inputs(cfg.base)
+    new_rob = new_model_val_rob_acc(cfg.base, parents.new)
     results = build_tuner(cfg, resume=resume).fit()
     _raise_if_unfinished(cfg, results)
     trials = trial_table(results)
@@ -279,7 +278,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> SweepOutcome:
     chosen_cfg = chosen_cfg.model_copy(update={"out": str(out)})
     with ray.tune.Checkpoint(chosen["checkpoint"]).as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    final = _write_final(chosen_cfg, state, list(state.get("history", [])))
+    final = _write_final(chosen_cfg, state, list(state.get("history", [])), parents)
     best = {
         "rule": f"lowest val_s_nfr among trials with val_rob_acc >= {new_rob:.4f} - {cfg.tolerance} "
         "(ties: higher val_rob_acc, then lower trial id)",

@@ -11,6 +11,7 @@ parents' fingerprints, so the flip engine loads it like any other checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -210,8 +211,18 @@ def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, rank: int, world: int) 
     raise RuntimeError(f"injected fault on rank {rank} at epoch {epoch}")
 
 
-def check_finetune_inputs(cfg: FinetuneConfig) -> None:
-    """Everything that can be wrong, checked in the driver before any worker starts."""
+@dataclass
+class Parents:
+    """The old and new models as loaded and checked in the driver, with the data's input shape."""
+
+    old: LoadedModel
+    new: LoadedModel
+    input_shape: tuple[int, int, int]
+
+
+def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
+    """Everything that can be wrong, checked in the driver before any worker starts; returns the parents
+    so the driver does not load them (and the training split) again after training."""
     from rcat_ray.evaluation import validate_pair_inputs
 
     old, new, split = _load_parents(cfg)
@@ -222,11 +233,12 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> None:
         _cached_mask(cfg)
     validation_setup(cfg)
     Path(cfg.out).expanduser().mkdir(parents=True, exist_ok=True)
+    return Parents(old, new, split.input_shape)
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneOutcome:
     """Fine-tune on Ray Train and write the final checkpoint and manifest into ``cfg.out``."""
-    check_finetune_inputs(cfg)
+    parents = check_finetune_inputs(cfg)
     storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
@@ -246,12 +258,15 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneOutcome:
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     # the history travels in the checkpoint, so it spans worker-group restarts
-    return _write_final(cfg, state, list(state.get("history", [])))
+    return _write_final(cfg, state, list(state.get("history", [])), parents)
 
 
-def _write_final(cfg: FinetuneConfig, state: dict[str, Any], history: list[dict[str, Any]]) -> FinetuneOutcome:
-    old, new, split = _load_parents(cfg)
-    new.module.load_state_dict(state["model"])
+def _write_final(
+    cfg: FinetuneConfig, state: dict[str, Any], history: list[dict[str, Any]], parents: Parents
+) -> FinetuneOutcome:
+    old, new = parents.old, parents.new
+    module = copy.deepcopy(new.module)  # the parent stays as it was loaded
+    module.load_state_dict(state["model"])
     out = Path(cfg.out).expanduser()
     path = out / f"{cfg.run_name}.pt"
     manifest = {
@@ -267,7 +282,7 @@ def _write_final(cfg: FinetuneConfig, state: dict[str, Any], history: list[dict[
     }
     arch_kwargs = new.source.get("arch_kwargs", {})
     fingerprint = save_checkpoint(
-        path, new.module, arch=new.source["arch"], num_classes=new.num_classes, input_shape=split.input_shape,
+        path, module, arch=new.source["arch"], num_classes=new.num_classes, input_shape=parents.input_shape,
         arch_kwargs=arch_kwargs,
         metadata={"method": cfg.loss.tag, "old_fingerprint": old.fingerprint, "new_fingerprint": new.fingerprint,
                   "run_name": cfg.run_name},
