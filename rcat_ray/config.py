@@ -10,11 +10,21 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagenet", "tensors"]
 SplitName = Literal["train", "val", "test"]
@@ -29,6 +39,29 @@ STANDARD_CASCADE: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the offending field."""
+
+
+def is_uri(value: str) -> bool:
+    """``s3://bucket/x``, ``gs://...``, ``file:///...``: a location for pyarrow's filesystems, not a local path."""
+    return "://" in value
+
+
+def resolve_local_path(value: str | None) -> str | None:
+    """A local path made absolute against the working directory of the process that reads the config.
+
+    Ray Train workers and Tune trials run in folders of Ray's own (``/tmp/ray/session_*/artifacts/...``), so a
+    relative path handed to them would point somewhere else; resolving every path once, when the config is
+    validated, makes it mean the same thing in every Ray process (and under ``ray job submit --working-dir``
+    it means the job's working directory, as Ray job users expect). URIs are left alone. Idempotent: a worker
+    that validates the config again gets the same absolute path.
+    """
+    if value is None or is_uri(value):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+#: A local path or a URI; relative local paths are resolved against the reader's working directory.
+LocalPath = Annotated[str, AfterValidator(resolve_local_path)]
 
 
 class _Strict(BaseModel):
@@ -47,8 +80,8 @@ class DataConfig(_Strict):
     """
 
     name: DatasetName = "fashion_mnist"
-    root: str | None = Field(None, description="dataset folder; default ~/.cache/rcat_ray/data")
-    path: str | None = Field(None, description="the .pt/.npz file of a 'tensors' dataset")
+    root: LocalPath | None = Field(None, description="dataset folder; default ~/.cache/rcat_ray/data")
+    path: LocalPath | None = Field(None, description="the .pt/.npz file of a 'tensors' dataset")
     split: SplitName = "test"
     val_size: int | None = Field(None, ge=0, description="size of the val tail; default per dataset")
     offset: int = Field(0, ge=0, description="skip this many samples of the split")
@@ -62,33 +95,41 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Where a model comes from. ``name`` is the RobustBench name, or the architecture for builtins."""
+    """Where a model comes from. ``name`` is the RobustBench name, or the architecture for builtins; for a
+    checkpoint it is optional and defaults to the file's stem (what tables and reports show)."""
 
     source: ModelSourceKind
-    name: str = Field(..., min_length=1)
+    name: str | None = Field(None, min_length=1, description="zoo name / architecture; checkpoint: file stem")
     label: str | None = Field(None, description="display name in tables and reports")
-    path: str | None = Field(None, description="checkpoint file (source: checkpoint)")
+    path: LocalPath | None = Field(None, description="checkpoint file (source: checkpoint)")
     arch: str | None = Field(None, description="architecture of a plain state-dict checkpoint")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
-    model_dir: str = Field("models", description="RobustBench model_dir")
+    model_dir: LocalPath = Field("models", validate_default=True, description="RobustBench model_dir")
     dataset: str | None = Field(None, description="RobustBench dataset; default from data.name")
     threat_model: str | None = Field(None, description="RobustBench threat model; default attack.norm")
     seed: int = Field(0, description="initialisation seed of an untrained builtin")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("source") == "checkpoint" and not data.get("name") and data.get("path"):
+            data = {**data, "name": Path(str(data["path"])).stem}
+        return data
+
     @model_validator(mode="after")
-    def _checkpoint_needs_path(self) -> ModelConfig:
-        if self.source == "checkpoint" and not self.path:
-            raise ValueError("path is required when source is 'checkpoint'")
+    def _name_or_path(self) -> ModelConfig:
+        if self.source == "checkpoint":
+            if not self.path:
+                raise ValueError("path is required when source is 'checkpoint'")
+        elif self.name is None:
+            what = "the RobustBench zoo name" if self.source == "robustbench" else "the architecture"
+            raise ValueError(f"name ({what}) is required when source is '{self.source}'")
         return self
 
     @property
     def display_name(self) -> str:
-        """A short human name for tables and plots."""
-        if self.label:
-            return self.label
-        if self.source == "checkpoint" and self.path:
-            return Path(self.path).stem
-        return self.name
+        """A short human name for tables and plots: the label, else the name (a checkpoint's file stem)."""
+        return self.label or self.name or ""
 
 
 class AttackConfig(_Strict):
@@ -166,7 +207,7 @@ class EvaluationSettings(_Strict):
     data: DataConfig = DataConfig()
     attack: AttackConfig
     chunk_size: int = Field(250, ge=1, description="samples per work unit (one attack batch)")
-    store: str = Field("results", description="result store: a path or a pyarrow filesystem URI")
+    store: LocalPath = Field("results", validate_default=True, description="result store: a path or a pyarrow URI")
     compute: ComputeConfig = ComputeConfig()
     max_new_chunks: int | None = Field(
         None, ge=1, description="stop after computing this many new chunks (time-boxed runs)"
@@ -186,20 +227,25 @@ class CompareConfig(EvaluationSettings):
     old: ModelConfig
     new: ModelConfig
     bootstrap: BootstrapConfig = BootstrapConfig()
-    report: str | None = Field(None, description="also write the HTML report into this folder")
+    report: LocalPath | None = Field(None, description="also write the HTML report into this folder")
 
 
 C = TypeVar("C", bound=BaseModel)
 
 
-def _format_validation_error(err: ValidationError, cls: type[BaseModel]) -> str:
+def _format_validation_error(err: ValidationError, cls: type[BaseModel], flags: dict[str, str] | None = None) -> str:
+    """One line per bad field; a field that has a command-line flag is named by its flag first."""
     lines = []
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        msg = item["msg"]
+        msg = item["msg"].removeprefix("Value error, ")
+        flag = (flags or {}).get(where)
         if item["type"] == "extra_forbidden":
             msg = "unknown key" + _suggest(item["loc"], cls)
-        lines.append(f"  {where}: {msg}")
+        if item["type"] == "missing":
+            lines.append(f"  {flag} is required (config key {where})" if flag else f"  {where} is required")
+        else:
+            lines.append(f"  {flag} ({where}): {msg}" if flag else f"  {where}: {msg}")
     return f"invalid {cls.__name__}:\n" + "\n".join(lines)
 
 
@@ -221,12 +267,16 @@ def _suggest(loc: tuple, cls: type[BaseModel]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def parse_config(cls: type[C], data: dict[str, Any]) -> C:
-    """Validate a plain dict into ``cls``, raising ConfigError with every bad field named."""
+def parse_config(cls: type[C], data: dict[str, Any], *, flags: dict[str, str] | None = None) -> C:
+    """Validate a plain dict into ``cls``, raising ConfigError with every bad field named.
+
+    ``flags`` maps dotted config keys to the command-line flags that set them, so a user who typed flags
+    reads ``--eps is required`` rather than a config key they never wrote.
+    """
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, cls)) from None
+        raise ConfigError(_format_validation_error(err, cls, flags)) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -234,8 +284,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    with p.open() as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with p.open() as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not text (UTF-8 YAML expected)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level")
     return data
@@ -290,7 +348,10 @@ class LossConfig(_Strict):
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
         if self.kind == "rcat" and self.alpha + self.beta > 1 + 1e-12:
-            raise ValueError(f"RCAT needs alpha + beta <= 1, got {self.alpha} + {self.beta} = {self.alpha + self.beta}")
+            raise ValueError(
+                f"RCAT needs alpha + beta <= 1, got alpha={self.alpha:g} + beta={self.beta:g} "
+                f"= {self.alpha + self.beta:.10g}"
+            )
         return self
 
     @property
@@ -338,17 +399,19 @@ class FinetuneConfig(_Strict):
     train_attack: TrainAttackConfig
     optimizer: OptimizerConfig = OptimizerConfig()
     epochs: int = Field(2, ge=1)
-    batch_size: int = Field(128, ge=1, description="per worker")
+    batch_size: int = Field(128, ge=1, description="global batch, split evenly over the workers")
     seed: int = 0
     mixed_precision: bool = Field(True, description="autocast + grad scaling on GPU (ignored on CPU)")
     validation: ValidationConfig = ValidationConfig()
     cached_old_table: str | None = Field(
         None, description="store key of the old model's table on the training split (mask_source: cached)"
     )
-    out: str = Field("finetuned", description="folder for the final checkpoint and its manifest")
+    out: LocalPath = Field("finetuned", validate_default=True, description="folder for the final checkpoint and manifest")
     name: str | None = Field(None, description="run name (default: derived from the config hash)")
-    storage: str = Field("ray_results", description="Ray Train storage path (shared storage on a cluster)")
-    store: str = Field("results", description="result store (cached masks, evaluations)")
+    storage: LocalPath = Field(
+        "ray_results", validate_default=True, description="Ray Train storage path (shared storage on a cluster)"
+    )
+    store: LocalPath = Field("results", validate_default=True, description="result store (cached masks, evaluations)")
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process local mode)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -363,6 +426,11 @@ class FinetuneConfig(_Strict):
     def _cached_needs_table(self) -> FinetuneConfig:
         if self.loss.mask_source == "cached" and not self.cached_old_table:
             raise ValueError("loss.mask_source 'cached' needs cached_old_table (the old model's table key)")
+        if self.num_workers > 1 and self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} (the global batch) does not split evenly over "
+                f"{self.num_workers} workers; use a multiple of {self.num_workers}"
+            )
         return self
 
     @property
@@ -392,7 +460,7 @@ class TableConfig(EvaluationSettings):
 
     pairs: tuple[TablePair, ...] = Field(..., min_length=1)
     bootstrap: BootstrapConfig = BootstrapConfig()
-    out: str = Field("table", description="folder for table.md, table.tex, table.csv")
+    out: LocalPath = Field("table", validate_default=True, description="folder for table.md, table.tex, table.csv")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,8 +502,10 @@ class SweepConfig(_Strict):
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources allow")
     tolerance: float = Field(0.02, ge=0, description="selection: allowed drop of validation robust accuracy")
     name: str = Field("sweep", min_length=1)
-    storage: str = Field("ray_results", description="Ray Tune storage path")
-    out: str = Field("sweep-out", description="folder for trials.parquet, best.yaml, plots and the report")
+    storage: LocalPath = Field("ray_results", validate_default=True, description="Ray Tune storage path")
+    out: LocalPath = Field(
+        "sweep-out", validate_default=True, description="folder for trials.parquet, best.yaml, plots and the report"
+    )
     address: str | None = Field(None, description="Ray address (default: a local Ray)")
     test: EvaluationSettings | None = Field(None, description="evaluate the chosen model on this (test) data")
     bootstrap: BootstrapConfig = BootstrapConfig()
@@ -476,7 +546,7 @@ class NotifyConfig(_Strict):
     """Where the verdict goes besides the exit code and the verdict file."""
 
     kind: Literal["stdout", "file", "webhook"] = "stdout"
-    path: str | None = Field(None, description="file notifier: append one JSON line per night")
+    path: LocalPath | None = Field(None, description="file notifier: append one JSON line per night")
     url: str | None = Field(None, description="webhook notifier: POST the verdict as JSON")
     timeout_s: float = Field(10.0, gt=0)
 
@@ -495,11 +565,13 @@ class NightlyConfig(EvaluationSettings):
     pair: str = Field("production-vs-candidate", min_length=1, description="name of the gated pair")
     baseline: ModelConfig
     candidate: ModelConfig | None = None
-    candidate_dir: str | None = Field(None, description="take the newest *.pt checkpoint in this folder")
+    candidate_dir: LocalPath | None = Field(None, description="take the newest *.pt checkpoint in this folder")
     gates: GatesConfig = GatesConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
-    history: str = Field("history", description="Parquet dataset of nights, partitioned by date")
-    out: str = Field("nightly-out", description="folder for verdict.json and the report of each night")
+    history: LocalPath = Field("history", validate_default=True, description="Parquet dataset of nights, by date")
+    out: LocalPath = Field(
+        "nightly-out", validate_default=True, description="folder for verdict.json and the report of each night"
+    )
     notify: NotifyConfig = NotifyConfig()
     date: str | None = Field(None, description="the night's date (YYYY-MM-DD); default today (UTC)")
 

@@ -112,17 +112,21 @@ def load_split(cfg: DataConfig) -> Split:
     val_size = cfg.val_size if cfg.val_size is not None else DEFAULT_VAL_SIZE.get(cfg.name, 0)
     n = labels.shape[0]
     if cfg.split in ("train", "val"):
-        if val_size >= n and cfg.split == "train":
-            raise DataError(f"data.val_size={val_size} leaves no training samples ({n} in total)")
+        if val_size >= n:
+            raise DataError(
+                f"data.val_size={val_size} is not below the training file's {n} samples: "
+                f"train and val are its head and tail, so val_size must be at most {n - 1}"
+            )
         cut = n - val_size
         sl = slice(0, cut) if cfg.split == "train" else slice(cut, n)
         images, labels, ids = images[sl], labels[sl], ids[sl]
+    split_size = labels.shape[0]
     end = None if cfg.limit is None else cfg.offset + cfg.limit
     images, labels, ids = images[cfg.offset : end], labels[cfg.offset : end], ids[cfg.offset : end]
     if labels.shape[0] == 0:
         raise DataError(
-            f"the selection is empty: dataset {cfg.name}, split {cfg.split}, offset {cfg.offset}, "
-            f"limit {cfg.limit} (val_size {val_size})"
+            f"the selection is empty: {cfg.name} split '{cfg.split}' has {split_size} samples and data.offset is "
+            f"{cfg.offset}" + (f" (val_size {val_size})" if cfg.split != "test" else "")
         )
     return Split(
         dataset=cfg.name,
@@ -278,8 +282,12 @@ def _load_imagenet(cfg: DataConfig, root: Path) -> Split:
     lo, hi = {"test": (0, n), "train": (0, n - val_size), "val": (n - val_size, n)}[cfg.split]
     start = lo + cfg.offset
     stop = hi if cfg.limit is None else min(hi, start + cfg.limit)
+    if val_size >= n and cfg.split != "test":
+        raise DataError(f"data.val_size={val_size} is not below the {n} images of {folder}")
     if stop <= start:
-        raise DataError(f"the selection is empty: imagenet {cfg.split}, offset {cfg.offset}, limit {cfg.limit}")
+        raise DataError(
+            f"the selection is empty: imagenet split '{cfg.split}' has {hi - lo} images and data.offset is {cfg.offset}"
+        )
     items = [ds[i] for i in range(start, stop)]
     return Split(
         dataset="imagenet",
