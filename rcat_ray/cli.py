@@ -1,15 +1,19 @@
 """``rcat-ray <command>``: parse a YAML config and flags into a typed config, then call the workflows.
 
-Every flag is a shortcut for a config key (shown in ``--help``); flags override the YAML file. Input
-errors exit with status 2 and one clear message, before Ray starts or any attack runs.
+Every flag is a shortcut for a config key (shown in ``--help``); flags override the YAML file. Exit codes
+are a contract with scripts and schedulers: 0 done, 1 a nightly gate failed, 2 input that cannot run (one
+clear message, before Ray starts or any attack runs), 3 an incomplete run that the same command continues,
+130 / 143 interrupted by Ctrl+C / SIGTERM (what was kept is said in one line).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,8 @@ from rcat_ray.config import (
     load_yaml,
     parse_config,
 )
+
+EXIT_INCOMPLETE = 3
 
 #: flag -> (dotted config key, type, help). Shared by evaluate and compare.
 _SETTING_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -63,13 +69,32 @@ _FINETUNE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--train-eps": ("train_attack.eps", float, "training attack eps"),
     "--train-attack": ("train_attack.kind", str, "fgsm-rs, pgd or paper"),
     "--epochs": ("epochs", int, "epochs"),
-    "--batch-size": ("batch_size", int, "batch size per worker"),
+    "--batch-size": ("batch_size", int, "global batch size (split over the workers)"),
     "--lr": ("optimizer.lr", float, "learning rate"),
+    "--data": ("data.name", str, "training data: fashion_mnist, digits, cifar10, cifar100, imagenet, tensors"),
+    "--data-root": ("data.root", str, "dataset folder"),
+    "--data-path": ("data.path", str, "file of a 'tensors' dataset"),
+    "--limit": ("data.limit", int, "train on the first N samples of the train split"),
+    "--seed": ("seed", int, "seed"),
     "--workers": ("num_workers", int, "Ray Train workers (0 = in-process)"),
     "--use-gpu": ("use_gpu", bool, "one GPU per worker"),
+    "--threads-per-worker": ("threads_per_worker", int, "torch threads per worker"),
+    "--name": ("name", str, "run name: the checkpoint is <out>/<name>.pt (default: from the config hash)"),
     "--out": ("out", str, "folder of the final checkpoint"),
+    "--storage": ("storage", str, "Ray Train storage (checkpoints; shared storage on a cluster)"),
     "--address": ("address", str, "Ray address"),
 }
+
+
+#: A missing section whose only required key has a flag is reported by that flag (``--eps is required``).
+_SECTION_FLAGS = {"attack": "--eps", "train_attack": "--train-eps"}
+
+
+def _flag_map(table: dict[str, tuple[str, Any, str]], **extra: str) -> dict[str, str]:
+    """Dotted config key -> flag, for error messages that speak the user's language."""
+    keys = {key for key, _t, _h in table.values()}
+    sections = {s: f for s, f in _SECTION_FLAGS.items() if any(k.startswith(f"{s}.") for k in keys)}
+    return sections | {key: flag for flag, (key, _t, _h) in table.items()} | extra
 
 
 def parse_model_spec(spec: str) -> dict[str, Any]:
@@ -78,9 +103,9 @@ def parse_model_spec(spec: str) -> dict[str, Any]:
     if sep and kind in ("robustbench", "builtin"):
         return {"source": kind, "name": rest}
     if sep and kind in ("checkpoint", "ckpt"):
-        return {"source": "checkpoint", "name": Path(rest).stem, "path": rest}
+        return {"source": "checkpoint", "path": rest}
     if spec.endswith((".pt", ".pth")):
-        return {"source": "checkpoint", "name": Path(spec).stem, "path": spec}
+        return {"source": "checkpoint", "path": spec}
     raise ConfigError(
         f"cannot read model spec '{spec}': use robustbench:NAME, builtin:ARCH or checkpoint:PATH (or a .pt path)"
     )
@@ -94,11 +119,18 @@ def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _add_output_flags(p: argparse.ArgumentParser, *, json_flag: bool = False) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's and the libraries' own logs")
+    p.add_argument("--log-file", help="also append progress and log lines to this file")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
+
+
 def _add_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (key, typ, helptext) in _SETTING_FLAGS.items():
         p.add_argument(flag, dest=key, type=str if typ == "csv" else typ, default=None, help=f"{helptext} [{key}]")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _add_output_flags(p, json_flag=True)
 
 
 def _settings_dict(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,6 +145,7 @@ def _settings_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcat-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rcat-ray {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="attack each model once and store its per-sample table")
@@ -129,10 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--report", help="also write the HTML report into this folder [report]")
 
     rep = sub.add_parser("report", help="write the HTML report of a stored comparison")
-    rep.add_argument("--store", default="results", help="result store")
-    rep.add_argument("--comparison", required=True, help="comparison key (or its folder in the store)")
+    rep.add_argument("--store", default="results", help="result store (default: results)")
+    rep.add_argument("--comparison", required=True, help="comparison key, any unique prefix of it, or its folder")
     rep.add_argument("--out", default="report", help="output folder")
     rep.add_argument("--top-k", type=int, default=8, help="flipped samples to show")
+    _add_output_flags(rep)
+
+    st = sub.add_parser("store", help="list, show and verify what a result store holds")
+    st_sub = st.add_subparsers(dest="store_command", required=True)
+    for name, helptext in (
+        ("ls", "tables and comparisons: models, data, attack, N, created-at"),
+        ("show", "one table (accuracy, robust accuracy) or comparison (summary) by key or unique key prefix"),
+        ("verify", "check every artifact against the checksum in its manifest"),
+    ):
+        sp = st_sub.add_parser(name, help=helptext)
+        if name == "show":
+            sp.add_argument("key", help="a key or any unique prefix of one")
+        sp.add_argument("--store", default="results", help="result store, a path or a URI (default: results)")
+        if name == "verify":
+            sp.add_argument("--repair", action="store_true", help="move damaged artifacts aside so runs recompute them")
+        _add_output_flags(sp, json_flag=True)
 
     ft = sub.add_parser("finetune", help="fine-tune the new model (RCAT, PCT, PCAT, AT) on Ray Train")
     ft.add_argument("--config", help="YAML config file (flags override it)")
@@ -143,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
             ft.add_argument(
                 flag, dest=key, type=str if typ == "spec" else typ, default=None, help=f"{helptext} [{key}]"
             )
-    ft.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _add_output_flags(ft)
 
     tab = sub.add_parser("table", help="the paper-style table of one or more pairs (Markdown, LaTeX, CSV)")
     _add_setting_flags(tab)
@@ -156,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--num-samples", dest="num_samples", type=int, help="trials in search mode [num_samples]")
     sw.add_argument("--out", dest="out", help="output folder [out]")
     sw.add_argument("--address", dest="address", help="Ray address [address]")
-    sw.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _add_output_flags(sw)
 
     ni = sub.add_parser("nightly", help="gate a candidate against the production model (exit 0 pass, 1 fail, 2 error)")
     _add_setting_flags(ni)
@@ -169,22 +218,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="adversarially train a built-in architecture from scratch (FGSM-RS)")
     tr.add_argument("--config", help="YAML with 'data' and 'recipe' (flags override it)")
-    tr.add_argument("--data", dest="data.name", help="dataset [data.name]")
-    tr.add_argument("--data-root", dest="data.root", help="dataset folder [data.root]")
-    tr.add_argument("--arch", dest="recipe.arch", help="mlp or small_cnn [recipe.arch]")
-    tr.add_argument("--epochs", dest="recipe.epochs", type=int, help="epochs [recipe.epochs]")
-    tr.add_argument("--train-samples", dest="recipe.train_samples", type=int, help="first N training images")
-    tr.add_argument("--eps", dest="recipe.eps", type=float, help="FGSM-RS eps [recipe.eps]")
-    tr.add_argument("--lr", dest="recipe.lr", type=float, help="Adam learning rate [recipe.lr]")
-    tr.add_argument("--seed", dest="recipe.seed", type=int, help="seed [recipe.seed]")
+    for flag, (key, typ, helptext) in _TRAIN_FLAGS.items():
+        tr.add_argument(flag, dest=key, type=typ, help=f"{helptext} [{key}]")
     tr.add_argument("--out", required=True, help="checkpoint to write (*.pt)")
+    _add_output_flags(tr)
 
     demo = sub.add_parser("demo", help="the embedded default: train old/new on Fashion-MNIST, compare, report")
     demo.add_argument("--config", help="YAML overriding the demo defaults")
     demo.add_argument("--out", default="demo-out", help="folder for the store, models and report")
     demo.add_argument("--test-samples", type=int, dest="test_samples", help="test images to evaluate [test_samples]")
     demo.add_argument("--address", help="Ray address [compute.address]")
+    _add_output_flags(demo)
     return parser
+
+
+_TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--data": ("data.name", str, "dataset"),
+    "--data-root": ("data.root", str, "dataset folder"),
+    "--arch": ("recipe.arch", str, "mlp or small_cnn"),
+    "--epochs": ("recipe.epochs", int, "epochs"),
+    "--train-samples": ("recipe.train_samples", int, "train on the first N images of the train split"),
+    "--batch-size": ("recipe.batch_size", int, "batch size"),
+    "--eps": ("recipe.eps", float, "FGSM-RS eps"),
+    "--lr": ("recipe.lr", float, "Adam learning rate (the peak of the one-cycle schedule)"),
+    "--schedule": ("recipe.schedule", str, "onecycle (anneals to about 0: a converged model) or constant"),
+    "--seed": ("recipe.seed", int, "seed"),
+}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("rcat_ray")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _prepare_local_ray_env(address: str | None) -> None:
@@ -196,17 +262,43 @@ def _prepare_local_ray_env(address: str | None) -> None:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Human-readable output: stdout, or stderr when stdout carries the JSON result."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str, allow_nan=False))
+
+
+def _outcome_json(outcome: Any) -> dict[str, Any]:
+    return {
+        "model": outcome.model_name, "key": outcome.key, "complete": outcome.complete,
+        "chunks": outcome.n_chunks, "chunks_computed": outcome.chunks_computed,
+        "chunks_reused": outcome.chunks_cached, "accuracy": outcome.accuracy,
+    }  # fmt: skip
+
+
+def _raise_if_incomplete(outcomes: list) -> None:
+    from rcat_ray.workflows import raise_if_incomplete
+
+    raise_if_incomplete(outcomes)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     raw = _settings_dict(args)
     if args.model:
         raw["models"] = [parse_model_spec(s) for s in args.model]
-    cfg = parse_config(EvaluateConfig, raw)
+    cfg = parse_config(EvaluateConfig, raw, flags=_flag_map(_SETTING_FLAGS, models="--model"))
     _prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.workflows import run_evaluate
 
     outcomes, _ = run_evaluate(cfg)
     for o in outcomes:
-        print(o.describe())
+        _say(args, o.describe())
+    if args.json:
+        _emit_json({"store": cfg.store, "tables": [_outcome_json(o) for o in outcomes]})
+    _raise_if_incomplete(outcomes)
     return 0
 
 
@@ -219,36 +311,98 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _set_dotted(raw, "bootstrap.n_resamples", getattr(args, "bootstrap.n_resamples"))
     if args.report:
         raw["report"] = args.report
-    cfg = parse_config(CompareConfig, raw)
+    flags = _flag_map(_SETTING_FLAGS, old="--old", new="--new", report="--report")
+    cfg = parse_config(CompareConfig, raw, flags=flags | {"bootstrap.n_resamples": "--bootstrap"})
     _prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.core.flips import format_summary
     from rcat_ray.workflows import run_compare
 
     outcomes, comparison, prepared = run_compare(cfg)
     for o in outcomes:
-        print(o.describe())
-    if comparison is None:
-        print("comparison not computed: an evaluation is incomplete (run again to continue)")
-        return 0
-    print(format_summary(comparison.summary))
-    print(f"comparison {comparison.key} stored in {prepared.store.path(comparison.folder)}")
+        _say(args, o.describe())
+    _raise_if_incomplete(outcomes)
+    assert comparison is not None  # complete evaluations always give a comparison
+    _say(args, format_summary(comparison.summary))
+    _say(args, f"comparison {comparison.key} stored in {prepared.store.path(comparison.folder)}")
+    report = None
     if cfg.report:
         from rcat_ray.report import write_report
 
-        print(f"report: {write_report(prepared.store, comparison.key, cfg.report)}")
+        report = write_report(prepared.store, comparison.key, cfg.report)
+        _say(args, f"report: {report}")
+    if args.json:
+        _emit_json({
+            "comparison": comparison.key, "store": cfg.store, "old": outcomes[0].model_name,
+            "new": outcomes[1].model_name, "tables": [_outcome_json(o) for o in outcomes],
+            "summary": comparison.summary, "report": str(report) if report else None,
+        })  # fmt: skip
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from rcat_ray.inventory import resolve_key
     from rcat_ray.report import write_report
     from rcat_ray.store import ResultStore
 
     store = ResultStore(args.store)
-    key = Path(args.comparison.rstrip("/")).name
-    if not store.exists(f"comparisons/{key}/summary.json"):
-        raise ConfigError(f"no comparison '{key}' in store {args.store}")
+    key = resolve_key(store, Path(args.comparison.rstrip("/")).name, kind="comparison")
     print(f"report: {write_report(store, key, args.out, top_k=args.top_k)}")
     return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from rcat_ray.inventory import describe_entry, list_entries, resolve_key, verify_store
+    from rcat_ray.store import ResultStore
+
+    store = ResultStore(args.store)
+    if args.store_command == "ls":
+        entries = list_entries(store)
+        if args.json:
+            _emit_json(entries)
+        else:
+            print(_entries_text(entries, store.uri))
+        return 0
+    if args.store_command == "show":
+        info = describe_entry(store, resolve_key(store, args.key))
+        if args.json:
+            _emit_json(info)
+        else:
+            print(_mapping_text(info))
+        return 0
+    findings = verify_store(store, repair=args.repair)
+    if args.json:
+        _emit_json(findings)
+    else:
+        for f in findings:
+            print(_mapping_text(f, one_line=True))
+        print(f"{len(findings)} problem(s) found" + (" and moved aside" if args.repair and findings else ""))
+    return 1 if findings and not args.repair else 0
+
+
+def _entries_text(entries: list[dict[str, Any]], where: str) -> str:
+    if not entries:
+        return f"store {where} holds no tables or comparisons"
+    lines = []
+    for e in entries:
+        fields = [str(e.get(k)) for k in ("kind", "key", "models", "data", "attack", "n", "created_at") if e.get(k)]
+        lines.append("  ".join(fields))
+    return "\n".join(lines)
+
+
+def _mapping_text(obj: Any, *, one_line: bool = False, indent: int = 0) -> str:
+    """A nested mapping as indented ``key: value`` lines (or one line), for the human form of store output."""
+    if not isinstance(obj, dict):
+        return " " * indent + str(obj)
+    if one_line:
+        return ", ".join(f"{k}: {v}" for k, v in obj.items())
+    lines = []
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            lines.append(" " * indent + f"{k}:")
+            lines.append(_mapping_text(v, indent=indent + 2))
+        else:
+            lines.append(" " * indent + f"{k}: {v}")
+    return "\n".join(lines)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -258,14 +412,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             _set_dotted(over, key, parse_model_spec(value) if typ == "spec" else value)
-    cfg = parse_config(FinetuneConfig, deep_merge(raw, over))
+    raw = deep_merge(raw, over)
+    if "data" in over and "split" not in raw.get("data", {}):
+        _set_dotted(raw, "data.split", "train")
+    cfg = parse_config(FinetuneConfig, raw, flags=_flag_map(_FINETUNE_FLAGS))
     _prepare_local_ray_env(cfg.address)
+    from rcat_ray.distributed.train import check_finetune_inputs
+
+    parents = check_finetune_inputs(cfg)  # models, data, shapes, weights: before Ray starts
     from rcat_ray.distributed.cluster import ensure_ray
     from rcat_ray.distributed.train import run_finetune
 
     if cfg.num_workers > 0:
         ensure_ray(ComputeConfig(address=cfg.address))
-    outcome = run_finetune(cfg)
+    outcome = run_finetune(cfg, parents=parents)
     last = outcome.history[-1] if outcome.history else {}
     shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("val_", "train_loss"))}
     print(f"fine-tuned model: {outcome.checkpoint} (fingerprint {outcome.fingerprint})")
@@ -277,14 +437,16 @@ def cmd_table(args: argparse.Namespace) -> int:
     raw = _settings_dict(args)
     if args.out:
         raw["out"] = args.out
-    cfg = parse_config(TableConfig, raw)
+    cfg = parse_config(TableConfig, raw, flags=_flag_map(_SETTING_FLAGS, out="--out"))
     _prepare_local_ray_env(cfg.compute.address)
-    from rcat_ray.paper_table import to_markdown
+    from rcat_ray.paper_table import to_markdown, to_records
     from rcat_ray.workflows import run_table
 
     tables = run_table(cfg)
-    print(to_markdown(tables))
-    print(f"written: {cfg.out}/table.md, table.tex, table.csv")
+    _say(args, to_markdown(tables))
+    _say(args, f"written: {cfg.out}/table.md, table.tex, table.csv")
+    if args.json:
+        _emit_json({"out": cfg.out, "pairs": to_records(tables)})
     return 0
 
 
@@ -293,18 +455,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for key in ("mode", "num_samples", "out", "address"):
         if getattr(args, key) is not None:
             raw[key] = getattr(args, key)
-    cfg = parse_config(SweepConfig, raw)
+    flags = {"mode": "--mode", "num_samples": "--num-samples", "out": "--out", "address": "--address"}
+    cfg = parse_config(SweepConfig, raw, flags=flags)
     _prepare_local_ray_env(cfg.address)
+    from rcat_ray.distributed.train import check_finetune_inputs
+
+    parents = check_finetune_inputs(cfg.base)  # before Ray starts
     from rcat_ray.distributed.cluster import ensure_ray
     from rcat_ray.distributed.sweep import SweepInterruptedError, run_sweep
 
     # a TorchTrainer per trial (pattern B) needs the dashboard's state API when ASHA stops a trial
     ensure_ray(ComputeConfig(address=cfg.address), dashboard=cfg.base.num_workers > 1)
     try:
-        outcome = run_sweep(cfg, resume=args.resume)
+        outcome = run_sweep(cfg, resume=args.resume, parents=parents)
     except SweepInterruptedError as err:
-        print(f"rcat-ray sweep: {err}", file=sys.stderr)
-        return 3
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
     c = outcome.chosen
     print(f"{len(outcome.trials)} trials; new model's validation robust accuracy {100 * outcome.new_val_rob_acc:.2f}%")
     print(
@@ -330,7 +496,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         for key in ("candidate_dir", "history", "date", "out"):
             if getattr(args, key) is not None:
                 raw[key] = getattr(args, key)
-        cfg = parse_config(NightlyConfig, raw)
+        flags = _flag_map(_SETTING_FLAGS, baseline="--baseline", candidate="--candidate",
+                          candidate_dir="--candidate-dir", history="--history", date="--date", out="--out")  # fmt: skip
+        cfg = parse_config(NightlyConfig, raw, flags=flags)
         _prepare_local_ray_env(cfg.compute.address)
         outcome = run_nightly(cfg)
     except (*USER_ERRORS, NightlyError) as err:
@@ -340,7 +508,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         traceback.print_exc()
         print("rcat-ray nightly: could not run (unexpected error above)", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
-    print(f"verdict: {outcome.verdict_path}; report: {outcome.report}")
+    _say(args, f"verdict: {outcome.verdict_path}; report: {outcome.report}")
+    if args.json:
+        _emit_json(outcome.verdict)
     return outcome.exit_code
 
 
@@ -349,12 +519,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rcat_ray.pretrain import TrainRecipe, train_checkpoint
 
     raw = load_yaml(args.config) if args.config else {}
-    for key in ("data.name", "data.root", "recipe.arch", "recipe.epochs", "recipe.train_samples", "recipe.eps",
-                "recipe.lr", "recipe.seed"):  # fmt: skip
+    for key, _t, _h in _TRAIN_FLAGS.values():
         if getattr(args, key) is not None:
             _set_dotted(raw, key, getattr(args, key))
-    data = parse_config(DataConfig, raw.get("data", {}))
-    recipe = parse_config(TrainRecipe, raw.get("recipe", {}))
+    flags = _flag_map(_TRAIN_FLAGS)
+    data = parse_config(DataConfig, raw.get("data", {}), flags={k.removeprefix("data."): v for k, v in flags.items()})
+    recipe = parse_config(TrainRecipe, raw.get("recipe", {}),
+                          flags={k.removeprefix("recipe."): v for k, v in flags.items()})  # fmt: skip
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"{out} exists; choose another --out (checkpoints are never overwritten)")
@@ -372,20 +543,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.address:
         _set_dotted(raw, "compute.address", args.address)
     raw.setdefault("out", args.out)
-    run_demo(parse_config(DemoConfig, raw))
+    cfg = parse_config(DemoConfig, raw, flags={"test_samples": "--test-samples", "out": "--out"})
+    if not args.log_file:  # the demo always keeps its log beside its results
+        _add_log_file(str(Path(cfg.out) / "demo.log"))
+    run_demo(cfg)
     return 0
+
+
+def _add_log_file(path: str) -> None:
+    """Progress and log lines also go to ``path`` (appended), with timestamps."""
+    file = Path(path).expanduser()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("rcat_ray.progress").addHandler(handler)
+
+
+def _configure_output(args: argparse.Namespace) -> None:
+    """Progress lines on stderr always; other logs only with ``--verbose``; everything in ``--log-file``."""
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    progress = logging.getLogger("rcat_ray.progress")
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    progress.addHandler(console)
+    if getattr(args, "log_file", None):
+        _add_log_file(args.log_file)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_output(args)
     from rcat_ray.errors import USER_ERRORS
+    from rcat_ray.workflows import IncompleteRunError
 
     handlers = {
-        "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report,
+        "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "store": cmd_store,
         "train": cmd_train, "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "nightly": cmd_nightly,
         "demo": cmd_demo,
     }  # fmt: skip
@@ -394,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"rcat-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except IncompleteRunError as err:
+        print(f"rcat-ray {args.command}: {err}", file=sys.stderr)
+        return EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":

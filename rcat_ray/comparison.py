@@ -2,10 +2,16 @@
 
 Comparing is a join on ``sample_id`` and a bootstrap, so it is cheap; it is still stored (content-addressed
 by the two table keys and the bootstrap settings) so reports and nightly history can point at it.
+
+Integrity: ``manifest.json`` is written last and records the sha256 and size of ``flips.parquet`` and
+``summary.json``. A stored comparison is reused only when both match; a damaged one is moved to the store's
+quarantine folder (with a warning) and recomputed from the two tables, which are themselves read through
+the checksums their manifests record.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +19,21 @@ import pyarrow as pa
 
 from rcat_ray.config import BootstrapConfig, stable_hash
 from rcat_ray.core.flips import flip_table, summarize
-from rcat_ray.store import ResultStore, now_iso, package_versions
+from rcat_ray.store import (
+    DamagedArtifactError,
+    ResultStore,
+    StoreError,
+    UncheckedArtifactError,
+    json_bytes,
+    now_iso,
+    package_versions,
+    parquet_bytes,
+    table_from_bytes,
+)
+
+#: The files of a stored comparison besides its manifest.
+COMPARISON_MEMBERS = ("flips.parquet", "summary.json")
+_TABLE_FILE = "table.parquet"  # the per-model table of tables/<key>/ (rcat_ray.evaluation.TABLE_MEMBERS)
 
 
 class ComparisonError(ValueError):
@@ -32,6 +52,11 @@ class Comparison:
     summary: dict[str, Any]
 
 
+def comparison_key(old_key: str, new_key: str, bootstrap: BootstrapConfig) -> str:
+    """The store key of a comparison: its two tables and the bootstrap settings decide its content."""
+    return stable_hash({"old": old_key, "new": new_key, "bootstrap": bootstrap.model_dump()}, length=24)
+
+
 def compare_stored(
     store: ResultStore,
     old_key: str,
@@ -39,25 +64,22 @@ def compare_stored(
     bootstrap: BootstrapConfig,
     class_names: list[str] | None = None,
 ) -> Comparison:
-    """Join two per-model tables of the store into flips and a summary (reused if already stored)."""
-    key = stable_hash({"old": old_key, "new": new_key, "bootstrap": bootstrap.model_dump()}, length=24)
+    """Join two per-model tables of the store into flips and a summary (reused if stored and intact)."""
+    key = comparison_key(old_key, new_key, bootstrap)
     folder = f"comparisons/{key}"
-    old_manifest = store.read_json(f"tables/{old_key}/manifest.json")
-    new_manifest = store.read_json(f"tables/{new_key}/manifest.json")
+    old_manifest = table_manifest(store, old_key)
+    new_manifest = table_manifest(store, new_key)
     for part in ("data", "attack"):
         if old_manifest[part] != new_manifest[part]:
             raise ComparisonError(
                 f"tables {old_key} and {new_key} were evaluated with different {part} settings; "
                 "flips are only defined on the same samples under the same attack"
             )
-    if store.exists(f"{folder}/summary.json"):
-        return Comparison(
-            key, folder, old_manifest, new_manifest,
-            store.read_table(f"{folder}/flips.parquet"), store.read_json(f"{folder}/summary.json"),
-        )  # fmt: skip
-    flips = flip_table(
-        store.read_table(f"tables/{old_key}/table.parquet"), store.read_table(f"tables/{new_key}/table.parquet")
-    )
+    stored = _read_stored(store, folder)
+    if stored is not None:
+        _, flips, summary = stored
+        return Comparison(key, folder, old_manifest, new_manifest, flips, summary)
+    flips = flip_table(_read_table(store, old_key, old_manifest), _read_table(store, new_key, new_manifest))
     summary = summarize(
         flips,
         n_bootstrap=bootstrap.n_resamples,
@@ -83,7 +105,98 @@ def compare_stored(
         "versions": package_versions(),
         "created_at": now_iso(),
     }
-    store.put_table(f"{folder}/flips.parquet", flips)
-    store.put_json(f"{folder}/summary.json", summary)
-    store.put_json(f"{folder}/manifest.json", manifest)
+    files = {
+        "flips.parquet": store.write_member(f"{folder}/flips.parquet", parquet_bytes(flips)),
+        "summary.json": store.write_member(f"{folder}/summary.json", json_bytes(summary)),
+    }
+    store.put_json(f"{folder}/manifest.json", {**manifest, "files": files})  # last: the "done" marker
     return Comparison(key, folder, old_manifest, new_manifest, flips, summary)
+
+
+def load_comparison(store: ResultStore, key: str) -> Comparison:
+    """A stored comparison read through its checksums (for reports and ``describe``).
+
+    Raises StoreError when it is not stored, or when it is damaged: it is then moved aside, and comparing
+    the two models again recomputes it from their tables. A comparison written before checksums existed is
+    read as it is (there is nothing to check it against).
+    """
+    folder = f"comparisons/{key}"
+    if not store.exists(f"{folder}/manifest.json"):
+        raise StoreError(f"no comparison {key} in store {store.uri}")
+    try:
+        store.read_manifest(f"{folder}/manifest.json")
+    except UncheckedArtifactError:  # written before checksums: readable, not verifiable, never reused by compare
+        legacy = store.read_json(f"{folder}/manifest.json")
+        flips, summary = store.read_table(f"{folder}/flips.parquet"), store.read_json(f"{folder}/summary.json")
+        old = {"key": legacy.get("old_table"), "model": legacy.get("old_model")}
+        new = {"key": legacy.get("new_table"), "model": legacy.get("new_model")}
+        return Comparison(key, folder, old, new, flips, summary)
+    except DamagedArtifactError:
+        pass  # _read_stored moves it aside
+    stored = _read_stored(store, folder)
+    if stored is None:
+        raise StoreError(
+            f"comparison {key} in store {store.uri} was damaged and has been moved aside; "
+            "compare the two models again to recompute it"
+        )
+    manifest, flips, summary = stored
+    sides = []
+    for side in ("old", "new"):
+        try:
+            sides.append(table_manifest(store, manifest[f"{side}_table"]))
+        except StoreError:  # the table is gone or damaged: the comparison still names its model
+            sides.append({"key": manifest[f"{side}_table"], "model": manifest[f"{side}_model"]})
+    return Comparison(key, folder, sides[0], sides[1], flips, summary)
+
+
+def table_manifest(store: ResultStore, table_key: str) -> dict[str, Any]:
+    """The manifest of a stored per-model table; StoreError (naming the key) when it is absent or unusable.
+
+    An unreadable manifest is moved aside with its table, so the next evaluation rebuilds the table from its
+    chunks; one without checksums (an older rcat_ray) is left alone and refused.
+    """
+    folder = f"tables/{table_key}"
+    try:
+        manifest = store.read_manifest(f"{folder}/manifest.json")
+    except UncheckedArtifactError as err:
+        raise StoreError(
+            f"{err}: table {table_key} was written by an older rcat_ray and cannot be verified; "
+            "evaluate the model again (the current version stores it under a new key)"
+        ) from None
+    except DamagedArtifactError as err:
+        store.quarantine_artifact(folder, "manifest.json", (_TABLE_FILE,), [(err.path, err.problem)])
+        raise StoreError(f"{err}; moved aside: evaluate the model again to rebuild the table") from None
+    if manifest is None:
+        raise StoreError(f"no table {table_key} in store {store.uri} (or its evaluation is not finished)")
+    return manifest
+
+
+def _read_table(store: ResultStore, table_key: str, manifest: dict[str, Any]) -> pa.Table:
+    """A per-model table read through its checksum; a damaged one is moved aside and reported as an error."""
+    folder = f"tables/{table_key}"
+    try:
+        return table_from_bytes(store.read_verified(folder, _TABLE_FILE, manifest))
+    except DamagedArtifactError as err:
+        store.quarantine_artifact(folder, "manifest.json", (_TABLE_FILE,), [(err.path, err.problem)], manifest)
+        raise StoreError(
+            f"{err}; moved aside: evaluate the model again and the table is rebuilt from its chunks"
+        ) from None
+
+
+def _read_stored(store: ResultStore, folder: str) -> tuple[dict[str, Any], pa.Table, dict[str, Any]] | None:
+    """(manifest, flips, summary) of a done comparison, each file checked against the manifest's sha256.
+
+    None when the comparison is not done, or when it was damaged: then it has been moved aside, with a
+    warning, so the caller recomputes it instead of reusing it because it exists.
+    """
+    manifest = None
+    try:
+        manifest = store.read_manifest(f"{folder}/manifest.json")
+        if manifest is None:
+            return None
+        flips = table_from_bytes(store.read_verified(folder, "flips.parquet", manifest))
+        summary = json.loads(store.read_verified(folder, "summary.json", manifest))
+    except DamagedArtifactError as err:
+        store.quarantine_artifact(folder, "manifest.json", COMPARISON_MEMBERS, [(err.path, err.problem)], manifest)
+        return None
+    return manifest, flips, summary

@@ -406,7 +406,9 @@ class FinetuneConfig(_Strict):
     cached_old_table: str | None = Field(
         None, description="store key of the old model's table on the training split (mask_source: cached)"
     )
-    out: LocalPath = Field("finetuned", validate_default=True, description="folder for the final checkpoint and manifest")
+    out: LocalPath = Field(
+        "finetuned", validate_default=True, description="folder for the final checkpoint and its manifest"
+    )
     name: str | None = Field(None, description="run name (default: derived from the config hash)")
     storage: LocalPath = Field(
         "ray_results", validate_default=True, description="Ray Train storage path (shared storage on a cluster)"
@@ -441,8 +443,12 @@ class FinetuneConfig(_Strict):
 class TableEntry(_Strict):
     """One row of a pair's table: a label (e.g. ``RCAT(0.5,0.4)``) and the model to evaluate."""
 
-    label: str = Field(..., min_length=1)
+    label: str | None = Field(None, min_length=1, description="row label (default: the model's display name)")
     model: ModelConfig
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.model.display_name
 
 
 class TablePair(_Strict):

@@ -41,8 +41,13 @@ class DemoConfig(_Strict):
 
     out: str = "demo-out"
     data_root: str | None = None
-    old: TrainRecipe = TrainRecipe(arch="mlp", epochs=10, train_samples=25_000, seed=0)
-    new: TrainRecipe = TrainRecipe(arch="small_cnn", epochs=8, train_samples=50_000, seed=1)
+    # DESIGN §4: FGSM-RS at eps 0.1, Adam, one-cycle to a maximum lr of 2e-3, batch 128 (converged models)
+    old: TrainRecipe = TrainRecipe(
+        arch="mlp", epochs=10, train_samples=25_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=0
+    )
+    new: TrainRecipe = TrainRecipe(
+        arch="small_cnn", epochs=8, train_samples=50_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=1
+    )
     test_samples: int = Field(5000, ge=1)
     attack: AttackConfig = AttackConfig(eps=0.1, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
     chunk_size: int = Field(250, ge=1)
@@ -57,7 +62,9 @@ class DemoConfig(_Strict):
     )
     finetune_epochs: int = Field(2, ge=1)
     finetune_samples: int = Field(50_000, ge=1, description="the first N images of the train split")
-    finetune_batch_size: int = Field(64, ge=1, description="per worker")
+    finetune_batch_size: int = Field(
+        128, ge=1, description="global batch, split over the fine-tuning workers (same steps on any worker count)"
+    )
     finetune_optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9)
     finetune_workers: int = Field(2, ge=0, description="Ray Train workers (0 = in the driver)")
     validation_samples: int = Field(500, ge=1)

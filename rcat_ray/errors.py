@@ -10,10 +10,10 @@ from rcat_ray.core.flips import FlipInputError
 from rcat_ray.core.losses import LossConfigError
 from rcat_ray.core.models import ModelError
 from rcat_ray.evaluation import EvaluationInputError, EvaluationRunError
-from rcat_ray.selection import SelectionError
+from rcat_ray.selection import SelectionError, SweepFailedError
 from rcat_ray.store import StoreError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, ModelError, EvaluationInputError, StoreError, FlipInputError, ComparisonError,
-    LossConfigError, SelectionError, EvaluationRunError,
+    LossConfigError, SelectionError, EvaluationRunError, SweepFailedError,
 )  # fmt: skip

@@ -3,11 +3,21 @@
 Ray-free on purpose: the Ray layer only decides *where* a chunk runs; everything that decides *what* a
 chunk computes (its samples, its seed, its store path) is here, so a chunk gives the same rows whether it
 runs in a Ray actor, in a plain loop, or on a different number of workers.
+
+Integrity (see ``rcat_ray.store``): a chunk is *done* when its manifest ``chunks/chunk-000007.json`` exists
+and its files match the sha256 and size recorded there; the worker writes that manifest last, after the rows
+and the adversarial images, so a chunk whose rows exist without a manifest is simply not done. The table is
+done when ``manifest.json`` (written after ``table.parquet``) exists and the table matches its checksum.
+A damaged table or chunk is moved to the store's quarantine folder and treated as missing: the table is
+reassembled from its chunks, the chunk is attacked again. A model that gives NaN or inf logits is refused
+before any attack, and a chunk with non-finite outputs is never stored.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +29,23 @@ from rcat_ray.config import AttackConfig, EvaluationSettings, stable_hash
 from rcat_ray.core.attacks import PER_MODEL_SCHEMA, chunk_seed, evaluate_chunk
 from rcat_ray.core.data import Split
 from rcat_ray.core.models import LoadedModel
-from rcat_ray.store import ResultStore, StoreError, now_iso, package_versions
+from rcat_ray.store import (
+    DamagedArtifactError,
+    ResultStore,
+    StoreError,
+    json_bytes,
+    now_iso,
+    package_versions,
+    parquet_bytes,
+    table_from_bytes,
+)
 
 #: Bump when the meaning of a per-model table changes, so old cache entries are not reused.
-TABLE_VERSION = 1
+#: 2: every artifact's manifest records the sha256 of its files; chunks have their own manifest.
+TABLE_VERSION = 2
+
+#: The files of a finished table besides its manifest.
+TABLE_MEMBERS = ("table.parquet",)
 
 
 class EvaluationInputError(ValueError):
@@ -31,6 +54,29 @@ class EvaluationInputError(ValueError):
 
 class EvaluationRunError(RuntimeError):
     """A chunk failed on a worker; the chunks finished before it are kept in the store."""
+
+
+class NonFiniteOutputError(EvaluationRunError):
+    """A model gave NaN or inf outputs on a chunk: its rows would be meaningless, so nothing is stored."""
+
+
+def chunk_file_names(chunk_id: int) -> tuple[str, str, str]:
+    """The files of one chunk inside ``chunks/``: its manifest, its rows and its adversarial images."""
+    return f"chunk-{chunk_id:06d}.json", f"chunk-{chunk_id:06d}.parquet", f"adv-{chunk_id:06d}.npz"
+
+
+def check_chunk(store: ResultStore, chunks_folder: str, chunk_id: int, *, deep: bool = False, repair: bool = True):
+    """Whether a chunk is done: its manifest exists and its files match it. Returns (manifest or None, problems).
+
+    The rows are always hashed (they are small and assembling reads them anyway); the adversarial images
+    only have their size compared unless ``deep``, because they can be large and are hashed whenever a report
+    reads them. With ``repair``, a damaged chunk is moved aside, so it becomes missing and is recomputed.
+    """
+    manifest_name, *members = chunk_file_names(chunk_id)
+    manifest, problems = store.check_artifact(chunks_folder, manifest_name, size_only=() if deep else (".npz",))
+    if problems and repair:
+        store.quarantine_artifact(chunks_folder, manifest_name, members, problems, manifest)
+    return manifest, problems
 
 
 def resolve_device(device: str) -> torch.device:
@@ -81,21 +127,57 @@ class EvaluationPlan:
     def table_path(self) -> str:
         return f"{self.folder}/table.parquet"
 
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.folder}/manifest.json"
+
+    @property
+    def chunks_folder(self) -> str:
+        return f"{self.folder}/chunks"
+
     def chunk_path(self, chunk_id: int) -> str:
-        return f"{self.folder}/chunks/chunk-{chunk_id:06d}.parquet"
+        return f"{self.chunks_folder}/{chunk_file_names(chunk_id)[1]}"
 
     def adversarial_path(self, chunk_id: int) -> str:
-        return f"{self.folder}/chunks/adv-{chunk_id:06d}.npz"
+        return f"{self.chunks_folder}/{chunk_file_names(chunk_id)[2]}"
+
+    def chunk_manifest_path(self, chunk_id: int) -> str:
+        return f"{self.chunks_folder}/{chunk_file_names(chunk_id)[0]}"
 
     # -- work units --------------------------------------------------------------------------------
     def chunks(self) -> list[Chunk]:
         n = len(self.split)
         return [Chunk(i, s, min(s + self.chunk_size, n)) for i, s in enumerate(range(0, n, self.chunk_size))]
 
-    def missing_chunks(self, store: ResultStore) -> list[Chunk]:
-        """Chunks without a stored result: the only ones a (re-)run computes."""
-        done = set(store.list_files(f"{self.folder}/chunks"))
-        return [c for c in self.chunks() if self.chunk_path(c.chunk_id).rsplit("/", 1)[1] not in done]
+    def missing_chunks(self, store: ResultStore, *, verify: bool = True) -> list[Chunk]:
+        """Chunks that are not done: the only ones a (re-)run computes.
+
+        With ``verify`` each chunk with a manifest is checked against it and a damaged one is moved aside
+        (and so counted missing); without, one folder listing tells which manifests exist: enough when the
+        table itself is good and the chunks only need to be complete again.
+        """
+        present = set(store.list_files(self.chunks_folder))
+        missing = []
+        for c in self.chunks():
+            if chunk_file_names(c.chunk_id)[0] not in present:
+                missing.append(c)
+            elif verify:
+                manifest, problems = check_chunk(store, self.chunks_folder, c.chunk_id)
+                if manifest is None or problems:
+                    missing.append(c)
+        return missing
+
+    def table_done(self, store: ResultStore) -> bool:
+        """Whether the table is stored and matches its manifest's checksum.
+
+        A damaged table (or manifest) is moved aside with a warning and reported as not done, so the caller
+        reassembles it from its chunks instead of reusing it because it exists.
+        """
+        manifest, problems = store.check_artifact(self.folder)
+        if problems:
+            store.quarantine_artifact(self.folder, "manifest.json", TABLE_MEMBERS, problems, manifest)
+            return False
+        return manifest is not None
 
     def manifest(self, settings: EvaluationSettings | None = None) -> dict[str, Any]:
         return {
@@ -117,13 +199,17 @@ def run_chunk(
 ) -> int:
     """Attack one chunk and store its rows (and adversarial images). Returns the number of rows.
 
-    Idempotent: a chunk whose result already exists is not recomputed by the planner, and a finished
-    chunk file is never overwritten.
+    Idempotent: a chunk whose manifest already exists (another worker finished it) is not recomputed, and a
+    finished chunk file is never overwritten. Outputs are checked for NaN/inf before anything is written, so
+    a broken model leaves no chunk behind. The chunk manifest is written last: it is the "done" marker.
     """
+    if store.exists(plan.chunk_manifest_path(chunk.chunk_id)):
+        return chunk.stop - chunk.start
     sl = slice(chunk.start, chunk.stop)
     positions = torch.arange(chunk.start, chunk.stop)
     limit = plan.attack.robust_samples
     mask = positions < limit if limit is not None else torch.ones(len(positions), dtype=torch.bool)
+    seed = chunk_seed(plan.attack.seed, chunk.chunk_id)
     result = evaluate_chunk(
         plan.model.module,
         plan.split.images[sl],
@@ -131,46 +217,129 @@ def run_chunk(
         plan.split.sample_ids[sl],
         plan.attack,
         num_classes=plan.model.num_classes,
-        seed=chunk_seed(plan.attack.seed, chunk.chunk_id),
+        seed=seed,
         attack_mask=mask,
         device=device,
         keep_adversarial=keep_adversarial,
     )
+    _check_finite(plan, chunk, result.table, result.adversarial)
+    _, rows_name, adv_name = chunk_file_names(chunk.chunk_id)
+    files = {}
     if keep_adversarial and result.adversarial is not None and len(result.adversarial_ids):
         buf = io.BytesIO()
         np.savez(buf, sample_id=result.adversarial_ids, images=result.adversarial)  # float noise compresses poorly
-        store.put_bytes(plan.adversarial_path(chunk.chunk_id), buf.getvalue())
-    # the rows file goes last: its presence is what marks the chunk as done
-    store.put_table(plan.chunk_path(chunk.chunk_id), result.table)
+        files[adv_name] = store.write_member(plan.adversarial_path(chunk.chunk_id), buf.getvalue())
+    files[rows_name] = store.write_member(plan.chunk_path(chunk.chunk_id), parquet_bytes(result.table))
+    store.put_bytes(
+        plan.chunk_manifest_path(chunk.chunk_id),
+        json_bytes({
+            "kind": "chunk",
+            "table_key": plan.key,
+            "chunk_id": chunk.chunk_id,
+            "start": chunk.start,
+            "stop": chunk.stop,
+            "seed": seed,
+            "n_rows": result.table.num_rows,
+            "files": files,
+            "node": platform.node(),
+            "pid": os.getpid(),
+            "created_at": now_iso(),
+        }),
+    )  # fmt: skip
     return result.table.num_rows
 
 
+def _check_finite(plan: EvaluationPlan, chunk: Chunk, table: pa.Table, adversarial: np.ndarray | None) -> None:
+    """Refuse a chunk whose margins (hence logits) or adversarial images are NaN or inf.
+
+    Such rows would be stored forever under the model's fingerprint and make every comparison with it silently
+    wrong (a NaN margin is "not correct" for the flags), so the chunk fails loudly instead.
+    """
+    labels = {"clean_margin": "clean margins", "adv_margin": "adversarial margins"}
+    counts = {
+        label: int((~np.isfinite(table.column(col).drop_null().to_numpy())).sum()) for col, label in labels.items()
+    }
+    if adversarial is not None:
+        counts["adversarial images"] = int((~np.isfinite(adversarial)).reshape(len(adversarial), -1).any(1).sum())
+    if any(counts.values()):
+        detail = ", ".join(f"{n} non-finite {label}" for label, n in counts.items() if n)
+        raise NonFiniteOutputError(
+            f"model '{plan.model.name}' gave non-finite outputs (NaN or inf) on chunk {chunk.chunk_id} "
+            f"(samples at positions {chunk.start}..{chunk.stop - 1}): {detail}; its weights are probably damaged. "
+            "Nothing was stored for this chunk."
+        )
+
+
 def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSettings | None = None) -> None:
-    """Join the finished chunks into the per-model table and its manifest (written once; a no-op after)."""
-    if store.exists(plan.table_path):
+    """Join the finished chunks into the per-model table and its manifest (written once; a no-op after).
+
+    A stored table that fails its checksum is moved aside and rebuilt here from the chunks; every chunk is
+    read through its own checksum, so a damaged chunk is moved aside (and reported missing) instead of
+    leaking into the table. The manifest, holding the table's sha256, is written last.
+    """
+    if plan.table_done(store):
         return
-    missing = plan.missing_chunks(store)
+    parts, missing = [], 0
+    for c in plan.chunks():
+        rows = _read_chunk_rows(plan, store, c)
+        if rows is None:
+            missing += 1
+        else:
+            parts.append(rows)
     if missing:
-        raise StoreError(f"cannot assemble {plan.key}: {len(missing)} chunks are not computed yet")
-    parts = [store.read_table(plan.chunk_path(c.chunk_id)) for c in plan.chunks()]
+        raise StoreError(f"cannot assemble {plan.key}: {missing} chunks are not computed yet")
     table = pa.concat_tables(parts).cast(PER_MODEL_SCHEMA).sort_by("sample_id")
     expected = plan.split.sample_ids.numpy()
     if not np.array_equal(table.column("sample_id").to_numpy(), expected):
         raise StoreError(f"chunks of {plan.key} do not cover the split's sample ids exactly")
     manifest = plan.manifest(settings)
-    store.put_json(f"{plan.folder}/manifest.json", manifest)
-    store.put_table(plan.table_path, table, metadata_=manifest)
+    record = store.write_member(plan.table_path, parquet_bytes(table, manifest))
+    store.put_json(plan.manifest_path, {**manifest, "files": {TABLE_MEMBERS[0]: record}})
+
+
+def _read_chunk_rows(plan: EvaluationPlan, store: ResultStore, chunk: Chunk) -> pa.Table | None:
+    """A done chunk's rows, read through their checksum (one read, hashed on the way); None when the chunk is
+    missing or damaged (then moved aside). The chunk's other files only have their size checked here."""
+    folder = plan.chunks_folder
+    manifest_name, rows_name, adv_name = chunk_file_names(chunk.chunk_id)
+    manifest = None
+    try:
+        manifest = store.read_manifest(f"{folder}/{manifest_name}")
+        if manifest is None:
+            return None
+        for name in manifest["files"]:
+            problem = None if name == rows_name else store.check_member(folder, name, manifest, full=False)
+            if problem:
+                raise DamagedArtifactError(f"{folder}/{name}", problem, store.uri)
+        return table_from_bytes(store.read_verified(folder, rows_name, manifest))
+    except DamagedArtifactError as err:
+        store.quarantine_artifact(folder, manifest_name, (rows_name, adv_name), [(err.path, err.problem)], manifest)
+        return None
 
 
 def load_adversarial(store: ResultStore, plan_key: str, sample_ids: list[int]) -> dict[int, np.ndarray]:
-    """Adversarial images of some samples of a stored table (for reports); absent ones are skipped."""
+    """Adversarial images of some samples of a stored table (for reports); absent ones are skipped.
+
+    Each file is read through the checksum in its chunk's manifest: images of an unfinished chunk (no
+    manifest) are not trusted, and a damaged chunk is moved aside (the next evaluation recomputes it).
+    """
     wanted = set(int(i) for i in sample_ids)
     out: dict[int, np.ndarray] = {}
     folder = f"tables/{plan_key}/chunks"
     for name in store.list_files(folder):
-        if not name.startswith("adv-") or not wanted - set(out):
+        if not (name.startswith("adv-") and name.endswith(".npz") and name[4:-4].isdigit()) or not wanted - set(out):
             continue
-        with np.load(io.BytesIO(store.read_bytes(f"{folder}/{name}"))) as z:
+        manifest_name, *members = chunk_file_names(int(name[4:-4]))
+        manifest = None
+        try:
+            manifest = store.read_manifest(f"{folder}/{manifest_name}")
+            if manifest is None:
+                continue
+            data = store.read_verified(folder, name, manifest)
+        except DamagedArtifactError as err:
+            store.quarantine_artifact(folder, manifest_name, members, [(err.path, err.problem)], manifest)
+            continue
+        with np.load(io.BytesIO(data)) as z:
             ids = z["sample_id"]
             hits = np.nonzero(np.isin(ids, list(wanted)))[0]
             if len(hits):
@@ -183,7 +352,8 @@ def load_adversarial(store: ResultStore, plan_key: str, sample_ids: list[int]) -
 def validate_pair_inputs(models: list[LoadedModel], split: Split) -> None:
     """Fail before any attack when a model cannot run on this data or models disagree on classes.
 
-    One clean forward of two samples checks the input shape and the number of logits.
+    One clean forward of two samples checks the input shape, the number of logits and that the logits are
+    finite: a checkpoint with NaN weights would otherwise be attacked and stored as a table of garbage.
     """
     if len(split) == 0:
         raise EvaluationInputError("the data selection is empty")
@@ -204,6 +374,15 @@ def validate_pair_inputs(models: list[LoadedModel], split: Split) -> None:
         if out.ndim != 2 or out.shape[1] != m.num_classes:
             raise EvaluationInputError(
                 f"model '{m.name}' returns {tuple(out.shape[1:])} logits, expected {m.num_classes}"
+            )
+        bad_weights = [
+            name for name, t in m.module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()
+        ]
+        if bad_weights or not torch.isfinite(out).all():
+            where = f" (non-finite values in {', '.join(bad_weights[:3])}{', ...' if len(bad_weights) > 3 else ''})"
+            raise EvaluationInputError(
+                f"model '{m.name}' gives non-finite logits (NaN or inf) on clean {split.dataset} inputs"
+                f"{where if bad_weights else ''}: its weights are probably damaged"
             )
         if m.num_classes != split.num_classes:
             raise EvaluationInputError(

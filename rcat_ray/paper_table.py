@@ -212,3 +212,20 @@ def to_csv(pairs: list[PairTable]) -> str:
                 ]
             )
     return buf.getvalue()
+
+
+def to_records(pairs: list[PairTable]) -> list[dict[str, Any]]:
+    """The tables as plain data (``rcat-ray table --json``): per pair, each row's cells and the differences."""
+    out = []
+    for pair in pairs:
+        rows = []
+        for r in pair.rows:
+            cells = {}
+            for title, metric, error in COLUMNS:
+                if r.is_old and metric in _FLIP_COLUMNS:
+                    continue
+                v, lo, hi = _cell(r.summary, metric, error)
+                cells[title] = {"value": v, "ci_low": lo, "ci_high": hi, "n": r.summary["metrics"][metric]["n"]}
+            rows.append({"label": r.label, "comparison": r.comparison_key, "cells": cells})
+        out.append({"name": pair.name, "reference": pair.reference, "rows": rows, "differences": pair.differences})
+    return out

@@ -47,7 +47,7 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         new = self.done - self._start_done
         eta = ""
-        if 0 < new and self.done < self.total:
+        if new > 0 and self.done < self.total:
             eta = f", ETA {_fmt_seconds(elapsed / new * (self.total - self.done))}"
         unit = f" {self.unit}" if self.unit else ""
         tail = f"; {extra}" if extra else ""

@@ -15,6 +15,10 @@ class SelectionError(ValueError):
     """No trial satisfies the rule."""
 
 
+class SweepFailedError(RuntimeError):
+    """Every trial failed: there is nothing to choose from (the CLI prints the first trial's error, exit 2)."""
+
+
 def select_trial(
     trials: pd.DataFrame,
     *,

@@ -7,6 +7,8 @@ written to the store until then.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
 from rcat_ray.comparison import Comparison, compare_stored
@@ -15,6 +17,34 @@ from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.models import LoadedModel, check_model_source, load_model
 from rcat_ray.evaluation import EvaluationPlan, validate_pair_inputs
 from rcat_ray.store import ResultStore, write_file_atomic
+
+
+class IncompleteRunError(RuntimeError):
+    """The run stopped with work left (``max_new_chunks``); the same command continues it (CLI exit 3)."""
+
+
+def raise_if_incomplete(outcomes: list) -> None:
+    """Say what remains of an incomplete evaluation, as an error the CLI turns into exit status 3."""
+    left = [o for o in outcomes if not o.complete]
+    if left:
+        remaining = ", ".join(f"{o.model_name}: {o.n_chunks - o.chunks_cached - o.chunks_computed} of "
+                              f"{o.n_chunks} chunks" for o in left)  # fmt: skip
+        raise IncompleteRunError(f"incomplete: {remaining} remain; run the same command again to continue")
+
+
+def distinct_names(models: list[LoadedModel]) -> list[LoadedModel]:
+    """Models that share a display name in one run get a suffix (their fingerprint, else their position), so a
+    table, a report or a log line never shows two rows under one name."""
+    counts = Counter(m.name for m in models)
+    fingerprints = Counter((m.name, m.fingerprint) for m in models)
+    out = []
+    for i, m in enumerate(models):
+        if counts[m.name] == 1:
+            out.append(m)
+            continue
+        suffix = m.fingerprint[:8] if fingerprints[(m.name, m.fingerprint)] == 1 else f"#{i + 1}"
+        out.append(dataclasses.replace(m, name=f"{m.name} [{suffix}]"))
+    return out
 
 
 @dataclass
@@ -49,6 +79,7 @@ def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel
         for m in models
     ]  # fmt: skip
     validate_pair_inputs(loaded, split)
+    loaded = distinct_names(loaded)
     store = ResultStore(settings.store)
     store.check_writable()
     plans = [EvaluationPlan(m, split, settings.attack, settings.chunk_size) for m in loaded]
@@ -56,13 +87,29 @@ def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel
 
 
 def run_evaluate(cfg: EvaluateConfig, *, extra_models: list[LoadedModel] | None = None):
-    """Evaluate every model of the config (and any in-memory ones) once; returns (outcomes, prepared)."""
-    from rcat_ray.distributed.cluster import ensure_ray
+    """Evaluate every model of the config (and any in-memory ones) once; returns (outcomes, prepared).
+
+    Ray is started only when some chunk must be computed: what is stored is reused without it.
+    """
     from rcat_ray.distributed.evaluate import evaluate_plans
 
     prepared = prepare(cfg, [*cfg.models, *(extra_models or [])])
-    ensure_ray(cfg.compute)
-    return evaluate_plans(prepared.plans, prepared.store, cfg), prepared
+    outcomes = evaluate_plans(prepared.plans, prepared.store, cfg)
+    return _with_accuracy(outcomes, prepared), prepared
+
+
+def _with_accuracy(outcomes: list, prepared: Prepared) -> list:
+    """Each complete outcome with its clean and robust accuracy (and their N), read from the stored table."""
+    for o, plan in zip(outcomes, prepared.plans, strict=True):
+        if o.complete:
+            t = prepared.store.read_table(plan.table_path)
+            clean = t.column("clean_correct").to_numpy(zero_copy_only=False)
+            robust = t.column("robust").drop_null().to_numpy(zero_copy_only=False)
+            o.accuracy = {
+                "acc": float(clean.mean()), "n": len(clean),
+                "rob_acc": float(robust.mean()) if len(robust) else None, "n_robust": len(robust),
+            }  # fmt: skip
+    return outcomes
 
 
 def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: LoadedModel | None = None):
@@ -70,12 +117,10 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
 
     Returns (outcomes, comparison or None when an evaluation is incomplete, prepared).
     """
-    from rcat_ray.distributed.cluster import ensure_ray
     from rcat_ray.distributed.evaluate import evaluate_plans
 
     prepared = prepare(cfg, [old or cfg.old, new or cfg.new])
-    ensure_ray(cfg.compute)
-    outcomes = evaluate_plans(prepared.plans, prepared.store, cfg)
+    outcomes = _with_accuracy(evaluate_plans(prepared.plans, prepared.store, cfg), prepared)
     comparison: Comparison | None = None
     if all(o.complete for o in outcomes):
         comparison = compare_stored(
@@ -90,25 +135,24 @@ def run_table(cfg: TableConfig) -> list:
     the paper-style tables; writes table.md, table.tex and table.csv into ``cfg.out``."""
     from pathlib import Path
 
-    from rcat_ray.distributed.cluster import ensure_ray
     from rcat_ray.distributed.evaluate import evaluate_plans
     from rcat_ray.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
 
     prepared = [prepare(cfg, [p.old, p.new, *(e.model for e in p.finetuned)]) for p in cfg.pairs]
-    ensure_ray(cfg.compute)
+    # every pair's missing chunks first, so a budget-limited run says what remains of all of them
+    outcomes_per_pair = [evaluate_plans(prep.plans, prep.store, cfg) for prep in prepared]
+    raise_if_incomplete([o for outcomes in outcomes_per_pair for o in outcomes])
     tables = []
     for pair, prep in zip(cfg.pairs, prepared, strict=True):
-        outcomes = evaluate_plans(prep.plans, prep.store, cfg)
-        if not all(o.complete for o in outcomes):
-            raise RuntimeError(f"pair {pair.name}: evaluations incomplete (max_new_chunks); run again")
-        labels = ["old", "new", *(e.label for e in pair.finetuned)]
+        labels = [pair.old.display_name, pair.new.display_name, *(e.display_name for e in pair.finetuned)]
+        shown_labels = [m.name for m in distinct_names([dataclasses.replace(m, name=label)
+                                                        for m, label in zip(prep.models, labels, strict=True)])]
         rows = []
-        for label, plan in zip(labels, prep.plans, strict=True):
+        for i, (shown, plan) in enumerate(zip(shown_labels, prep.plans, strict=True)):
             comp = compare_stored(
                 prep.store, prep.plans[0].key, plan.key, cfg.bootstrap, class_names=list(prep.split.class_names)
             )
-            shown = {"old": pair.old.display_name, "new": pair.new.display_name}.get(label, label)
-            rows.append(TableRow(shown, comp.summary, comp.flips, is_old=label == "old", comparison_key=comp.key))
+            rows.append(TableRow(shown, comp.summary, comp.flips, is_old=i == 0, comparison_key=comp.key))
         tables.append(
             build_pair_table(
                 pair.name,

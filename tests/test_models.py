@@ -63,10 +63,20 @@ def test_corrupt_checkpoint(tmp_path):
     model = build_architecture("mlp", num_classes=10, input_shape=SHAPE)
     torch.save(model.state_dict(), path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ModelError, match="unreadable or corrupt"):
+    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint"):
         load_model(
             ModelConfig(source="checkpoint", name="bad", path=str(path), arch="mlp"), num_classes=10, input_shape=SHAPE
         )
+
+
+def test_random_bytes_are_not_a_checkpoint_and_torch_advice_is_never_shown(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ModelError) as err:
+        load_model(ModelConfig(source="checkpoint", path=str(path), arch="mlp"), num_classes=10, input_shape=SHAPE)
+    msg = str(err.value)
+    assert "not a readable PyTorch checkpoint" in msg
+    assert "pickled" not in msg and "weights_only" not in msg
 
 
 class _Payload:
@@ -83,10 +93,11 @@ def test_pickled_object_is_refused_and_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "hook": _Payload(marker)}, path)
-    with pytest.raises(ModelError, match="pickled Python objects"):
+    with pytest.raises(ModelError, match="pickled Python objects") as err:
         load_model(
             ModelConfig(source="checkpoint", name="evil", path=str(path), arch="mlp"), num_classes=10, input_shape=SHAPE
         )
+    assert "weights_only" not in str(err.value)
     assert not marker.exists()
     # sanity: the file really would run code under a plain unpickler
     with zipfile.ZipFile(path) as z:

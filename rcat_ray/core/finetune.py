@@ -3,21 +3,41 @@
 Ray-free: Ray Train calls :func:`finetune_epoch` on every worker with a DDP-wrapped model, a local test
 calls it with a plain module. The frozen models (the old model and f_theta0, the new model before
 fine-tuning) are in eval mode without gradients; the training attack is crafted against the unwrapped
-model being trained, in eval mode, and its mode is restored afterwards.
+model being trained, in eval mode and in full precision, and its mode is restored afterwards.
+
+Data parallelism that does not change the result: ``batch_size`` is the *global* batch. Every epoch has one
+permutation of the training samples, a function of (seed, epoch) only; it is cut into global batches and
+worker r takes the r-th contiguous share of each (:class:`GlobalBatchSampler`). The random start of the
+training attack is drawn for the whole global batch from a generator seeded with (seed, epoch, batch) and
+each worker attacks with its rows of it, and a share's loss is weighted by its size, so that the gradient
+DDP averages is the gradient of the global batch. For losses that are means over the batch (AT, PCT, PCAT,
+RCAT with ``batch`` normalisation) one worker and N workers then train the same model, up to float rounding.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from contextlib import nullcontext
+import hashlib
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 
 from rcat_ray.config import LossConfig, OptimizerConfig, TrainAttackConfig
 from rcat_ray.core.losses import at_loss, pct_loss, rcat_loss
-from rcat_ray.core.training_attacks import fgsm_paper, fgsm_rs, pgd
+from rcat_ray.core.training_attacks import fgsm_paper, fgsm_rs, pgd, uniform_start
+from rcat_ray.progress import Progress
+
+
+class FinetuneInputError(ValueError):
+    """Fine-tuning inputs that cannot run as asked (e.g. cached masks that do not cover the training samples).
+
+    Raised before any training starts; a ValueError subclass so the CLI reports it as one line.
+    """
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -45,29 +65,186 @@ def make_optimizer(
 
 
 def craft(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainAttackConfig, generator: torch.Generator | None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainAttackConfig,
+    generator: torch.Generator | None,
+    *,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The training adversarial example x* against the model being trained."""
-    if cfg.kind == "fgsm-rs":
-        return fgsm_rs(model, x, y, cfg.eps, generator=generator)
-    if cfg.kind == "pgd":
-        return pgd(model, x, y, cfg.eps, steps=cfg.steps, step_size=cfg.step_size, generator=generator)
-    return fgsm_paper(model, x, y, cfg.eps, generator=generator)
+    """The training adversarial example x* against the model being trained, always in full precision.
+
+    ``start`` is the random start (rows of the global batch's start, see :func:`global_batch_start`);
+    without it the start is drawn from ``generator``. Autocast is switched off here (and again inside
+    the attacks): under float16 the input gradient of a confident model underflows to zero.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if cfg.kind == "fgsm-rs":
+            return fgsm_rs(model, x, y, cfg.eps, generator=generator, start=start)
+        if cfg.kind == "pgd":
+            return pgd(model, x, y, cfg.eps, steps=cfg.steps, step_size=cfg.step_size, generator=generator, start=start)
+        return fgsm_paper(model, x, y, cfg.eps, generator=generator, start=start)
 
 
 class CachedMask:
-    """The old model's per-sample robustness flags (r_old) from a stored table, looked up by sample id."""
+    """The old model's per-sample robustness flags (r_old) from a stored table, looked up by sample id.
+
+    ``robust`` holds 1 (robust), 0 (not robust) or -1 (not attacked: the table's ``robust`` is null).
+    A sample the old model was never attacked on has no r_old; reading it as "not robust" would
+    silently change the loss, so :meth:`check` refuses such a table before training.
+    """
 
     def __init__(self, sample_ids: torch.Tensor, robust: torch.Tensor):
         size = int(sample_ids.max()) + 1 if sample_ids.numel() else 0
-        self.flags = torch.full((size,), -1, dtype=torch.int8)
+        self.flags = torch.full((size,), -2, dtype=torch.int8)  # -2: not in the table, -1: not attacked
         self.flags[sample_ids.long()] = robust.to(torch.int8)
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.long().cpu()
-        if ids.numel() and (int(ids.max()) >= self.flags.numel() or bool((self.flags[ids] < 0).any())):
-            raise KeyError("a training sample has no stored robustness flag of the old model")
-        return self.flags[ids] > 0
+        out = torch.full(ids.shape, -2, dtype=torch.int8)
+        inside = (ids >= 0) & (ids < self.flags.numel())
+        out[inside] = self.flags[ids[inside]]
+        return out
+
+    def check(self, ids: torch.Tensor, table: str = "the cached table") -> None:
+        """Raise :class:`FinetuneInputError` unless every training sample in ``ids`` has a flag."""
+        flags = self._lookup(ids)
+        missing, unattacked = int((flags == -2).sum()), int((flags == -1).sum())
+        if missing or unattacked:
+            parts = []
+            if unattacked:
+                parts.append(f"{unattacked} of the {ids.numel()} training samples were never attacked (robust is null)")
+            if missing:
+                parts.append(f"{missing} of the {ids.numel()} training samples are not in it")
+            raise FinetuneInputError(
+                f"mask_source 'cached' needs the old model's robustness flag of every training sample, but in "
+                f"{table} {' and '.join(parts)}; evaluate the old model on the whole training split with "
+                f"robust_samples unset, or use mask_source 'on-the-fly'"
+            )
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        flags = self._lookup(ids)
+        if bool((flags < 0).any()):
+            raise FinetuneInputError("a training sample has no stored robustness flag of the old model")
+        return flags > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Global batches: the same training whatever the number of workers.
+
+
+def _derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers: neighbouring (seed, epoch, batch) give unrelated streams."""
+    digest = hashlib.sha256(("rcat_ray:finetune:" + ":".join(str(int(p)) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the training samples in one epoch: a function of (seed, epoch) only."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(_derived_seed(seed, epoch, -1)))
+
+
+def start_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the random start of global batch ``index`` of ``epoch``."""
+    return _derived_seed(seed, epoch, index)
+
+
+def share_bounds(global_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(offset, size) of worker ``rank``'s contiguous share of a global batch (sizes differ by at most 1)."""
+    base, rem = divmod(global_size, world_size)
+    return rank * base + min(rank, rem), base + (1 if rank < rem else 0)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One worker's share of one global batch, with what it needs to act as part of the whole."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: torch.Tensor
+    index: int  # global batch number within the epoch
+    offset: int  # row of the global batch where this share starts
+    global_size: int  # rows of the whole global batch
+    world_size: int
+    start_seed: int  # seeds the random start of the whole global batch
+
+    @property
+    def loss_weight(self) -> float:
+        """World size times this share's fraction of the global batch: DDP's average of the weighted share
+        gradients is then the global batch's gradient, also when the last batch does not split evenly."""
+        return self.world_size * self.y.shape[0] / self.global_size
+
+
+def global_batch_start(batch: Batch, eps: float) -> torch.Tensor:
+    """This share's rows of the random start drawn for its whole global batch (CPU, float32)."""
+    gen = torch.Generator().manual_seed(batch.start_seed)
+    full = uniform_start((batch.global_size, *batch.x.shape[1:]), eps, gen)
+    return full[batch.offset : batch.offset + batch.y.shape[0]]
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Worker ``rank``'s contiguous share of every global batch of one epoch's permutation.
+
+    Unlike a DistributedSampler (which deals samples round-robin and gives each worker full batches, so
+    the global batch grows with the worker count), the global batches here are the ones a single worker
+    would train on, in the same order. A final global batch with fewer samples than workers is dropped
+    (a worker must never get an empty share); with one worker nothing is ever dropped.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not a worker of a group of {world_size}")
+        if batch_size < world_size:
+            raise ValueError(f"a global batch of {batch_size} cannot be split over {world_size} workers")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation the next iteration follows."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        full, last = divmod(self.num_samples, self.batch_size)
+        return full + (1 if last >= self.world_size else 0)
+
+    def shares(self) -> Iterator[tuple[int, torch.Tensor, int, int]]:
+        """(global batch index, this worker's sample indices, offset in the global batch, global size)."""
+        perm = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        for index in range(len(self)):
+            rows = perm[index * self.batch_size : (index + 1) * self.batch_size]
+            offset, size = share_bounds(rows.numel(), self.rank, self.world_size)
+            yield index, rows[offset : offset + size], offset, rows.numel()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, idx, _, _ in self.shares():
+            yield idx.tolist()
+
+
+class GlobalBatches:
+    """The :class:`Batch` shares of one epoch, read from in-memory tensors (a sized iterable)."""
+
+    def __init__(
+        self, sampler: GlobalBatchSampler, images: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor
+    ):
+        self.sampler, self.images, self.labels, self.sample_ids = sampler, images, labels, sample_ids
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        s = self.sampler
+        for index, idx, offset, global_size in s.shares():
+            yield Batch(
+                self.images[idx], self.labels[idx], self.sample_ids[idx], index, offset, global_size, s.world_size,
+                start_seed(s.seed, s.epoch, index),
+            )  # fmt: skip
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """Autocast for the training forward in ``dtype`` (None: full precision)."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def batch_loss(
@@ -83,10 +260,31 @@ def batch_loss(
     *,
     generator: torch.Generator | None = None,
     cached_mask: CachedMask | None = None,
+    start: torch.Tensor | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The loss of one batch for the configured method (masks computed on x*, DESIGN §1.2)."""
+    """The loss of one batch for the configured method (masks computed on x*, DESIGN §1.2).
+
+    x* is crafted in full precision; only the forward passes that follow run under autocast in
+    ``amp_dtype`` (None: full precision).
+    """
     kind = loss_cfg.kind
-    x_star = x if kind == "pct" else craft(attack_model, x, y, attack_cfg, generator)
+    x_star = x if kind == "pct" else craft(attack_model, x, y, attack_cfg, generator, start=start)
+    with autocast_context(x.device, amp_dtype):
+        return _loss_on(model, theta0, old, x_star, y, ids, loss_cfg, cached_mask)
+
+
+def _loss_on(
+    model: nn.Module,
+    theta0: nn.Module | None,
+    old: nn.Module,
+    x_star: torch.Tensor,
+    y: torch.Tensor,
+    ids: torch.Tensor,
+    loss_cfg: LossConfig,
+    cached_mask: CachedMask | None,
+) -> torch.Tensor:
+    kind = loss_cfg.kind
     z = model(x_star)
     if kind == "at":
         return at_loss(z, y)
@@ -130,7 +328,7 @@ def finetune_epoch(
     model: nn.Module,
     theta0: nn.Module | None,
     old: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    batches: Iterable[Batch] | Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     loss_cfg: LossConfig,
     attack_cfg: TrainAttackConfig,
@@ -140,44 +338,60 @@ def finetune_epoch(
     generator: torch.Generator | None = None,
     cached_mask: CachedMask | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    progress: Iterable | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` (a module or its DDP wrapper) for one pass over ``batches`` of (x, y, sample_id).
+    """Train ``model`` (a module or its DDP wrapper) for one pass over ``batches``.
 
-    Mixed precision is used when a GradScaler is given (GPU). Returns the mean loss and sample count.
+    A batch is a :class:`Batch` share of a global batch (its random start comes from the global batch,
+    its loss is weighted so that DDP averages to the global gradient) or a plain ``(x, y, sample_id)``
+    tuple (random starts drawn in turn from ``generator``). Mixed precision: the training forward runs
+    under autocast in ``amp_dtype``, or in float16 when only a GradScaler is given (GPU); the training
+    attack always runs in full precision. Returns the mean loss over this worker's samples and their count.
     """
     attack_model = model.module if hasattr(model, "module") else model
     model.train()
+    if amp_dtype is None and scaler is not None:
+        amp_dtype = torch.float16
     total, seen = 0.0, 0
-    amp = torch.autocast(device_type=device.type) if scaler is not None else nullcontext()
-    for x_cpu, y_cpu, ids in batches:
+    for batch in batches:
+        if isinstance(batch, Batch):
+            x_cpu, y_cpu, ids, weight = batch.x, batch.y, batch.ids, batch.loss_weight
+            start = None if loss_cfg.kind == "pct" else global_batch_start(batch, attack_cfg.eps)
+        else:
+            (x_cpu, y_cpu, ids), weight, start = batch, 1.0, None
         x, y = x_cpu.to(device, non_blocking=True), y_cpu.to(device, non_blocking=True)
-        with amp:
-            loss = batch_loss(
-                model,
-                attack_model,
-                theta0,
-                old,
-                x,
-                y,
-                ids,
-                loss_cfg,
-                attack_cfg,
-                generator=generator,
-                cached_mask=cached_mask,
-            )
+        loss = batch_loss(
+            model,
+            attack_model,
+            theta0,
+            old,
+            x,
+            y,
+            ids,
+            loss_cfg,
+            attack_cfg,
+            generator=generator,
+            cached_mask=cached_mask,
+            start=start,
+            amp_dtype=amp_dtype,
+        )
         optimizer.zero_grad(set_to_none=True)
+        scaled = loss * weight if weight != 1.0 else loss
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(scaled).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            scaled.backward()
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total += float(loss.detach()) * y.shape[0]
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss became {value}; lower the learning rate")
+        total += value * y.shape[0]
         seen += y.shape[0]
         if progress is not None:
-            progress.update(1)  # type: ignore[attr-defined]
+            progress.update(1, extra=f"loss {total / seen:.4f}")
     return {"train_loss": total / max(seen, 1), "train_samples": float(seen)}

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import itertools
 import pickle
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,12 +195,21 @@ def _read_checkpoint(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, which would run whatever the file holds: never shown.
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or "allowlist" in text or "reduce" in text.lower():
+            what = f" ({found.group(1)})" if found else ""
+            raise ModelError(
+                f"refusing checkpoint {path}: it holds pickled Python objects{what} that could run "
+                "code when loaded; only tensors are read. Save the model's state_dict instead "
+                "(torch.save(model.state_dict(), path))."
+            ) from None
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint (damaged, or not a checkpoint)") from None
+    except Exception:  # noqa: BLE001 - zip/EOF/format errors all mean the same to the user
         raise ModelError(
-            f"refusing checkpoint {path}: it holds pickled Python objects that weights-only loading "
-            f"does not allow (they could run code). Save a state_dict instead. ({str(err).splitlines()[0]})"
+            f"{path} is not a readable PyTorch checkpoint (truncated, damaged, or not a checkpoint)"
         ) from None
-    except Exception as err:  # noqa: BLE001 - zip/EOF/format errors all mean the same to the user
-        raise ModelError(f"checkpoint {path} is unreadable or corrupt: {type(err).__name__}: {err}") from None
 
 
 def _state_dict_of(blob: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -79,15 +79,21 @@ def evaluate_plans(
     One pipeline for all models means one actor pool start-up per call, not one per model.
     ``settings.max_new_chunks`` bounds the new work of this call (over all plans), for time-boxed runs;
     the rest is picked up by the next call.
+
+    Nothing is reused because it exists: a stored table is reused only when it matches the sha256 in its
+    manifest, a chunk only when its own manifest exists and matches (see ``rcat_ray.evaluation``). A damaged
+    table is moved aside and reassembled from its chunks, a damaged chunk is moved aside and attacked again;
+    each is logged as a warning naming the file. Chunks missing under a good table (moved aside by
+    ``verify_store(repair=True)``) are recomputed too, found by one folder listing, so a finished table costs
+    one hash of its own file.
     """
     budget = settings.max_new_chunks
     todo: list[tuple[int, int]] = []
     cached: list[int] = []
+    table_good: list[bool] = []
     for i, plan in enumerate(plans):
-        if store.exists(plan.table_path):
-            cached.append(len(plan.chunks()))
-            continue
-        missing = plan.missing_chunks(store)
+        table_good.append(plan.table_done(store))  # a damaged table is moved aside here
+        missing = plan.missing_chunks(store, verify=not table_good[i])
         cached.append(len(plan.chunks()) - len(missing))
         if budget is not None:
             missing = missing[: max(0, budget - len(todo))]
@@ -95,7 +101,7 @@ def evaluate_plans(
     done = _run_chunks_on_ray(plans, todo, store, settings.compute, settings.save_adversarial) if todo else []
     outcomes = []
     for i, plan in enumerate(plans):
-        complete = store.exists(plan.table_path) or not plan.missing_chunks(store)
+        complete = table_good[i] or not plan.missing_chunks(store)
         if complete:
             assemble(plan, store, settings)
         outcomes.append(EvaluationOutcome(

@@ -25,6 +25,7 @@ from rcat_ray.core.models import LoadedModel
 from rcat_ray.core.validation import per_model_table
 from rcat_ray.distributed.train import (
     STATE_FILE,
+    Parents,
     _write_final,
     check_finetune_inputs,
     finetune_loop,
@@ -32,7 +33,7 @@ from rcat_ray.distributed.train import (
     validation_setup,
 )
 from rcat_ray.search_space import expand, paper_grid, random_trials
-from rcat_ray.selection import pareto_front, select_trial
+from rcat_ray.selection import SweepFailedError, pareto_front, select_trial
 from rcat_ray.store import write_file_atomic
 
 TRIAL_KEYS = ("kind", "alpha", "beta", "train_eps", "lr", "epochs")
@@ -261,15 +262,31 @@ def new_model_val_rob_acc(base: FinetuneConfig, new: LoadedModel) -> float:
     return float(table.column("robust").to_numpy(zero_copy_only=False).astype(bool).mean())
 
 
-def run_sweep(cfg: SweepConfig, *, resume: bool = False) -> SweepOutcome:
-    """Run (or resume) the sweep, write the trial table, choose a trial, write its model and the plots."""
+def _raise_if_all_failed(trials: pd.DataFrame) -> None:
+    """A sweep whose every trial errored has no metrics to choose on: say why, with the first trial's error."""
+    failed = trials["error"].notna() if "error" in trials else pd.Series(False, index=trials.index)
+    has_metrics = trials["val_s_nfr"].notna() if "val_s_nfr" in trials else pd.Series(False, index=trials.index)
+    if len(trials) and not (has_metrics & ~failed).any():
+        first = trials[failed].iloc[0] if failed.any() else trials.iloc[0]
+        error = str(first.get("error") or "no trial reported validation metrics").strip()
+        lines = [line for line in error.splitlines() if line.strip()]
+        # Ray wraps the trial's exception in a traceback; its last line is the error itself
+        raise SweepFailedError(f"all {len(trials)} trials failed; the first ({first['trial_id']}): {lines[-1]}")
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = False, parents: Parents | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep, write the trial table, choose a trial, write its model and the plots.
+
+    ``parents``: the models as already checked by the caller (before Ray started); checked here otherwise.
+    """
     from rcat_ray.sweep_report import write_sweep_outputs
 
-    parents = check_finetune_inputs(cfg.base)
+    parents = parents or check_finetune_inputs(cfg.base)
     new_rob = new_model_val_rob_acc(cfg.base, parents.new)
     results = build_tuner(cfg, resume=resume).fit()
     _raise_if_unfinished(cfg, results)
     trials = trial_table(results)
+    _raise_if_all_failed(trials)
     chosen = select_trial(trials, new_rob_acc=new_rob, tolerance=cfg.tolerance)
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)

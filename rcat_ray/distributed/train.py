@@ -2,7 +2,9 @@
 
 Each worker loads the data and the two parent models itself (sources are paths or names, valid on every
 node), keeps a frozen copy of the new model (f_theta0) and the frozen old model, and trains the DDP-wrapped
-copy on its shard (a DistributedSampler from ``prepare_data_loader``). Every epoch, rank 0 measures
+copy on its contiguous share of every global batch (:class:`rcat_ray.core.finetune.GlobalBatchSampler`:
+``batch_size`` is the global batch, so 1 and N workers take the same optimizer steps on the same
+samples and, for losses that are batch means, train the same model). Every epoch, rank 0 measures
 validation flips against the old model and saves a checkpoint (model, optimizer, scheduler, scaler,
 epoch, RNG states); a restarted worker group resumes from the latest one (``FailureConfig``). After
 ``fit`` the driver writes the final model as a self-describing checkpoint with a manifest naming both
@@ -13,6 +15,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,16 +31,24 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch.utils.data import DataLoader, TensorDataset
 
 from rcat_ray.config import AttackConfig, FinetuneConfig, parse_config
 from rcat_ray.core.data import load_split
-from rcat_ray.core.finetune import CachedMask, finetune_epoch, frozen_copy, make_optimizer
+from rcat_ray.core.finetune import (
+    CachedMask,
+    GlobalBatches,
+    GlobalBatchSampler,
+    finetune_epoch,
+    frozen_copy,
+    make_optimizer,
+)
 from rcat_ray.core.models import LoadedModel, load_model, save_checkpoint
 from rcat_ray.core.validation import per_model_table, validation_flips
+from rcat_ray.progress import Progress
 from rcat_ray.store import ResultStore, now_iso, package_versions, write_file_atomic
 
 STATE_FILE = "state.pt"
+progress_log = logging.getLogger("rcat_ray.progress")
 
 
 @dataclass
@@ -62,12 +75,20 @@ def validation_setup(cfg: FinetuneConfig) -> tuple[Any, AttackConfig]:
     return load_split(data), attack
 
 
-def _cached_mask(cfg: FinetuneConfig) -> CachedMask | None:
+def _cached_mask(cfg: FinetuneConfig, training_ids: torch.Tensor) -> CachedMask | None:
+    """The old model's stored robustness flags, refused (FinetuneInputError) unless every training sample
+    has one: a null flag means "never attacked", not "not robust"."""
     if cfg.loss.mask_source != "cached":
         return None
-    table = ResultStore(cfg.store).read_table(f"tables/{cfg.cached_old_table}/table.parquet")
-    robust = table.column("robust").fill_null(False).to_numpy(zero_copy_only=False)
-    return CachedMask(torch.as_tensor(table.column("sample_id").to_numpy()), torch.as_tensor(robust))
+    rel = f"tables/{cfg.cached_old_table}/table.parquet"
+    table = ResultStore(cfg.store).read_table(rel)
+    robust = table.column("robust")
+    flags = robust.fill_null(False).to_numpy(zero_copy_only=False).astype("int8")
+    flags[robust.is_null().to_numpy(zero_copy_only=False)] = -1
+    ids = torch.tensor(table.column("sample_id").to_numpy(zero_copy_only=False))
+    mask = CachedMask(ids, torch.as_tensor(flags))
+    mask.check(training_ids, f"the old model's table {cfg.cached_old_table}")
+    return mask
 
 
 class TrainSession:
@@ -83,9 +104,6 @@ class TrainSession:
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(module, move_to_device=self.device)
 
-    def prepare_loader(self, loader: DataLoader) -> DataLoader:
-        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-
     def get_checkpoint(self) -> Any:
         return ray.train.get_checkpoint()
 
@@ -97,7 +115,46 @@ class TrainSession:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker loop that Ray Train runs (also runs in-process with ``num_workers=0``)."""
     cfg = parse_config(FinetuneConfig, loop_config["finetune"])
+    if loop_config.get("driver_pid") != os.getpid():
+        _worker_progress_logging()
     return finetune_loop(cfg, TrainSession(cfg))
+
+
+def _worker_progress_logging() -> None:
+    """In a Ray worker process nobody configured logging, so progress lines (INFO) would be dropped: send
+    them to the worker's stderr, which Ray forwards to the driver (``log_to_driver``) and its log files."""
+    if progress_log.level == logging.NOTSET:
+        progress_log.setLevel(logging.INFO)
+    if not progress_log.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress_log.addHandler(handler)
+
+
+def _global_stats(stats: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """The epoch's loss over every worker's samples (a sum over the group), so that the reported loss is
+    that of the global batches, whatever the number of workers."""
+    import torch.distributed as dist
+
+    if world <= 1 or not dist.is_available() or not dist.is_initialized():
+        return stats
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([stats["train_loss"] * stats["train_samples"], stats["train_samples"]], dtype=torch.float64)
+    t = t.to(where)
+    dist.all_reduce(t)
+    total, seen = t.cpu().tolist()
+    return {**stats, "train_loss": total / max(seen, 1.0), "train_samples": seen}
+
+
+def _epoch_line(cfg: FinetuneConfig, epoch: int, metrics: dict[str, Any]) -> str:
+    vals = ", ".join(
+        f"{k.removeprefix('val_')} {100 * v:.2f}%" for k, v in metrics.items() if k.startswith("val_")
+    )  # fmt: skip
+    return (
+        f"[finetune {cfg.loss.tag}] epoch {epoch + 1}/{cfg.epochs} done in {metrics['epoch_seconds']:.0f} s: "
+        f"loss {metrics['train_loss']:.4f} ({int(metrics['train_samples'])} samples, global batch "
+        f"{metrics['global_batch_size']} on {metrics['world_size']} worker(s)); validation {vals}"
+    )
 
 
 def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
@@ -116,15 +173,13 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
     model = session.prepare_model(new.module.train())
     inner = model.module if hasattr(model, "module") else model
 
-    dataset = TensorDataset(split.images, split.labels, split.sample_ids)
-    loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed)
-    )
-    loader = session.prepare_loader(loader)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(loader))
-    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision and device.type == "cuda" else None
-    attack_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    cached = _cached_mask(cfg)
+    # batch_size is the global batch: this worker trains on its share of each (not a DistributedSampler)
+    sampler = GlobalBatchSampler(len(split), cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
+    batches = GlobalBatches(sampler, split.images, split.labels, split.sample_ids)
+    optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(sampler))
+    amp_dtype = torch.float16 if cfg.mixed_precision and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is not None else None
+    cached = _cached_mask(cfg, split.sample_ids)
 
     start_epoch = 0
     history: list[dict[str, Any]] = []
@@ -139,7 +194,6 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        attack_gen.set_state(state["rng_attack"][rank % len(state["rng_attack"])])
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
 
@@ -149,28 +203,41 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
         _maybe_inject_fault(cfg, epoch, rank, world)
-        if world > 1 and hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # the epoch's permutation and random starts: a function of (seed, epoch)
+        bar = (
+            Progress(f"finetune {cfg.loss.tag} epoch {epoch + 1}/{cfg.epochs}", len(sampler), "batches")
+            if rank == 0
+            else None
+        )
         t_epoch = time.perf_counter()
         stats = finetune_epoch(
             model,
             theta0,
             old_module,
-            loader,
+            batches,
             optimizer,
             cfg.loss,
             cfg.train_attack,
             device=device,
             scheduler=scheduler,
-            generator=attack_gen,
             cached_mask=cached,
             scaler=scaler,
+            amp_dtype=amp_dtype,
+            progress=bar,
         )
+        stats = _global_stats(stats, world, device)
         stats["epoch_seconds"] = time.perf_counter() - t_epoch  # training only, validation excluded
-        metrics = {"epoch": epoch, "attempt_start_epoch": start_epoch, "world_size": world, **stats}
+        metrics = {
+            "epoch": epoch,
+            "attempt_start_epoch": start_epoch,
+            "world_size": world,
+            "global_batch_size": cfg.batch_size,
+            **stats,
+        }
         with _checkpoint_dir(cfg, epoch, session.persistent_checkpoints) as tmp:
             if rank == 0:
                 metrics.update(validation_flips(old_val, inner, val_split, val_attack, old.num_classes, device))
+                progress_log.info(_epoch_line(cfg, epoch, metrics))
                 history.append(dict(metrics))
                 torch.save({
                     "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
@@ -179,7 +246,6 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "epoch": epoch,
                     "rng_cpu": torch.get_rng_state(),
-                    "rng_attack": [attack_gen.get_state()],
                     "history": history,
                 }, Path(tmp) / STATE_FILE)  # fmt: skip
             session.report(metrics, tmp if rank == 0 else None)
@@ -229,21 +295,25 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     validate_pair_inputs([old, new], split)
     if "arch" not in new.source:
         raise ValueError("the new model's architecture is unknown; it cannot be saved after fine-tuning")
-    if cfg.loss.mask_source == "cached":
-        _cached_mask(cfg)
+    _cached_mask(cfg, split.sample_ids)  # FinetuneInputError for flags that do not cover the training samples
     validation_setup(cfg)
     Path(cfg.out).expanduser().mkdir(parents=True, exist_ok=True)
     return Parents(old, new, split.input_shape)
 
 
-def run_finetune(cfg: FinetuneConfig) -> FinetuneOutcome:
-    """Fine-tune on Ray Train and write the final checkpoint and manifest into ``cfg.out``."""
-    parents = check_finetune_inputs(cfg)
+def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> FinetuneOutcome:
+    """Fine-tune on Ray Train and write the final checkpoint and manifest into ``cfg.out``.
+
+    ``parents``: what :func:`check_finetune_inputs` returned, for a caller that checked the inputs
+    before starting Ray (so that a bad input fails fast and the parents are not loaded twice).
+    """
+    if parents is None:
+        parents = check_finetune_inputs(cfg)
     storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"finetune": cfg.model_dump(mode="json")},
+        train_loop_config={"finetune": cfg.model_dump(mode="json"), "driver_pid": os.getpid()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name,
