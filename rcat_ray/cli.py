@@ -375,8 +375,10 @@ def cmd_store(args: argparse.Namespace) -> int:
     else:
         for f in findings:
             print(_mapping_text(f, one_line=True))
-        print(f"{len(findings)} problem(s) found" + (" and moved aside" if args.repair and findings else ""))
-    return 1 if findings and not args.repair else 0
+        moved = sum(1 for f in findings if f.get("moved_to"))
+        print(f"{len(findings)} problem(s) found" + (f"; {moved} damaged artifact(s) moved aside" if moved else ""))
+    damaged = [f for f in findings if f.get("status") in ("damaged", "orphan") and not f.get("moved_to")]
+    return 1 if damaged else 0
 
 
 def _entries_text(entries: list[dict[str, Any]], where: str) -> str:
@@ -468,7 +470,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     ensure_ray(ComputeConfig(address=cfg.address), dashboard=cfg.base.num_workers > 1)
     try:
         outcome = run_sweep(cfg, resume=args.resume, parents=parents)
-    except SweepInterruptedError as err:
+    except SweepInterruptedError as err:  # Tune handles Ctrl+C itself and returns with trials unfinished
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
     c = outcome.chosen
@@ -577,10 +579,41 @@ def _configure_output(args: argparse.Namespace) -> None:
         _add_log_file(args.log_file)
 
 
+#: What an interrupted command kept, for commands whose work is not counted in chunks.
+_INTERRUPT_NOTES = {
+    "train": "nothing was written (the checkpoint is written when training ends)",
+    "finetune": "checkpoints of the finished epochs are kept; run the same command again to resume",
+    "sweep": "finished trials are kept; run the same command with --resume to continue",
+    "nightly": "the night was not judged and no history was written; run it again",
+    "demo": "finished models and evaluation chunks are kept; run the same command again to continue",
+}
+
+
+def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
+    """One line saying what was kept, Ray shut down, and the exit status a shell expects (130 / 143)."""
+    from rcat_ray.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
+
+    if isinstance(err, EvaluationInterrupted):
+        note = str(err)
+    else:
+        note = _INTERRUPT_NOTES.get(args.command, "finished chunks are stored; run the same command again to continue")
+    print(f"interrupted: {note}", file=sys.stderr)
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    return exit_status(interrupt_signal_name(err))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rcat_ray.quiet import configure_quiet
+
+    configure_quiet(getattr(args, "verbose", False))
     _configure_output(args)
     from rcat_ray.errors import USER_ERRORS
+    from rcat_ray.interrupts import sigterm_as_interrupt
     from rcat_ray.workflows import IncompleteRunError
 
     handlers = {
@@ -589,7 +622,10 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
     }  # fmt: skip
     try:
-        return handlers[args.command](args)
+        with sigterm_as_interrupt():
+            return handlers[args.command](args)
+    except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM (raised as a KeyboardInterrupt by the handler)
+        return _interrupted(args, err)
     except USER_ERRORS as err:
         print(f"rcat-ray {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -235,6 +235,7 @@ def run_chunk(
         json_bytes({
             "kind": "chunk",
             "table_key": plan.key,
+            "model": plan.model.name,
             "chunk_id": chunk.chunk_id,
             "start": chunk.start,
             "stop": chunk.stop,
@@ -260,7 +261,8 @@ def _check_finite(plan: EvaluationPlan, chunk: Chunk, table: pa.Table, adversari
         label: int((~np.isfinite(table.column(col).drop_null().to_numpy())).sum()) for col, label in labels.items()
     }
     if adversarial is not None:
-        counts["adversarial images"] = int((~np.isfinite(adversarial)).reshape(len(adversarial), -1).any(1).sum())
+        bad = ~np.isfinite(adversarial)
+        counts["adversarial images"] = int(bad.any(axis=tuple(range(1, bad.ndim))).sum()) if bad.ndim > 1 else 0
     if any(counts.values()):
         detail = ", ".join(f"{n} non-finite {label}" for label, n in counts.items() if n)
         raise NonFiniteOutputError(

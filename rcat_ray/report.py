@@ -138,10 +138,11 @@ class _Context:
 
 
 def _load_context(store: ResultStore, key: str) -> _Context:
-    folder = f"comparisons/{key}"
-    summary = store.read_json(f"{folder}/summary.json")
-    manifest = store.read_json(f"{folder}/manifest.json")
-    flips = store.read_table(f"{folder}/flips.parquet")
+    from rcat_ray.comparison import load_comparison
+
+    comparison = load_comparison(store, key)  # checked against its manifest's checksums
+    summary, flips = comparison.summary, comparison.flips
+    manifest = store.read_json(f"comparisons/{key}/manifest.json")
     class_names = {int(row["class"]): str(row.get("name", row["class"])) for row in summary.get("per_class", [])}
     ctx = _Context(store=store, key=key, summary=summary, manifest=manifest, flips=flips, class_names=class_names)
 

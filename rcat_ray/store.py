@@ -218,7 +218,8 @@ class ResultStore:
         if existing is not None:
             if existing == len(data) and bytes_problem(self.read_bytes(rel), record) is None:
                 return record
-            self.quarantine([rel], "a file without a manifest (left by an interrupted run) differs from the new one")
+            leftover = f"{self.path(rel)} has no manifest (left by an interrupted run) and differs from the new one"
+            self.quarantine([rel], leftover)
         self._write_atomic(rel, data)
         return record
 
@@ -335,7 +336,7 @@ class ResultStore:
         """
         listed = [n for n in (manifest or {}).get("files", {}) if "/" not in n and n not in ("", ".", "..")]
         names = list(dict.fromkeys([manifest_name, *members, *listed]))
-        reason = "its artifact is damaged (" + "; ".join(f"{self.path(r)}: {p}" for r, p in problems) + ")"
+        reason = "damaged artifact: " + "; ".join(f"{self.path(r)}: {p}" for r, p in problems)
         return self.quarantine([f"{folder}/{n}" for n in names], reason)
 
     def quarantine(self, rels: Iterable[str], reason: str) -> list[str]:
@@ -358,8 +359,10 @@ class ResultStore:
                 continue  # moved by a concurrent reader
             except (OSError, pa.ArrowException) as err:
                 raise StoreError(f"cannot move damaged artifact {self.path(rel)} aside: {err}") from None
-            log.warning("moved %s aside to %s: %s", self.path(rel), self.path(dest), reason)
             moved.append(dest)
+        if moved:
+            names = ", ".join(m.split("/", 2)[2] for m in moved)
+            log.warning("%s. Moved to %s: %s", reason, self.path(f"{QUARANTINE_DIR}/{stamp}"), names)
         return moved
 
 
