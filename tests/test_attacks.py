@@ -108,3 +108,32 @@ def test_l2_perturbations_stay_in_the_ball(digits_models, test_slice):
     )
     delta = torch.as_tensor(res.adversarial) - test_slice.images
     assert (delta.flatten(1).norm(dim=1) <= 0.5 + 1e-4).all()
+
+
+def test_a_chunk_is_reproduced_by_plain_autoattack(digits_models):
+    """One seed for the whole cascade (AutoAttack's rule): pyautoattack's own AutoAttack with the chunk's seed
+    gives the same robust flags, adversarial predictions and adversarial images as the stored rows."""
+    from pyautoattack import AutoAttack
+
+    _, new = digits_models
+    split = load_split(DataConfig(name="digits", split="test", limit=200))
+    # AutoAttack's "custom" version builds APGD with 100 iterations; its restarts are set as its own
+    # "standard" version sets them
+    cfg = AttackConfig(eps=0.09, attacks=("apgd-ce", "apgd-dlr"), n_iter=100, n_restarts=1)
+    seed = chunk_seed(0, 3)
+    res = evaluate_chunk(
+        new.module, split.images, split.labels, split.sample_ids, cfg, num_classes=10, seed=seed, keep_adversarial=True
+    )
+    df = res.table.to_pandas()
+
+    aa = AutoAttack(new.module.eval(), attacks=["apgd-ce", "apgd-dlr"], version="custom", eps=0.09, seed=seed)
+    aa.apgd.n_restarts = 1
+    aa.verbose = False
+    with torch.random.fork_rng():
+        x_adv, y_adv = aa.run_standard_evaluation(split.images, split.labels, batch_size=len(split))
+    with torch.no_grad():
+        aa_robust = (new.module(x_adv).argmax(1) == split.labels).numpy()
+    np.testing.assert_array_equal(df.robust.to_numpy(dtype=bool), aa_robust)
+    np.testing.assert_array_equal(df.adv_pred.to_numpy(), y_adv.numpy())
+    np.testing.assert_array_equal(res.adversarial, x_adv.numpy())
+    assert (df.broken_by == "apgd-dlr").any(), "the second attack must break a sample, else its seed is not tested"

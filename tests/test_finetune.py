@@ -87,8 +87,37 @@ def test_worker_fault_resumes_from_last_checkpoint(ray_session, tmp_path, parent
     assert [h["attempt_start_epoch"] for h in outcome.history] == [0, 1, 1]
 
 
-def test_cached_masks_from_a_stored_table(tmp_path, parents):
-    """mask_source 'cached': the old model's robustness flags come from its per-model table."""
+def _weights(path) -> dict[str, torch.Tensor]:
+    m = load_model(ModelConfig(source="checkpoint", name="t", path=str(path)), num_classes=10, input_shape=(1, 8, 8))
+    return m.module.state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_one_and_two_workers_train_the_same_model(ray_session, tmp_path, parents):
+    """batch_size is the global batch: 2 DDP workers take the same steps on the same samples with the same x*
+    as 1 worker, so a mean-decomposable loss (PCAT) ends at the same weights up to float rounding. 1097
+    digits at batch 64 leave a last global batch of 9, split 5 + 4: the share weighting is exercised too."""
+    loss = {"kind": "pcat", "alpha": 1.0, "beta": 2.0}
+    one = train_mod.run_finetune(
+        _cfg(tmp_path / "one", parents, loss=loss, num_workers=0, name="one-worker", validation={"samples": 50})
+    )
+    two = train_mod.run_finetune(
+        _cfg(tmp_path / "two", parents, loss=loss, num_workers=2, name="two-workers", validation={"samples": 50})
+    )
+    w1, w2, start = _weights(one.checkpoint), _weights(two.checkpoint), _weights(parents["new"])
+    for key in w1:
+        assert not torch.allclose(w1[key], start[key], atol=1e-4), f"{key} did not train"
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
+    for h1, h2 in zip(one.history, two.history, strict=True):
+        assert (h1["world_size"], h2["world_size"]) == (1, 2)
+        assert h1["global_batch_size"] == h2["global_batch_size"] == 64
+        assert h1["train_samples"] == h2["train_samples"] == 1097  # the loss of the whole epoch, all workers
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
+
+
+def _old_table_on_train(tmp_path, parents, **attack) -> str:
+    """Evaluate the old model on the digits training split into a store; returns the table's key."""
     from rcat_ray.config import AttackConfig, DataConfig
     from rcat_ray.core.data import load_split
     from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
@@ -99,19 +128,127 @@ def test_cached_masks_from_a_stored_table(tmp_path, parents):
     old = load_model(
         ModelConfig(source="checkpoint", name="o", path=str(parents["old"])), num_classes=10, input_shape=(1, 8, 8)
     )
-    plan = EvaluationPlan(old, split, AttackConfig(eps=0.1, n_iter=3), chunk_size=600)
+    plan = EvaluationPlan(old, split, AttackConfig(eps=0.1, n_iter=3, **attack), chunk_size=600)
     for c in plan.chunks():
         run_chunk(plan, c, store, device=torch.device("cpu"), keep_adversarial=False)
     assemble(plan, store)
+    return plan.key
+
+
+def test_cached_masks_from_a_stored_table(tmp_path, parents):
+    """mask_source 'cached': the old model's robustness flags come from its per-model table."""
     cfg = _cfg(
         tmp_path,
         parents,
         epochs=1,
         store=str(tmp_path / "store"),
-        cached_old_table=plan.key,
+        cached_old_table=_old_table_on_train(tmp_path, parents),
         loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"},
     )
     _check_outcome(train_mod.run_finetune(cfg), cfg, parents, 1)
+
+
+def test_cached_masks_refuse_a_table_with_unattacked_training_samples(tmp_path, parents, no_training):
+    """A null robust flag means "never attacked", not "not robust": such a table is refused before training,
+    with the count of training samples it does not cover, instead of silently masking them out."""
+    from rcat_ray.core.finetune import FinetuneInputError
+
+    key = _old_table_on_train(tmp_path, parents, robust_samples=200)  # 1097 - 200 samples never attacked
+    cfg = _cfg(
+        tmp_path,
+        parents,
+        epochs=1,
+        store=str(tmp_path / "store"),
+        cached_old_table=key,
+        loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"},
+    )
+    with pytest.raises(FinetuneInputError, match=r"897 of the 1097 training samples were never attacked"):
+        train_mod.check_finetune_inputs(cfg)
+    with pytest.raises(FinetuneInputError, match=r"897 of the 1097"):
+        train_mod.run_finetune(cfg)  # the TorchTrainer is never built (no_training)
+    # a table that covers the training samples but not all of the file is fine: only training samples count
+    head = _cfg(
+        tmp_path,
+        parents,
+        data={"name": "digits", "split": "train", "limit": 200},
+        epochs=1,
+        store=str(tmp_path / "store"),
+        cached_old_table=key,
+        loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"},
+    )
+    train_mod.check_finetune_inputs(head)
+
+
+def test_cached_mask_lookup_and_check():
+    from rcat_ray.core.finetune import CachedMask, FinetuneInputError
+
+    mask = CachedMask(torch.tensor([0, 1, 2, 5]), torch.tensor([1, 0, -1, 1]))
+    assert mask(torch.tensor([5, 0, 1])).tolist() == [True, True, False]
+    mask.check(torch.tensor([0, 1, 5]))
+    with pytest.raises(
+        FinetuneInputError, match=r"1 of the 4 training samples were never attacked.*2 of the 4 .*not in"
+    ):
+        mask.check(torch.tensor([0, 2, 3, 9]))
+    with pytest.raises(FinetuneInputError):
+        mask(torch.tensor([2]))
+
+
+def test_global_batches_split_the_one_worker_batches():
+    """Each rank's shares, concatenated over the ranks, are the 1-worker global batches (same order, same
+    random-start rows), and every rank takes the same number of steps."""
+    from rcat_ray.core.finetune import GlobalBatches, GlobalBatchSampler, global_batch_start
+
+    n, batch = 203, 16  # last global batch: 11 -> shares 4, 4, 3 on 3 workers
+    images, labels, ids = torch.rand(n, 1, 2, 2), torch.arange(n) % 10, torch.arange(n) + 1000
+
+    def epoch(world, rank, e):
+        sampler = GlobalBatchSampler(n, batch, rank=rank, world_size=world, seed=7)
+        sampler.set_epoch(e)
+        return list(GlobalBatches(sampler, images, labels, ids))
+
+    for e in (0, 1):
+        single = epoch(1, 0, e)
+        assert len(single) == 13 and sorted(torch.cat([b.ids for b in single]).tolist()) == ids.tolist()
+        for world in (2, 3):
+            per_rank = [epoch(world, r, e) for r in range(world)]
+            assert {len(p) for p in per_rank} == {len(single)}
+            for i, whole in enumerate(single):
+                shares = [p[i] for p in per_rank]
+                assert torch.equal(torch.cat([b.ids for b in shares]), whole.ids)
+                assert torch.equal(torch.cat([b.x for b in shares]), whole.x)
+                assert torch.equal(
+                    torch.cat([global_batch_start(b, 0.1) for b in shares]), global_batch_start(whole, 0.1)
+                )
+                assert sum(b.loss_weight for b in shares) == pytest.approx(world)
+    assert not torch.equal(epoch(1, 0, 0)[0].ids, epoch(1, 0, 1)[0].ids), "every epoch has its own order"
+    # a last global batch smaller than the worker count is dropped (no empty share), never with one worker
+    assert len(GlobalBatchSampler(17, 8, world_size=2)) == 2
+    assert len(GlobalBatchSampler(17, 8, world_size=1)) == 3
+
+
+def test_finetune_epoch_attacks_in_full_precision_under_autocast(digits_models, digits_train):
+    """With mixed precision the training forward runs under autocast (16-bit logits) but x* is crafted in
+    float32 (the attack's forwards, in eval mode, give float32 logits)."""
+    import copy
+
+    from rcat_ray.config import LossConfig, TrainAttackConfig
+    from rcat_ray.core.finetune import GlobalBatches, GlobalBatchSampler, finetune_epoch, frozen_copy
+
+    old, new = digits_models
+    model = copy.deepcopy(new.module).train()
+    seen: set[tuple[bool, torch.dtype]] = set()
+    model[-1].register_forward_hook(lambda mod, inp, out: seen.add((mod.training, out.dtype)))
+    sampler = GlobalBatchSampler(256, 64)
+    batches = GlobalBatches(
+        sampler, digits_train.images[:256], digits_train.labels[:256], digits_train.sample_ids[:256]
+    )
+    stats = finetune_epoch(
+        model, None, frozen_copy(old.module), batches, torch.optim.SGD(model.parameters(), lr=0.01),
+        LossConfig(kind="at"), TrainAttackConfig(kind="fgsm-rs", eps=0.1),
+        device=torch.device("cpu"), amp_dtype=torch.bfloat16,
+    )  # fmt: skip
+    assert seen == {(False, torch.float32), (True, torch.bfloat16)}
+    assert stats["train_samples"] == 256 and stats["train_loss"] > 0
 
 
 @pytest.fixture

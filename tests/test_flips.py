@@ -176,6 +176,7 @@ def test_hand_computed_metrics() -> None:
         "r_pfr": 1 / 8,
         "b_nfr": 1 / 8,
         "s_nfr": 3 / 8,
+        "nfr_robust_subset": 2 / 8,  # every row attacked: the NFR itself
     }
     assert all(entry["n"] == 8 for entry in summary["metrics"].values())
     assert list(summary["metrics"]) == list(METRICS)
@@ -197,6 +198,7 @@ def test_hand_computed_per_class() -> None:
         "r_pfr": 0.0,
         "b_nfr": 0.25,
         "s_nfr": 0.5,
+        "nfr_robust_subset": 0.25,
     }
     assert cls1["name"] == "dog"
     assert cls1["metrics"]["relative_nfr"]["value"] == pytest.approx(0.25 / (0.25 * 0.75))
@@ -222,6 +224,10 @@ def test_robust_metrics_use_only_the_attacked_subset() -> None:
     assert m["r_pfr"]["value"] == 1 / 7  # row 6
     assert m["b_nfr"]["value"] == 1 / 7  # row 9 also flips clean
     assert m["s_nfr"]["value"] == 2 / 7
+    assert m["nfr_robust_subset"]["value"] == 1 / 7  # row 9, the only clean flip, is in the robust set
+    assert m["s_nfr"]["value"] == pytest.approx(
+        m["nfr_robust_subset"]["value"] + m["r_nfr"]["value"] - m["b_nfr"]["value"], abs=1e-15
+    )
     assert all(m[key]["n"] == 7 for key in ROBUST_METRICS)
     assert all(m[key]["n"] == 10 for key in METRICS if key not in ROBUST_METRICS)
     per_class = {c["class"]: c for c in summary["per_class"]}
@@ -357,6 +363,40 @@ def test_s_nfr_identity_when_all_rows_attacked(table: pa.Table) -> None:
         assert m["s_nfr"]["n"] == m["nfr"]["n"]
         expected = m["nfr"]["value"] + m["r_nfr"]["value"] - m["b_nfr"]["value"]
         assert m["s_nfr"]["value"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_s_nfr_identity_on_one_n_when_fewer_samples_were_attacked() -> None:
+    """robust_samples < N: NFR over all rows does not fit S-NFR's N; NFR on the robust set does, and its
+    interval is bootstrapped on the same resamples as S-NFR's."""
+    ids = list(range(12))
+    labels = [i % 3 for i in ids]
+    c_old = [True] * 12
+    c_new = [False, False, False, False, True, True, True, True, True, True, True, True]  # 4 clean flips
+    r_old: list[bool | None] = [None, None, None, True, True, True, False, True, None, None, None, None]
+    r_new: list[bool | None] = [None, None, None, False, False, True, True, True, None, None, None, None]
+    summary = summarize(flip_table(model_table(ids, labels, c_old, r_old), model_table(ids, labels, c_new, r_new)))
+    m = summary["metrics"]
+    assert (summary["n_clean"], summary["n_robust"]) == (12, 5)
+    assert (m["nfr"]["value"], m["nfr"]["n"]) == (4 / 12, 12)
+    sub = m["nfr_robust_subset"]
+    assert (sub["value"], sub["n"]) == (1 / 5, 5)  # rows 3..7: only row 3 flips clean
+    assert sub["ci_low"] <= sub["value"] <= sub["ci_high"]
+    assert m["s_nfr"]["n"] == m["r_nfr"]["n"] == m["b_nfr"]["n"] == sub["n"]
+    assert m["s_nfr"]["value"] == pytest.approx(sub["value"] + m["r_nfr"]["value"] - m["b_nfr"]["value"], abs=1e-15)
+    assert m["s_nfr"]["value"] != pytest.approx(m["nfr"]["value"] + m["r_nfr"]["value"] - m["b_nfr"]["value"])
+    assert "NFR (robust set)" in format_summary(summary)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_pair())
+def test_s_nfr_identity_on_the_robust_set(table: pa.Table) -> None:
+    summary = summarize(table, n_bootstrap=20)
+    for m in [summary["metrics"], *(c["metrics"] for c in summary["per_class"])]:
+        sub = m["nfr_robust_subset"]
+        assert sub["n"] == m["s_nfr"]["n"] == m["r_nfr"]["n"]
+        if sub["n"]:
+            expected = sub["value"] + m["r_nfr"]["value"] - m["b_nfr"]["value"]
+            assert m["s_nfr"]["value"] == pytest.approx(expected, abs=1e-12)
 
 
 @settings(max_examples=40, deadline=None)

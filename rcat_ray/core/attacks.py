@@ -4,6 +4,11 @@ The cascade follows AutoAttack's rule (each attack only runs on the samples stil
 previous ones) but calls pyautoattack's attack classes directly, with their parameters passed to the
 constructors, so that the table can record which attack broke each sample. Seeds are always explicit
 and the caller's global RNG is left untouched (pyautoattack re-seeds it).
+
+Seeding follows AutoAttack's own rule: every component of the cascade gets the one seed of the chunk
+(``AutoAttack.run_standard_evaluation`` sets ``attack.seed = self.seed`` before each component, and each
+component re-seeds torch with it in ``perturb``). A chunk's rows can therefore be re-checked with a plain
+``pyautoattack.AutoAttack(model, attacks=[...], version="custom", seed=chunk_seed, ...)`` call.
 """
 
 from __future__ import annotations
@@ -108,7 +113,8 @@ def evaluate_chunk(
 
     ``attack_mask`` marks the samples to attack (the first ``robust_samples`` of the split); the others
     get clean results only and null robust fields. A sample misclassified when clean is never attacked and
-    never robust. The result depends only on the inputs and ``seed``.
+    never robust. The result depends only on the inputs and ``seed``, which seeds every attack of the
+    cascade (as AutoAttack does), so pyautoattack's own AutoAttack with that seed gives the same rows.
     """
     device = torch.device(device)
     model = model.to(device).eval()
@@ -127,11 +133,11 @@ def evaluate_chunk(
     still_robust = (clean_correct & mask).clone()
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
-        for step, name in enumerate(cfg.cascade):
+        for name in cfg.cascade:
             idx = still_robust.nonzero().flatten()
             if idx.numel() == 0:
                 break
-            attack = _build_attack(name, model, cfg, num_classes, seed + step, device)
+            attack = _build_attack(name, model, cfg, num_classes, seed, device)  # one seed: AutoAttack's rule
             with torch.enable_grad():
                 adv = attack.perturb(x[idx.to(device)], y[idx.to(device)]).detach()
             pred = _logits(model, adv).argmax(1)

@@ -72,8 +72,19 @@ _MODEL_COLUMNS: Final[dict[str, tuple[pa.DataType, bool]]] = {
 }
 
 _CLEAN_METRICS: Final[tuple[str, ...]] = ("acc_old", "acc", "nfr", "pfr", "relative_nfr")
-ROBUST_METRICS: Final[tuple[str, ...]] = ("rob_acc_old", "rob_acc", "r_nfr", "r_pfr", "b_nfr", "s_nfr")
-"""Metrics computed on the robust sample set (rows where both models were attacked)."""
+ROBUST_METRICS: Final[tuple[str, ...]] = (
+    "rob_acc_old",
+    "rob_acc",
+    "r_nfr",
+    "r_pfr",
+    "b_nfr",
+    "s_nfr",
+    "nfr_robust_subset",
+)
+"""Metrics computed on the robust sample set (rows where both models were attacked).
+
+``nfr_robust_subset`` is the clean NFR on that same set: when robust metrics use fewer samples than clean
+ones, it is the NFR for which ``s_nfr == nfr_robust_subset + r_nfr - b_nfr`` holds on one N (DESIGN 1.1)."""
 
 METRICS: Final[tuple[str, ...]] = _CLEAN_METRICS + ROBUST_METRICS
 """Every metric key of a summary, in display order."""
@@ -90,6 +101,7 @@ METRIC_LABELS: Final[Mapping[str, str]] = {
     "r_pfr": "R-PFR",
     "b_nfr": "B-NFR",
     "s_nfr": "S-NFR",
+    "nfr_robust_subset": "NFR (robust set)",
 }
 """Human-readable metric names (the paper's spelling) for tables and plots."""
 
@@ -123,6 +135,7 @@ _INDICATORS: Final[dict[str, np.ndarray]] = {
     "r_pfr": ~_R_OLD & _R_NEW,
     "b_nfr": _NEG & _R_NEG,
     "s_nfr": _NEG | _R_NEG,
+    "nfr_robust_subset": _NEG,
 }
 _INDICATORS = {key: mask.astype(np.float64) for key, mask in _INDICATORS.items()}
 
@@ -397,9 +410,10 @@ def summarize(
     * Each metric is a rate over its *own* sample set, denominator its own N: the clean set is every
       row, the robust set is the rows where both robust flags are non-null (robust evaluation is often
       run on fewer samples than clean, e.g. 2k of 10k). ``b_nfr`` and ``s_nfr`` are computed on the
-      robust set, as means of ``neg & r_neg`` and ``neg | r_neg``; hence
-      ``s_nfr == nfr + r_nfr - b_nfr`` holds exactly when the robust set is all rows, and otherwise
-      only approximately (``nfr`` then comes from a different, larger sample).
+      robust set, as means of ``neg & r_neg`` and ``neg | r_neg``, and ``nfr_robust_subset`` is the
+      clean NFR on that same set, so ``s_nfr == nfr_robust_subset + r_nfr - b_nfr`` always holds on one
+      N (also resample by resample). ``nfr`` itself uses every row; it equals ``nfr_robust_subset``
+      when every row was attacked.
     * ``relative_nfr = nfr / ((1 - err_old) * err_new)`` (PCT paper) is nan -- null in the output --
       when its denominator is 0.
     * Intervals are percentile bootstrap intervals over samples, *paired*: rows of the flip table
@@ -564,7 +578,8 @@ def format_summary(summary: Mapping[str, Any], *, per_class: bool = True) -> str
     """
     confidence = summary.get("bootstrap", {}).get("confidence", 0.95)
     ci_header = f"{round(100 * confidence, 2):g}% CI"
-    lines = [f"{'metric':<14}{'value %':>9}  {ci_header:^19}{'N':>9}"]
+    width = max(14, *(len(label) + 2 for label in METRIC_LABELS.values()))
+    lines = [f"{'metric':<{width}}{'value %':>9}  {ci_header:^19}{'N':>9}"]
     lines.append("-" * len(lines[0]))
     for key in METRICS:
         entry = summary["metrics"].get(key)
@@ -575,7 +590,7 @@ def format_summary(summary: Mapping[str, Any], *, per_class: bool = True) -> str
         else:
             ci = f"[{_pct(entry['ci_low'], 6)}, {_pct(entry['ci_high'], 6)}]"
             ci = f"{ci:^19}"
-        lines.append(f"{METRIC_LABELS[key]:<14}{_pct(entry['value'], 9)}  {ci}{entry['n']:>9}")
+        lines.append(f"{METRIC_LABELS[key]:<{width}}{_pct(entry['value'], 9)}  {ci}{entry['n']:>9}")
 
     classes = summary.get("per_class") or []
     if per_class and classes:
