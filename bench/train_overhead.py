@@ -145,7 +145,7 @@ def main() -> None:
     one = run_finetune(cfg(1, args.batch))
     t_fit1 = time.perf_counter() - s
     s = time.perf_counter()
-    two = run_finetune(cfg(2, args.batch // 2))  # the same global batch over 2 workers
+    two = run_finetune(cfg(2, args.batch))  # batch_size is the global batch: the same over 2 workers
     t_fit2 = time.perf_counter() - s
     ray.shutdown()
     e1, e2 = one.history[-1]["epoch_seconds"], two.history[-1]["epoch_seconds"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from rcat_ray.comparison import ComparisonError
 from rcat_ray.config import ConfigError
 from rcat_ray.core.data import DataError
+from rcat_ray.core.finetune import FinetuneInputError
 from rcat_ray.core.flips import FlipInputError
 from rcat_ray.core.losses import LossConfigError
 from rcat_ray.core.models import ModelError
@@ -15,5 +16,5 @@ from rcat_ray.store import StoreError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, ModelError, EvaluationInputError, StoreError, FlipInputError, ComparisonError,
-    LossConfigError, SelectionError, EvaluationRunError, SweepFailedError,
+    LossConfigError, SelectionError, EvaluationRunError, SweepFailedError, FinetuneInputError,
 )  # fmt: skip

@@ -50,7 +50,11 @@ def read_history(root: str) -> pd.DataFrame:
     store = ResultStore(root)
     if not store.exists(""):
         return pd.DataFrame(columns=["date", *HISTORY_SCHEMA.names])
-    dataset = pads.dataset(store.root, filesystem=store.fs, format="parquet", partitioning="hive",
+    # the schema is given, not inferred, so nights written before a metric was added read with it as null
+    date = pa.schema([pa.field("date", pa.string())])
+    dataset = pads.dataset(store.root, filesystem=store.fs, format="parquet",
+                           partitioning=pads.partitioning(date, flavor="hive"),
+                           schema=pa.unify_schemas([HISTORY_SCHEMA, date]),
                            exclude_invalid_files=True, ignore_prefixes=[".", "_"])  # fmt: skip
     df = dataset.to_table().to_pandas()
     if df.empty:

@@ -55,9 +55,6 @@ class TuneSession:
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device)
 
-    def prepare_loader(self, loader: Any) -> Any:
-        return loader
-
     def get_checkpoint(self) -> Any:
         return ray.tune.get_checkpoint()
 
