@@ -183,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--repair", action="store_true", help="move damaged artifacts aside so runs recompute them")
         _add_output_flags(sp, json_flag=True)
 
+    da = sub.add_parser("data", help="prepare a selection of samples once, as a set every node can read")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    prep = da_sub.add_parser("prepare", help="store the selected samples (uint8, chunk-aligned Parquet) in the store")
+    prep.add_argument("--config", help="YAML with a 'data' section (flags override it)")
+    for flag, (key, typ, helptext) in _SETTING_FLAGS.items():
+        if key.startswith("data."):
+            prep.add_argument(flag, dest=key, type=typ, default=None, help=f"{helptext} [{key}]")
+    prep.add_argument("--store", default="results", help="result store that keeps the set under samples/")
+    prep.add_argument("--dest", help="a folder or URI for the set instead of the store's samples/ folder")
+    prep.add_argument("--rows-per-group", type=int, default=256, help="rows per Parquet row group (a chunk's reads)")
+    _add_output_flags(prep, json_flag=True)
+
     ft = sub.add_parser("finetune", help="fine-tune the new model (RCAT, PCT, PCAT, AT) on Ray Train")
     ft.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (key, typ, helptext) in _FINETUNE_FLAGS.items():
@@ -407,6 +419,28 @@ def _mapping_text(obj: Any, *, one_line: bool = False, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from rcat_ray.config import DataConfig, resolve_local_path
+    from rcat_ray.core.samples import open_samples, prepare_samples, samples_location
+
+    raw = load_yaml(args.config).get("data", {}) if args.config else {}
+    for key, _t, _h in _SETTING_FLAGS.values():
+        if key.startswith("data.") and getattr(args, key) is not None:
+            raw[key.removeprefix("data.")] = getattr(args, key)
+    flags = {k.removeprefix("data."): f for k, f in _flag_map(_SETTING_FLAGS).items()}
+    data = parse_config(DataConfig, raw, flags=flags)
+    dest = resolve_local_path(args.dest) if args.dest else samples_location(resolve_local_path(args.store), data)
+    info = prepare_samples(data, dest, rows_per_group=args.rows_per_group)
+    summary = {"location": dest, "dataset": info.dataset, "split": info.split, "n_samples": info.num_rows,
+               "shape": list(info.shape), "dtype": info.dtype, "fingerprint": info.fingerprint,
+               "preprocessing": info.preprocessing, "parts": len(open_samples(dest).files)}  # fmt: skip
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(_mapping_text(summary))
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     raw = load_yaml(args.config) if args.config else {}
     over: dict[str, Any] = {}
@@ -617,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     from rcat_ray.workflows import IncompleteRunError
 
     handlers = {
-        "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "store": cmd_store,
+        "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "store": cmd_store, "data": cmd_data,
         "train": cmd_train, "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "nightly": cmd_nightly,
         "demo": cmd_demo,
     }  # fmt: skip
@@ -626,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.command](args)
     except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM (raised as a KeyboardInterrupt by the handler)
         return _interrupted(args, err)
+    except BrokenPipeError:  # `rcat-ray ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except USER_ERRORS as err:
         print(f"rcat-ray {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -938,3 +938,24 @@ def open_samples(uri: str | Path, *, filesystem: pafs.FileSystem | None = None) 
     samples = SampleSet(info, fs, root, uri)
     samples.check_files()
     return samples
+
+
+#: Folder of a result store that holds the prepared sample sets its evaluations and fine-tunes read.
+SAMPLES_FOLDER = "samples"
+
+
+def samples_location(store_uri: str, cfg: DataConfig) -> str:
+    """Where a store keeps the set of a selection: ``<store>/samples/<hash of the selection>``.
+
+    The result store is the one place every node of a cluster already reaches (shared storage or object
+    storage), so a set prepared there by the driver is readable by every worker.
+    """
+    key = hashlib.sha256(json.dumps(_selection(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return f"{str(store_uri).rstrip('/')}/{SAMPLES_FOLDER}/{cfg.name}-{cfg.split}-{key}"
+
+
+def samples_in_store(store_uri: str, cfg: DataConfig, *, rows_per_group: int = 256) -> SampleSet:
+    """The selection's sample set in a result store, prepared on first use and reused after (no rewrite)."""
+    location = samples_location(store_uri, cfg)
+    prepare_samples(cfg, location, rows_per_group=rows_per_group)
+    return open_samples(location)
