@@ -402,6 +402,11 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(128, ge=1, description="global batch, split evenly over the workers")
     seed: int = 0
     mixed_precision: bool = Field(True, description="autocast + grad scaling on GPU (ignored on CPU)")
+    augment: bool = Field(
+        False,
+        description="standard augmentation on the CPU side: random crop (padding 4) + horizontal flip for images "
+        "up to 64 px; random resized crop + flip for larger (ImageNet) ones",
+    )
     validation: ValidationConfig = ValidationConfig()
     cached_old_table: str | None = Field(
         None, description="store key of the old model's table on the training split (mask_source: cached)"
@@ -493,6 +498,20 @@ class AshaConfig(_Strict):
     reduction_factor: int = Field(2, ge=2)
 
 
+class SelectionValidationConfig(_Strict):
+    """How the finished trials are judged for the selection rule: the test-strength attack on a validation set
+    large enough for confidence intervals. The cheap per-epoch validation only drives progress and ASHA: a weak
+    attack rewarded a model that the strong test attack then broke."""
+
+    enabled: bool = True
+    samples: int = Field(2000, ge=1, description="validation samples (the val split's head)")
+    attack: AttackConfig | None = Field(
+        None, description="default: APGD-CE + APGD-DLR, 50 iterations, at the base's training eps"
+    )
+    chunk_size: int = Field(250, ge=1)
+    compute: ComputeConfig = ComputeConfig()
+
+
 class SweepConfig(_Strict):
     """``rcat-ray sweep``: search the constraint weights (and eps, lr, epochs) of fine-tuning with Ray Tune."""
 
@@ -507,6 +526,7 @@ class SweepConfig(_Strict):
     gpus_per_trial: float = Field(0.0, ge=0)
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources allow")
     tolerance: float = Field(0.02, ge=0, description="selection: allowed drop of validation robust accuracy")
+    selection: SelectionValidationConfig = SelectionValidationConfig()
     name: str = Field("sweep", min_length=1)
     storage: LocalPath = Field("ray_results", validate_default=True, description="Ray Tune storage path")
     out: LocalPath = Field(
