@@ -145,8 +145,12 @@ def run_table(cfg: TableConfig) -> list:
     tables = []
     for pair, prep in zip(cfg.pairs, prepared, strict=True):
         labels = [pair.old.display_name, pair.new.display_name, *(e.display_name for e in pair.finetuned)]
-        shown_labels = [m.name for m in distinct_names([dataclasses.replace(m, name=label)
-                                                        for m, label in zip(prep.models, labels, strict=True)])]
+        shown_labels = [
+            m.name
+            for m in distinct_names(
+                [dataclasses.replace(m, name=label) for m, label in zip(prep.models, labels, strict=True)]
+            )
+        ]
         rows = []
         for i, (shown, plan) in enumerate(zip(shown_labels, prep.plans, strict=True)):
             comp = compare_stored(

@@ -3,6 +3,10 @@
 Inside ``ray job submit`` the job must call a bare ``ray.init()`` (RAY_NOTES gotcha 5): the address then
 comes from ``RAY_ADDRESS``. A local instance binds to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
 set by the CLI before Ray is imported).
+
+How much of Ray's own output reaches the user follows :func:`rcat_ray.quiet.configure_quiet` (the CLI's
+``--verbose``); a library caller that never configured it gets Ray's defaults. Quieting never changes what
+a joined cluster does (its auth mode, its logs): only what this driver prints.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import os
 
 import ray
 
+from rcat_ray import quiet
 from rcat_ray.config import ComputeConfig
+from rcat_ray.interrupts import reclaim_sigterm
 
 
 def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
@@ -23,8 +29,15 @@ def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     address = compute.address or os.environ.get("RAY_ADDRESS")
+    quiet.before_ray_init()
     if address:
-        ray.init(address=address if compute.address else None, log_to_driver=True)
+        # log_to_driver: on a cluster, workers' progress lines (fine-tuning epochs) reach the user only this way
+        ray.init(address=address if compute.address else None, log_to_driver=True, **quiet.ray_init_options())
     else:
         # "local": never attach to a cluster that a `ray start` elsewhere on this machine left behind
-        ray.init(address="local", num_cpus=compute.local_cpus, include_dashboard=dashboard, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=compute.local_cpus, include_dashboard=dashboard, log_to_driver=False,
+            **quiet.ray_init_options(),
+        )  # fmt: skip
+    quiet.after_ray_init()
+    reclaim_sigterm()  # ray.init replaced the SIGTERM handler; an interrupted evaluation must still clean up
