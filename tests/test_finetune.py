@@ -31,6 +31,7 @@ def _cfg(tmp_path, parents, **kw) -> FinetuneConfig:
         "validation": {"samples": 100},
         "out": str(tmp_path / "out"),
         "storage": str(tmp_path / "ray_results"),
+        "store": str(tmp_path / "store"),  # the prepared training and validation sets live here
         "num_workers": 0,
         "threads_per_worker": 1,
     }

@@ -12,6 +12,15 @@ training attack is drawn for the whole global batch from a generator seeded with
 each worker attacks with its rows of it, and a share's loss is weighted by its size, so that the gradient
 DDP averages is the gradient of the global batch. For losses that are means over the batch (AT, PCT, PCAT,
 RCAT with ``batch`` normalisation) one worker and N workers then train the same model, up to float rounding.
+
+Streaming: a worker reads only its own rows. :class:`StreamedGlobalBatches` asks a prepared sample set
+(:class:`rcat_ray.core.samples.SampleSet`) for exactly the positions of this worker's shares, in order, through
+``SampleSet.iter_batches`` (row groups decoded once into a bounded LRU cache), one batch ahead of the training
+step in a reader thread; what a worker holds of the set is bounded by that cache, whatever the set's size (a
+small set such as CIFAR's 150 MB fits in it and is read once per epoch; ImageNet's 190 GB streams). Optional
+augmentation (:mod:`rcat_ray.core.augment`) is applied there, on the CPU, with the parameters of the whole
+global batch (seeded by seed, epoch and batch index), so it too is the same with 1 or N workers and after a
+resume.
 """
 
 from __future__ import annotations
@@ -19,15 +28,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import Sampler
 
 from rcat_ray.config import LossConfig, OptimizerConfig, TrainAttackConfig
+from rcat_ray.core.augment import augment_share
 from rcat_ray.core.losses import at_loss, pct_loss, rcat_loss
 from rcat_ray.core.training_attacks import fgsm_paper, fgsm_rs, pgd, uniform_start
 from rcat_ray.progress import Progress
@@ -150,6 +163,11 @@ def start_seed(seed: int, epoch: int, index: int) -> int:
     return _derived_seed(seed, epoch, index)
 
 
+def augment_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the augmentation of global batch ``index`` of ``epoch`` (a stream unrelated to the start's)."""
+    return _derived_seed(seed, epoch, index, 1)
+
+
 def share_bounds(global_size: int, rank: int, world_size: int) -> tuple[int, int]:
     """(offset, size) of worker ``rank``'s contiguous share of a global batch (sizes differ by at most 1)."""
     base, rem = divmod(global_size, world_size)
@@ -222,13 +240,37 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield idx.tolist()
 
 
+def _share_batch(
+    sampler: GlobalBatchSampler,
+    index: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ids: torch.Tensor,
+    offset: int,
+    global_size: int,
+    augment: bool,
+) -> Batch:
+    """A :class:`Batch` from a share's rows, augmented (on the CPU) with its global batch's parameters."""
+    if augment:
+        seed = augment_seed(sampler.seed, sampler.epoch, index)
+        x = augment_share(x, seed=seed, offset=offset, global_size=global_size)
+    start = start_seed(sampler.seed, sampler.epoch, index)
+    return Batch(x, y, ids, index, offset, global_size, sampler.world_size, start)
+
+
 class GlobalBatches:
-    """The :class:`Batch` shares of one epoch, read from in-memory tensors (a sized iterable)."""
+    """The :class:`Batch` shares of one epoch, read from in-memory tensors (a sized iterable).
+
+    For small in-process uses and tests; fine-tuning workers read a prepared set with
+    :class:`StreamedGlobalBatches`, which yields the same batches.
+    """
 
     def __init__(
-        self, sampler: GlobalBatchSampler, images: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor
-    ):
+        self, sampler: GlobalBatchSampler, images: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor,
+        *, augment: bool = False,
+    ):  # fmt: skip
         self.sampler, self.images, self.labels, self.sample_ids = sampler, images, labels, sample_ids
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -236,10 +278,113 @@ class GlobalBatches:
     def __iter__(self) -> Iterator[Batch]:
         s = self.sampler
         for index, idx, offset, global_size in s.shares():
-            yield Batch(
-                self.images[idx], self.labels[idx], self.sample_ids[idx], index, offset, global_size, s.world_size,
-                start_seed(s.seed, s.epoch, index),
-            )  # fmt: skip
+            x, y, ids = self.images[idx], self.labels[idx], self.sample_ids[idx]
+            yield _share_batch(s, index, x, y, ids, offset, global_size, self.augment)
+
+
+class RowSource(Protocol):
+    """What :class:`StreamedGlobalBatches` needs of a sample set (:class:`rcat_ray.core.samples.SampleSet`)."""
+
+    def __len__(self) -> int: ...
+
+    def iter_batches(self, batch_size: int, positions: Any = None, *, cache_bytes: int = ...) -> Iterator[Any]: ...
+
+
+#: Stored (uint8) bytes of decoded row groups a worker keeps between batches: the bound on what a worker holds
+#: of the training set, whatever its size (ImageNet's is 190 GB).
+READ_CACHE_BYTES = 256 * 2**20
+
+
+class StreamedGlobalBatches:
+    """This worker's :class:`Batch` shares of one epoch, read from a prepared sample set (a sized iterable).
+
+    The same batches as :class:`GlobalBatches` over the same rows, but only this worker's rows are ever
+    asked for: the shares' positions (in training order) go to ``samples.iter_batches``, which reads the
+    row groups holding them (an LRU cache of ``cache_bytes`` keeps the groups a later share will need) and
+    decodes exactly the float32 tensors ``load_split`` gives. ``prefetch`` batches are read, decoded and
+    augmented ahead in a thread, so storage and the CPU work overlap the training step. ``rows_read``
+    counts the rows the last (or current) epoch has delivered.
+    """
+
+    def __init__(
+        self, sampler: GlobalBatchSampler, samples: RowSource, *, augment: bool = False,
+        cache_bytes: int = READ_CACHE_BYTES, prefetch: int = 2,
+    ):  # fmt: skip
+        if len(samples) != sampler.num_samples:
+            raise ValueError(f"the sampler covers {sampler.num_samples} rows, the sample set has {len(samples)}")
+        self.sampler, self.samples, self.augment = sampler, samples, augment
+        self.cache_bytes, self.prefetch = cache_bytes, prefetch
+        self.rows_read = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.rows_read = 0
+        batches = self._read(list(self.sampler.shares()))
+        return prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
+
+    def _read(self, shares: list[tuple[int, torch.Tensor, int, int]]) -> Iterator[Batch]:
+        # iter_batches takes one batch size: consecutive shares of equal size are read in one call (usually
+        # every share but the last global batch's), so the LRU cache serves the whole run
+        s = self.sampler
+        start = 0
+        while start < len(shares):
+            size = shares[start][1].numel()
+            stop = start
+            while stop < len(shares) and shares[stop][1].numel() == size:
+                stop += 1
+            run = shares[start:stop]
+            positions = torch.cat([idx for _, idx, _, _ in run]).numpy()
+            reader = self.samples.iter_batches(size, positions=positions, cache_bytes=self.cache_bytes)
+            for (index, _, offset, global_size), (x, y, ids) in zip(run, reader, strict=True):
+                self.rows_read += int(y.shape[0])
+                yield _share_batch(s, index, x, y, ids, offset, global_size, self.augment)
+            start = stop
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items`` produced ``depth`` ahead in a daemon thread (reads, decoding and augmentation release the
+    GIL for most of their time), in the same order; the producer's exception is raised in the consumer, and
+    a consumer that stops early stops the producer at its next item."""
+    q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((False, err))
+
+    thread = threading.Thread(target=produce, name="rcat-ray-batch-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:

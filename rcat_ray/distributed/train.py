@@ -1,14 +1,38 @@
 """Ray Train fine-tuning: TorchTrainer (DDP; gloo on CPU, nccl on GPU) around the core epoch function.
 
-Each worker loads the data and the two parent models itself (sources are paths or names, valid on every
-node), keeps a frozen copy of the new model (f_theta0) and the frozen old model, and trains the DDP-wrapped
-copy on its contiguous share of every global batch (:class:`rcat_ray.core.finetune.GlobalBatchSampler`:
-``batch_size`` is the global batch, so 1 and N workers take the same optimizer steps on the same
-samples and, for losses that are batch means, train the same model). Every epoch, rank 0 measures
-validation flips against the old model and saves a checkpoint (model, optimizer, scheduler, scaler,
-epoch, RNG states); a restarted worker group resumes from the latest one (``FailureConfig``). After
-``fit`` the driver writes the final model as a self-describing checkpoint with a manifest naming both
-parents' fingerprints, so the flip engine loads it like any other checkpoint.
+Data plane. Before Ray starts, the driver prepares the training selection and the validation subset as
+sample sets in the result store (:func:`rcat_ray.core.samples.samples_in_store`: decoded once into
+chunk-aligned Parquet, reused by every later run; the store is the one place every node reaches) and reads
+two rows of the training set to check the models against it; it never holds the training split. The loop
+config carries only the config and the two set locations. Each worker opens the training set and reads only
+its own rows: its contiguous share of every global batch
+(:class:`rcat_ray.core.finetune.GlobalBatchSampler`: one permutation per epoch from (seed, epoch),
+``batch_size`` is the global batch, the attack's random start and the augmentation are drawn per global
+batch), asked for by position through ``SampleSet.iter_batches`` with a bounded LRU of decoded row groups
+(:class:`rcat_ray.core.finetune.StreamedGlobalBatches`). So no worker holds the training set, and 1 and N
+workers take the same optimizer steps on the same samples and, for losses that are batch means, train the
+same model. Rank 0 reads the validation set chunk by chunk each epoch. Each worker loads the two parent
+models from their sources (paths or RobustBench names, valid on every node) itself.
+
+Why not ``TorchTrainer(datasets=...)`` and ``get_dataset_shard``: Ray Train hands each worker a
+``streaming_split`` of the dataset, whose coordinator gives the blocks of one execution to whichever
+worker asks next. Which rows a worker trains on then depends on timing and on the worker count, so the same
+config would train a different model on 1 and on 2 workers (and on a rerun), which the global-batch
+contract forbids. The deterministic alternatives do not stream: excluding the dataset from
+``DataConfig(datasets_to_split=...)`` gives every worker the whole dataset to filter (every worker reads
+everything), and ``Dataset.split`` or a per-epoch ``random_shuffle`` materialises the whole set in the
+object store. The rows a worker needs are a known function of (seed, epoch, rank, world size), so the
+worker reads exactly those rows from the prepared Parquet set itself: data goes from storage straight to
+the worker that trains on it, and the order is seeded (reproducible for a given worker count, and the
+global batches are the same for any worker count).
+
+Every epoch, rank 0 measures validation flips against the old model and saves a checkpoint (model,
+optimizer, scheduler, scaler, epoch, RNG states, history with each rank's node, pid and rows read); a
+restarted worker group resumes from the latest one at the epoch boundary (``FailureConfig``): the
+permutation, random starts and augmentation of an epoch depend only on (seed, epoch), so a resumed run
+trains as one that never stopped. After ``fit`` the driver writes the final model as a self-describing
+checkpoint with a manifest naming both parents' fingerprints, so the flip engine loads it like any other
+checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +41,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -26,23 +51,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
+import ray
 import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rcat_ray.config import AttackConfig, FinetuneConfig, parse_config
-from rcat_ray.core.data import load_split
+from rcat_ray.config import AttackConfig, DataConfig, FinetuneConfig, parse_config
 from rcat_ray.core.finetune import (
     CachedMask,
-    GlobalBatches,
     GlobalBatchSampler,
+    StreamedGlobalBatches,
     finetune_epoch,
     frozen_copy,
     make_optimizer,
 )
 from rcat_ray.core.models import LoadedModel, load_model, save_checkpoint
+from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
 from rcat_ray.core.validation import per_model_table, validation_flips
 from rcat_ray.progress import Progress
 from rcat_ray.store import ResultStore, now_iso, package_versions, write_file_atomic
@@ -61,18 +89,80 @@ class FinetuneOutcome:
     history: list[dict[str, Any]]
 
 
-def _load_parents(cfg: FinetuneConfig) -> tuple[LoadedModel, LoadedModel, Any]:
-    split = load_split(cfg.data)
-    kw = {"num_classes": split.num_classes, "input_shape": split.input_shape, "data_name": cfg.data.name}
-    return load_model(cfg.old, **kw), load_model(cfg.new, **kw), split
+#: Rows per row group of a training set prepared for fine-tuning, where the default (256) is too coarse: a
+#: worker reads whole row groups, and a shuffled share of a 224 px ImageNet batch touches a different group
+#: for nearly every row, so a row costs a read of its whole group: 38 MB at 256 rows, 2.4 MB at 16. The small
+#: datasets keep 256 (a CIFAR group is 786 kB, and their sets fit the read cache). Only the layout differs:
+#: the set, its fingerprint and the tensors read are the same, and an existing set is reused as it is.
+TRAIN_ROWS_PER_GROUP = {"imagenet": 16}
+DEFAULT_ROWS_PER_GROUP = 256
+#: Testing aid (multi-node tests): a folder; every worker waits at the start of each epoch after the first
+#: until ``open-e<epoch>`` exists there, after writing ``arrived-e<epoch>-r<rank>-p<pid>`` (its node id, host
+#: and pid as JSON), so a test can act (remove a node) while an epoch is known to be running.
+TEST_GATE_ENV = "RCAT_RAY_TEST_EPOCH_GATE"
 
 
-def validation_setup(cfg: FinetuneConfig) -> tuple[Any, AttackConfig]:
-    """The validation subset and the cheap attack used every epoch."""
+@dataclass(frozen=True)
+class SampleSets:
+    """Where the prepared training and validation sets are: locations in the result store, valid on every
+    node. This (two strings), not the samples, is what the loop config carries to the workers."""
+
+    train: str
+    validation: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"train": self.train, "validation": self.validation}
+
+    @classmethod
+    def from_json(cls, d: dict[str, str]) -> SampleSets:
+        return cls(train=d["train"], validation=d["validation"])
+
+
+def training_samples(cfg: FinetuneConfig) -> SampleSet:
+    """The training selection's sample set in the store, prepared on first use (see TRAIN_ROWS_PER_GROUP)."""
+    rows = TRAIN_ROWS_PER_GROUP.get(cfg.data.name, DEFAULT_ROWS_PER_GROUP)
+    return samples_in_store(cfg.store, cfg.data, rows_per_group=rows)
+
+
+def validation_data(cfg: FinetuneConfig) -> DataConfig:
+    """The validation subset's selection: the configured one, or the head of the training data's val split."""
     data = cfg.validation.data or cfg.data.model_copy(update={"split": "val", "offset": 0, "limit": None})
-    data = data.model_copy(update={"limit": min(cfg.validation.samples, data.limit or cfg.validation.samples)})
-    attack = cfg.validation.attack or AttackConfig(eps=cfg.train_attack.eps, attacks=("apgd-ce",), n_iter=10)
-    return load_split(data), attack
+    return data.model_copy(update={"limit": min(cfg.validation.samples, data.limit or cfg.validation.samples)})
+
+
+def validation_setup(cfg: FinetuneConfig) -> tuple[SampleSet, AttackConfig]:
+    """The validation subset (a sample set in the store, prepared on first use) and the cheap attack used
+    every epoch."""
+    return samples_in_store(cfg.store, validation_data(cfg)), _validation_attack(cfg)
+
+
+def prepare_sample_sets(cfg: FinetuneConfig) -> SampleSets:
+    """Prepare (or find) the training and validation sets in the store; returns their locations."""
+    return SampleSets(training_samples(cfg).uri, validation_setup(cfg)[0].uri)
+
+
+def _load_parents(cfg: FinetuneConfig, samples: SampleSet) -> tuple[LoadedModel, LoadedModel]:
+    """The old and new models, shaped by the set's description (no image is read)."""
+    kw = {"num_classes": samples.info.num_classes, "input_shape": samples.info.shape, "data_name": cfg.data.name}
+    return load_model(cfg.old, **kw), load_model(cfg.new, **kw)
+
+
+def training_ids(samples: SampleSet) -> torch.Tensor:
+    """The set's sample ids in position order, without reading any image.
+
+    Sample ids are strictly increasing in a set, so when the first and last id span exactly its row count
+    they are that range (every selection of the built-in datasets); otherwise the ``sample_id`` column is
+    read alone (8 bytes a row).
+    """
+    info = samples.info
+    lo, hi = info.sample_id_min, info.sample_id_max
+    if lo is not None and hi is not None and hi - lo + 1 == info.num_rows:
+        return torch.arange(lo, hi + 1, dtype=torch.int64)
+    columns = []
+    for path in samples.files:
+        with samples.filesystem.open_input_file(path) as f:
+            columns.append(pq.ParquetFile(f).read(columns=["sample_id"]).column("sample_id").to_numpy())
+    return torch.from_numpy(np.concatenate(columns).astype(np.int64))
 
 
 def _cached_mask(cfg: FinetuneConfig, training_ids: torch.Tensor) -> CachedMask | None:
@@ -113,11 +203,16 @@ class TrainSession:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """The per-worker loop that Ray Train runs (also runs in-process with ``num_workers=0``)."""
+    """The per-worker loop that Ray Train runs (also runs in-process with ``num_workers=0``).
+
+    ``loop_config``: the config (JSON), the driver's pid, and ``samples`` (:class:`SampleSets` as JSON):
+    where the prepared sets are. Without ``samples`` the worker finds (or prepares) them in the store itself.
+    """
     cfg = parse_config(FinetuneConfig, loop_config["finetune"])
     if loop_config.get("driver_pid") != os.getpid():
         _worker_progress_logging()
-    return finetune_loop(cfg, TrainSession(cfg))
+    sets = SampleSets.from_json(loop_config["samples"]) if loop_config.get("samples") else None
+    return finetune_loop(cfg, TrainSession(cfg), sets)
 
 
 def _worker_progress_logging() -> None:
@@ -146,6 +241,27 @@ def _global_stats(stats: dict[str, float], world: int, device: torch.device) -> 
     return {**stats, "train_loss": total / max(seen, 1.0), "train_samples": seen}
 
 
+def _worker_identity(rank: int, rows_read: int) -> dict[str, Any]:
+    """Where this rank ran (Ray node id when Ray runs, host, pid) and how many training rows it read this
+    epoch: recorded per epoch in the history, so a run shows its placement and that each rank read only its
+    share."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"rank": rank, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(), "rows_read": rows_read}
+
+
+def _gather_workers(info: dict[str, Any], world: int, device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's :func:`_worker_identity`, in rank order (all ranks must call it)."""
+    import torch.distributed as dist
+
+    if world <= 1 or not dist.is_available() or not dist.is_initialized():
+        return [info]
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(device)  # all_gather_object stages the pickles on the current CUDA device
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, info)
+    return sorted(gathered, key=lambda d: d["rank"])
+
+
 def _epoch_line(cfg: FinetuneConfig, epoch: int, metrics: dict[str, Any]) -> str:
     vals = ", ".join(
         f"{k.removeprefix('val_')} {100 * v:.2f}%" for k, v in metrics.items() if k.startswith("val_")
@@ -157,29 +273,32 @@ def _epoch_line(cfg: FinetuneConfig, epoch: int, metrics: dict[str, Any]) -> str
     )
 
 
-def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
+def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = None) -> dict[str, Any]:
     """Fine-tune for ``cfg.epochs`` epochs, resuming from the session's checkpoint, reporting every epoch.
 
     ``session`` is a TrainSession (Ray Train workers, DDP) or a Tune session (one trial in one process);
-    the loop itself does not know which.
+    the loop itself does not know which. ``sets``: where the prepared training and validation sets are
+    (what the driver prepared); None finds or prepares them in ``cfg.store`` (in-process callers).
     """
     rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed + rank)
 
-    old, new, split = _load_parents(cfg)
+    sets = sets or prepare_sample_sets(cfg)
+    train_set = open_samples(sets.train)  # the description only: rows are read share by share below
+    old, new = _load_parents(cfg, train_set)
     old_module = frozen_copy(old.module).to(device)
     theta0 = frozen_copy(new.module).to(device) if cfg.loss.kind == "rcat" else None
     model = session.prepare_model(new.module.train())
     inner = model.module if hasattr(model, "module") else model
 
-    # batch_size is the global batch: this worker trains on its share of each (not a DistributedSampler)
-    sampler = GlobalBatchSampler(len(split), cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
-    batches = GlobalBatches(sampler, split.images, split.labels, split.sample_ids)
+    # batch_size is the global batch: this worker reads and trains on its share of each (not a DistributedSampler)
+    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
+    batches = StreamedGlobalBatches(sampler, train_set, augment=cfg.augment)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(sampler))
     amp_dtype = torch.float16 if cfg.mixed_precision and device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is not None else None
-    cached = _cached_mask(cfg, split.sample_ids)
+    cached = _cached_mask(cfg, training_ids(train_set))
 
     start_epoch = 0
     history: list[dict[str, Any]] = []
@@ -197,13 +316,14 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
         start_epoch = int(state["epoch"]) + 1
         history = list(state.get("history", []))
 
-    val_split, val_attack = validation_setup(cfg) if rank == 0 else (None, None)
-    old_val = per_model_table(old_module, val_split, val_attack, old.num_classes, device) if rank == 0 else None
+    val_set, val_attack = (open_samples(sets.validation), _validation_attack(cfg)) if rank == 0 else (None, None)
+    old_val = per_model_table(old_module, val_set, val_attack, old.num_classes, device) if rank == 0 else None
 
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs):
+        _maybe_wait_at_gate(epoch, rank)
         _maybe_inject_fault(cfg, epoch, rank, world)
-        sampler.set_epoch(epoch)  # the epoch's permutation and random starts: a function of (seed, epoch)
+        sampler.set_epoch(epoch)  # the epoch's permutation, random starts, augmentation: functions of (seed, epoch)
         bar = (
             Progress(f"finetune {cfg.loss.tag} epoch {epoch + 1}/{cfg.epochs}", len(sampler), "batches")
             if rank == 0
@@ -227,6 +347,7 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
         )
         stats = _global_stats(stats, world, device)
         stats["epoch_seconds"] = time.perf_counter() - t_epoch  # training only, validation excluded
+        workers = _gather_workers(_worker_identity(rank, batches.rows_read), world, device)
         metrics = {
             "epoch": epoch,
             "attempt_start_epoch": start_epoch,
@@ -236,9 +357,9 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
         }
         with _checkpoint_dir(cfg, epoch, session.persistent_checkpoints) as tmp:
             if rank == 0:
-                metrics.update(validation_flips(old_val, inner, val_split, val_attack, old.num_classes, device))
+                metrics.update(validation_flips(old_val, inner, val_set, val_attack, old.num_classes, device))
                 progress_log.info(_epoch_line(cfg, epoch, metrics))
-                history.append(dict(metrics))
+                history.append({**metrics, "workers": workers})  # placement stays out of the scalar metrics
                 torch.save({
                     "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
@@ -252,6 +373,10 @@ def finetune_loop(cfg: FinetuneConfig, session: Any) -> dict[str, Any]:
     return metrics
 
 
+def _validation_attack(cfg: FinetuneConfig) -> AttackConfig:
+    return cfg.validation.attack or AttackConfig(eps=cfg.train_attack.eps, attacks=("apgd-ce",), n_iter=10)
+
+
 @contextmanager
 def _checkpoint_dir(cfg: FinetuneConfig, epoch: int, persistent: bool) -> Iterator[str]:
     """Where an epoch's checkpoint is written before ``report``: a temporary folder that Ray copies into
@@ -263,6 +388,21 @@ def _checkpoint_dir(cfg: FinetuneConfig, epoch: int, persistent: bool) -> Iterat
     folder = Path(cfg.storage).expanduser().resolve() / cfg.run_name / "local" / f"epoch-{epoch:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     yield str(folder)
+
+
+def _maybe_wait_at_gate(epoch: int, rank: int) -> None:
+    """Testing aid (see TEST_GATE_ENV): hold every epoch after the first until the test opens it."""
+    folder = os.environ.get(TEST_GATE_ENV)
+    if not folder or epoch == 0:
+        return
+    gate = Path(folder)
+    here = _worker_identity(rank, 0)
+    (gate / f"arrived-e{epoch}-r{rank}-p{os.getpid()}").write_text(json.dumps(here))
+    deadline = time.monotonic() + 600
+    while not (gate / f"open-e{epoch}").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"epoch gate {gate}/open-e{epoch} was never opened")
+        time.sleep(0.05)
 
 
 def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, rank: int, world: int) -> None:
@@ -279,26 +419,34 @@ def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, rank: int, world: int) 
 
 @dataclass
 class Parents:
-    """The old and new models as loaded and checked in the driver, with the data's input shape."""
+    """The old and new models as loaded and checked in the driver, with the data's input shape and where the
+    prepared training and validation sets are."""
 
     old: LoadedModel
     new: LoadedModel
     input_shape: tuple[int, int, int]
+    samples: SampleSets | None = None
 
 
 def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     """Everything that can be wrong, checked in the driver before any worker starts; returns the parents
-    so the driver does not load them (and the training split) again after training."""
+    so the driver does not load them again after training.
+
+    Prepares the training and validation sets in the store on first use (later runs reuse them) and checks
+    the models on two training rows: the training split itself is never loaded here.
+    """
     from rcat_ray.evaluation import validate_pair_inputs
 
-    old, new, split = _load_parents(cfg)
-    validate_pair_inputs([old, new], split)
+    train_set = training_samples(cfg)
+    old, new = _load_parents(cfg, train_set)
+    validate_pair_inputs([old, new], train_set.to_split(0, min(2, len(train_set))))
     if "arch" not in new.source:
         raise ValueError("the new model's architecture is unknown; it cannot be saved after fine-tuning")
-    _cached_mask(cfg, split.sample_ids)  # FinetuneInputError for flags that do not cover the training samples
-    validation_setup(cfg)
+    # FinetuneInputError for flags that do not cover the training samples
+    _cached_mask(cfg, training_ids(train_set))
+    val_set, _ = validation_setup(cfg)
     Path(cfg.out).expanduser().mkdir(parents=True, exist_ok=True)
-    return Parents(old, new, split.input_shape)
+    return Parents(old, new, train_set.info.shape, SampleSets(train_set.uri, val_set.uri))
 
 
 def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> FinetuneOutcome:
@@ -309,11 +457,14 @@ def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> Finetun
     """
     if parents is None:
         parents = check_finetune_inputs(cfg)
+    sets = parents.samples or prepare_sample_sets(cfg)
     storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
+    # small by design: the config and two set locations; workers read rows and load models themselves
+    loop_config = {"finetune": cfg.model_dump(mode="json"), "driver_pid": os.getpid(), "samples": sets.to_json()}
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"finetune": cfg.model_dump(mode="json"), "driver_pid": os.getpid()},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name,
