@@ -82,6 +82,8 @@ _FINETUNE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--name": ("name", str, "run name: the checkpoint is <out>/<name>.pt (default: from the config hash)"),
     "--out": ("out", str, "folder of the final checkpoint"),
     "--storage": ("storage", str, "Ray Train storage (checkpoints; shared storage on a cluster)"),
+    "--store": ("store", str, "result store: holds the prepared training samples (shared storage on a cluster)"),
+    "--augment": ("augment", bool, "random crop + flip (random resized crop for ImageNet-sized images)"),
     "--address": ("address", str, "Ray address"),
 }
 

@@ -136,7 +136,8 @@ def test_finetune_checks_inputs_before_ray(digits_checkpoints, tmp_path, no_comp
     save_checkpoint(fashion, build_architecture("small_cnn", num_classes=10, input_shape=(1, 28, 28)),
                     arch="small_cnn", num_classes=10, input_shape=(1, 28, 28))  # fmt: skip
     base = ["finetune", "--old", str(digits_checkpoints["old"]), "--train-eps", "0.1", "--workers", "2",
-            "--data", "digits", "--storage", str(tmp_path / "rr"), "--out", str(tmp_path / "ft")]  # fmt: skip
+            "--data", "digits", "--storage", str(tmp_path / "rr"), "--out", str(tmp_path / "ft"),
+            "--store", str(tmp_path / "store")]  # fmt: skip
     assert main([*base, "--new", str(fashion)]) == 2
     assert "cannot run on digits" in capsys.readouterr().err
     # --data is honoured (today it silently trained on Fashion-MNIST): a val tail as large as digits' train file

@@ -96,6 +96,7 @@ def test_one_finetuning_epoch_on_cuda_with_mixed_precision(tmp_path, digits_chec
             "validation": {"samples": 100},
             "out": str(tmp_path / "out"),
             "storage": str(tmp_path / "ray_results"),
+            "store": str(tmp_path / "store"),
             "num_workers": 0,
         },
     )
