@@ -46,6 +46,13 @@ import warnings
 HARMLESS_NATIVE_LINES: tuple[str, ...] = (
     r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store "
     r"and max_restarts > 0",
+    # Lines Ray forwards from Ray Train's actors (log_to_driver) that Train's LoggingConfig does not reach: the
+    # per-report INFO line of every worker, and the placement-group cleaner's monitor, which without the
+    # dashboard's state API can only warn (or, with a second Ray instance on the machine, die in its thread);
+    # it guards against leaks that only a Tune scheduler stopping a Train run can cause (sweeps start the
+    # dashboard for that case).
+    r"\(RayTrainWorker pid=\d+\).*Reporting training result \d+: TrainingReport",
+    r"\(PlacementGroupCleaner pid=\d+\)",
 )
 
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -109,6 +116,17 @@ def is_configured() -> bool:
 def ray_init_options() -> dict:
     """Extra ``ray.init`` arguments: the ``ray`` logger at WARNING when quiet (Ray's default INFO otherwise)."""
     return {"logging_level": logging.WARNING} if is_quiet() else {}
+
+
+def train_run_options() -> dict:
+    """Extra ``ray.train.RunConfig`` arguments: Ray Train's own console logs (worker-group set-up, every
+    report and checkpoint, and the placement-group cleaner's notices that the state API is absent without the
+    dashboard) at ERROR when quiet. Our progress lines come from the ``rcat_ray.progress`` logger and stay."""
+    if not is_quiet():
+        return {}
+    from ray.train import LoggingConfig
+
+    return {"logging_config": LoggingConfig(log_level="ERROR")}
 
 
 def before_ray_init() -> None:

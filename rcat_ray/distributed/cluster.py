@@ -36,7 +36,7 @@ def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
     else:
         # "local": never attach to a cluster that a `ray start` elsewhere on this machine left behind
         ray.init(
-            address="local", num_cpus=compute.local_cpus, include_dashboard=dashboard, log_to_driver=False,
+            address="local", num_cpus=compute.local_cpus, include_dashboard=dashboard, log_to_driver=True,
             **quiet.ray_init_options(),
         )  # fmt: skip
     quiet.after_ray_init()

@@ -60,6 +60,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from rcat_ray import quiet
 from rcat_ray.config import AttackConfig, DataConfig, FinetuneConfig, parse_config
 from rcat_ray.core.finetune import (
     CachedMask,
@@ -471,6 +472,7 @@ def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> Finetun
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            **quiet.train_run_options(),
         ),
     )
     result = trainer.fit()
