@@ -37,9 +37,6 @@ DEMO_SMOKE = "jobs/configs/demo_smoke.yaml"
 #: per-command wall-clock limit, and the session's: what is left is reported before pytest-timeout's 600 s
 COMMAND_TIMEOUT_S = 400
 SESSION_BUDGET_S = 560
-#: folders and files the session creates; none of them may appear anywhere but in the session's folder
-SESSION_OUTPUTS = ("models", "results", "reports", "finetuned", "tables", "sweep-out", "history", "nightly-out",
-                   "ray_results", "demo-out", "comparison.json")  # fmt: skip
 
 
 # -- the README block ----------------------------------------------------------------------------------------
@@ -261,6 +258,10 @@ def check_outputs(ran: Ran, cwd: Path, state: dict[str, Any]) -> list[str]:
         if not sorted(store.glob("comparisons/*/summary.json")):
             problems.append("no comparison summary in the store")
         computed = re.findall(r"(\d+) chunks computed", ran.out() + ran.err())
+        if not computed:
+            problems.append("compare printed no 'N chunks computed' line per model")
+        if "Started a local Ray instance" in ran.err():
+            problems.append("compare started Ray although both tables were stored (README: no Ray needed)")
         if any(int(n) for n in computed):
             problems.append(f"compare recomputed chunks ({computed}): digits_quick.yaml's evaluation settings do "
                             "not match the README's evaluate line, so its tables were not reused")  # fmt: skip
@@ -299,9 +300,17 @@ def check_outputs(ran: Ran, cwd: Path, state: dict[str, Any]) -> list[str]:
         problems += _files(out, "trials.parquet", "best.yaml", "pareto.png", "report.html", "table/table.md")
     elif sub == "nightly":
         out = _config_out(cwd, cmd)
-        problems += _files(out, "latest-verdict.json")
-        if not sorted(out.glob("*/verdict.json")):
+        verdicts = sorted(out.glob("*/verdict.json"))
+        if not verdicts:
             problems.append(f"no <run id>/verdict.json under {out}")
+        for path in (*verdicts, out / "latest-verdict.json"):
+            try:
+                verdict = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                problems.append(f"{path} is not a readable verdict: {err}")
+                continue
+            if verdict.get("passed") is not (ran.rc == 0):
+                problems.append(f"exit code {ran.rc} but {path} says passed={verdict.get('passed')}")
     elif sub == "demo":
         out = cwd / str(_flag(cmd, "--out"))
         problems += _files(out, "table/table.md", "report/new/report.html")
@@ -316,15 +325,26 @@ def ok_exit(command: str, rc: int) -> bool:
 
 
 # -- the session -----------------------------------------------------------------------------------------------
-def _ray_artifacts_since(t0: float) -> list[str]:
-    """Session outputs that a relative path resolved in Ray's folders would have left there since ``t0``."""
-    found = []
+def written_elsewhere(cwd: Path, t0: float) -> list[str]:
+    """Files this session wrote in its folder that were also written, since ``t0``, where a relative path would
+    land if it were resolved against something else: the repository root, or Ray's session folders (the working
+    directories of Ray Train workers and Tune trials). Matching on the session's own relative file paths (say
+    ``finetuned/digits-rcat.pt``) keeps other people's runs on the same machine out of it."""
+    made = {
+        p.relative_to(cwd).as_posix()
+        for p in cwd.rglob("*")
+        if p.is_file() and p.relative_to(cwd).parts[0] not in ("jobs", "ray_results")
+    }
+    found = [str(ROOT / rel) for rel in sorted(made) if (ROOT / rel).is_file() and (ROOT / rel).stat().st_mtime >= t0]
     for artifacts in Path("/tmp/ray").glob("session_*/artifacts"):
         if artifacts.stat().st_mtime < t0:
             continue
-        for dirpath, dirnames, filenames in os.walk(artifacts):
-            found += [os.path.join(dirpath, n) for n in (*dirnames, *filenames)
-                      if n in SESSION_OUTPUTS and os.stat(os.path.join(dirpath, n)).st_mtime >= t0]  # fmt: skip
+        for dirpath, _dirs, files in os.walk(artifacts):
+            for name in files:
+                path = Path(dirpath, name)
+                tails = {"/".join(path.parts[-k:]) for k in range(1, len(path.parts))}
+                if tails & made and path.stat().st_mtime >= t0:
+                    found.append(str(path))
     return found
 
 
@@ -333,7 +353,6 @@ def test_readme_commands_run_as_written(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("readme-session")
     logs = tmp_path_factory.mktemp("readme-logs")
     shutil.copytree(ROOT / "jobs", cwd / "jobs")
-    before_root = {n for n in SESSION_OUTPUTS if (ROOT / n).exists()}
     commands = readme_commands()
     assert subcommand(commands[-1]) == "demo", "the README's Commands block should end with the demo"
 
@@ -371,8 +390,7 @@ def test_readme_commands_run_as_written(tmp_path_factory):
     total = time.time() - t_start
 
     # relative paths resolved where the user ran the commands, nowhere else
-    stray = [str(ROOT / n) for n in SESSION_OUTPUTS if (ROOT / n).exists() and n not in before_root]
-    stray += _ray_artifacts_since(t_start)
+    stray = written_elsewhere(cwd, t_start)
 
     timing = "\n".join(f"{r.seconds:7.1f} s  rc={r.rc:<3} {r.command}" for r in runs)
     report = f"README Commands session in {cwd} (logs in {logs}), {total:.0f} s:\n{timing}\n"
