@@ -21,6 +21,7 @@ from rcat_ray.config import (
     ComputeConfig,
     DataConfig,
     FinetuneConfig,
+    LocalPath,
     LossConfig,
     ModelConfig,
     OptimizerConfig,
@@ -39,8 +40,8 @@ from rcat_ray.store import ResultStore
 class DemoConfig(_Strict):
     """The demo's settings; every key can be overridden from a YAML file (``rcat-ray demo --config``)."""
 
-    out: str = "demo-out"
-    data_root: str | None = None
+    out: LocalPath = Field("demo-out", validate_default=True)
+    data_root: LocalPath | None = None
     # DESIGN §4: FGSM-RS at eps 0.1, Adam, one-cycle to a maximum lr of 2e-3, batch 128 (converged models)
     old: TrainRecipe = TrainRecipe(
         arch="mlp", epochs=10, train_samples=25_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=0

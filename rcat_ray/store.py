@@ -373,5 +373,10 @@ def table_metadata(table: pa.Table) -> dict[str, Any]:
 
 
 def table_from_bytes(data: bytes) -> pa.Table:
-    """A Parquet table from verified bytes (no second read of the file)."""
-    return pq.read_table(io.BytesIO(data))
+    """A Parquet table from verified bytes (no second read of the file).
+
+    Decoded on the calling thread: with pyarrow 26, a threaded read of an in-memory file leaves a pool thread
+    that aborts the interpreter at exit now and then ("terminate called without an active exception", exit
+    134 after correct output); these tables are small, so threads gain nothing.
+    """
+    return pq.read_table(pa.BufferReader(data), use_threads=False)
