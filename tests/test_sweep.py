@@ -1,4 +1,6 @@
-"""Sweeps: the search space, the selection rule, and real Ray Tune runs on digits (complete and resumed)."""
+"""Sweeps: the search space, the selection rule, and real Ray Tune runs on digits (complete and resumed),
+judged on the selection validation (the test-strength attack through the flip engine) or, switched off,
+on the per-epoch validation."""
 
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rcat_ray.config import SweepConfig, parse_config
+from rcat_ray.config import ConfigError, SweepConfig, parse_config
 from rcat_ray.search_space import PAPER_PCT_BETAS, PAPER_RCAT_GRID, expand, paper_grid, random_trials, sample_simplex
-from rcat_ray.selection import SelectionError, pareto_front, select_trial
+from rcat_ray.selection import SelectionError, pareto_front, select_per_kind, select_trial
 
 
 @given(seed=st.integers(0, 2**31 - 1), lo=st.floats(0, 0.5), width=st.floats(0.3, 1.0))
@@ -83,6 +85,38 @@ def test_pareto_front():
     front = pareto_front(t, maximise="val_rob_acc", minimise="val_s_nfr")
     # a (lowest S-NFR), e (better S-NFR than b, c at lower acc), c (beats b), d (highest acc)
     assert front.tolist() == [True, False, True, True, True]
+    # a trial that was not judged (stopped early) has no point, so it is neither on the front nor dominating
+    t.loc[len(t)] = {"trial_id": "f", "val_s_nfr": float("nan"), "val_rob_acc": float("nan"), "val_r_nfr": 0.0}
+    assert pareto_front(t, maximise="val_rob_acc", minimise="val_s_nfr").tolist() == [True, False, True, True, True,
+                                                                                      False]  # fmt: skip
+
+
+def test_per_kind_choice_applies_the_rule_to_each_kind_and_flags_a_kind_below_the_bar():
+    t = _table().assign(kind=["rcat", "rcat", "pct", "pct", "at"])
+    t.loc[len(t)] = {"trial_id": "f", "val_s_nfr": float("nan"), "val_rob_acc": 0.9, "val_r_nfr": 0.0, "kind": "pct"}
+    choices = select_per_kind(t, new_rob_acc=0.68, tolerance=0.05)  # bar 0.63: "a" (0.50) is out
+    assert {k: (c.row["trial_id"], c.eligible) for k, c in choices.items()} == {
+        "rcat": ("b", True), "pct": ("c", True), "at": ("e", True),
+    }  # fmt: skip
+    # bar 0.69: no RCAT trial keeps robust accuracy; the kind still gets its lowest-S-NFR trial, flagged
+    choices = select_per_kind(t, new_rob_acc=0.74, tolerance=0.05)
+    assert (choices["rcat"].row["trial_id"], choices["rcat"].eligible) == ("a", False)
+    assert (choices["pct"].row["trial_id"], choices["pct"].eligible) == ("d", True)  # "f" was never judged
+
+
+def test_a_selection_asking_for_more_validation_samples_than_the_split_holds_is_refused():
+    from rcat_ray.distributed.sweep import check_selection_inputs, selection_settings
+
+    raw = {"base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
+                    "data": {"name": "digits", "split": "train"}, "train_attack": {"eps": 0.1}}}  # fmt: skip
+    cfg = parse_config(SweepConfig, raw)
+    settings = selection_settings(cfg)  # the defaults: the test-strength attack at the training eps, 2000 samples
+    assert settings.attack.cascade == ("apgd-ce", "apgd-dlr") and settings.attack.n_iter == 50
+    assert settings.attack.eps == 0.1 and settings.data.split == "val" and settings.data.limit == 2000
+    with pytest.raises(ConfigError, match=r"selection.samples is 2000 but the val split of digits holds 200"):
+        check_selection_inputs(cfg)  # digits keeps 200 images for validation
+    assert check_selection_inputs(parse_config(SweepConfig, {**raw, "selection": {"samples": 200}})) is not None
+    assert check_selection_inputs(parse_config(SweepConfig, {**raw, "selection": {"enabled": False}})) is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,6 +146,9 @@ def sweep_yaml(tmp_path, digits_checkpoints):
             "mode": "grid",
             "space": {"losses": ["rcat"]},
             "tolerance": 0.05,
+            # the default attack (APGD-CE + APGD-DLR, 50 iterations, training eps) on the head of the val split
+            "selection": {"samples": 100, "chunk_size": 50,
+                          "compute": {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": 1}},
             "name": "digits",
             "storage": str(tmp_path / "tune"),
             "out": str(tmp_path / "out"),
@@ -128,6 +165,7 @@ def sweep_yaml(tmp_path, digits_checkpoints):
 @pytest.mark.slow
 def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, sweep_yaml, tmp_path):
     from rcat_ray.distributed.sweep import run_sweep
+    from rcat_ray.store import ResultStore
 
     test = {"data": {"name": "digits", "split": "test", "limit": 100}, "attack": {"eps": 0.1, "n_iter": 3},
             "chunk_size": 50, "store": str(tmp_path / "store"),
@@ -135,22 +173,92 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
     config = sweep_yaml(asha={"enabled": True, "grace_period": 1}, test=test, bootstrap={"n_resamples": 100})
     cfg = parse_config(SweepConfig, yaml.safe_load(config.read_text()))
     outcome = run_sweep(cfg)
-    trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pandas()
+    out = tmp_path / "out"
+    trials = pq.read_table(out / "trials.parquet").to_pandas()
     assert len(trials) == 4
     assert sorted(zip(trials["alpha"], trials["beta"], strict=True)) == sorted(PAPER_RCAT_GRID)
+
+    # judged: exactly the trials that ran both epochs (ASHA stopped the others after one)
+    full = trials["epochs_run"] == 2
+    assert full.any() and trials["judged"].tolist() == full.tolist()
+    assert trials.loc[~full, "val_s_nfr"].isna().all() and trials["epoch_val_s_nfr"].notna().all()
+    # the selection metrics: N = selection.samples, with CIs around them
+    judged = trials[full]
+    for m in ("s_nfr", "r_nfr", "nfr", "rob_acc", "acc"):
+        assert (judged[f"val_{m}_n"] == 100).all(), m
+        assert (judged[f"val_{m}_ci_low"] <= judged[f"val_{m}"]).all()
+        assert (judged[f"val_{m}"] <= judged[f"val_{m}_ci_high"]).all()
+    # ...measured on the stored tables of the test-strength attack, on the head of the val split
+    store = ResultStore(str(tmp_path / "store"))
+    for _, row in judged.iterrows():
+        manifest = store.read_json(f"tables/{row['val_table']}/manifest.json")
+        assert manifest["attacks"] == ["apgd-ce", "apgd-dlr"] and manifest["attack"]["n_iter"] == 50
+        assert manifest["threat_model"]["eps"] == 0.1
+        assert manifest["data"]["split"] == "val" and manifest["data"]["n_samples"] == 100
+        assert manifest["model"]["fingerprint"] and Path(row["model"]).parent == out / "trials"
+        robust = store.read_table(f"tables/{row['val_table']}/table.parquet").column("robust").to_pylist()
+        assert row["val_rob_acc"] == pytest.approx(sum(robust) / len(robust))
+
     expected = select_trial(trials, new_rob_acc=outcome.new_val_rob_acc, tolerance=0.05)
-    assert outcome.chosen["trial_id"] == expected["trial_id"]
+    assert outcome.chosen["trial_id"] == expected["trial_id"] and bool(expected["judged"])
     assert trials.loc[trials["chosen"], "trial_id"].tolist() == [expected["trial_id"]]
-    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["trial_id"] == expected["trial_id"]
     assert best["finetune"]["loss"]["alpha"] == pytest.approx(expected["alpha"])
-    assert Path(best["checkpoint"]).is_file()
-    assert (tmp_path / "out" / "pareto.png").read_bytes().startswith(b"\x89PNG")
-    html = (tmp_path / "out" / "report.html").read_text()
+    assert Path(best["checkpoint"]).is_file() and Path(best["checkpoint"]).parent == out / "trials"
+    # best.yaml says which validation chose, and the bar is the new model's robust accuracy on it
+    v = best["validation"]
+    assert v["source"] == "selection" and v["samples"] == 100 and v["data"]["split"] == "val"
+    assert v["attack"]["attacks"] == ["apgd-ce", "apgd-dlr"] and v["attack"]["n_iter"] == 50
+    assert "APGD-CE + APGD-DLR, 50 iterations" in v["description"]
+    assert v["new_model"]["val_rob_acc"]["value"] == pytest.approx(outcome.new_val_rob_acc)
+    assert v["new_model"]["val_rob_acc"]["n"] == 100
+    chosen = best["metrics"]["val_s_nfr"]
+    assert chosen["n"] == 100 and chosen["ci_low"] <= chosen["value"] <= chosen["ci_high"]
+    assert chosen["value"] == pytest.approx(expected["val_s_nfr"])
+    assert set(best["epoch_metrics"]) >= {"epoch_val_s_nfr", "epoch_val_rob_acc"}
+
+    assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    html = (out / "report.html").read_text()
     assert "Selection rule" in html and "Chosen model on the test settings" in html
+    assert "Validation that chose" in html and "APGD-CE + APGD-DLR, 50 iterations" in html and "N = 100" in html
+    # the validation table: old, new and every judged trial, the chosen one as the reference row
+    assert len(outcome.validation_table.rows) == 2 + int(full.sum())
+    assert outcome.validation_table.reference.endswith(str(expected["trial_id"]))
+    assert "Paired differences" in (out / "selection" / "table.md").read_text()
     # the chosen model went through the flip engine on the test split into the paper-style table
     assert [r.label for r in outcome.table.rows][2].startswith("RCAT(")
-    assert (tmp_path / "out" / "table" / "table.md").is_file()
+    assert (out / "table" / "table.md").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_selection_switched_off_chooses_on_the_last_per_epoch_validation(ray_session, sweep_yaml, tmp_path):
+    from rcat_ray.distributed.sweep import run_sweep
+
+    config = sweep_yaml(space={"losses": ["at", "pcat"]}, selection={"enabled": False}, asha={"enabled": False})
+    raw = yaml.safe_load(config.read_text())
+    raw["base"]["epochs"] = 1
+    cfg = parse_config(SweepConfig, raw)
+    outcome = run_sweep(cfg)
+    out = tmp_path / "out"
+    trials = pq.read_table(out / "trials.parquet").to_pandas()
+    assert len(trials) == 5  # AT, PCAT with beta 1, 2, 5, 10
+    assert np.allclose(trials["val_s_nfr"], trials["epoch_val_s_nfr"]) and (trials["val_s_nfr_n"] == 100).all()
+    assert "val_s_nfr_ci_low" not in trials  # the cheap validation has no CIs
+    expected = select_trial(trials, new_rob_acc=outcome.new_val_rob_acc, tolerance=0.05)
+    assert outcome.chosen["trial_id"] == expected["trial_id"]
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["validation"]["source"] == "per-epoch" and best["validation"]["attack"]["n_iter"] == 3
+    assert Path(best["checkpoint"]).parent == out and not (out / "trials").exists()
+    assert not list(tmp_path.glob("store/tables/*"))  # no model went through the flip engine
+    assert "selection.enabled</code> is false" in (out / "report.html").read_text()
+
+
+def _trials_with_final_checkpoint(tune_dir: Path, epochs: int) -> int:
+    """Trials whose last epoch's checkpoint is in the storage: it is persisted when the trial reports, while
+    result.json reaches the storage only when Tune syncs (seconds later on a busy machine)."""
+    return len(list(tune_dir.glob(f"*/checkpoint_{epochs - 1:06d}")))
 
 
 def _finished_trials(tune_dir: Path, epochs: int) -> dict[Path, tuple[float, int]]:
@@ -174,7 +282,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
     tune_dir = tmp_path / "tune" / "digits"
     deadline = time.monotonic() + 240
     try:
-        while len(_finished_trials(tune_dir, 2)) < 2:
+        while _trials_with_final_checkpoint(tune_dir, 2) < 2:
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "the sweep did not finish two trials in time"
             time.sleep(0.5)
@@ -183,7 +291,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 3, out
+    assert proc.returncode == 130, out  # the CLI's exit status after Ctrl+C (128 + SIGINT)
     assert "--resume" in out
     before = _finished_trials(tune_dir, 2)
     assert 2 <= len(before) < 4
@@ -191,6 +299,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
     cfg = parse_config(SweepConfig, yaml.safe_load(config.read_text()))
     outcome = run_sweep(cfg, resume=True)
     assert len(outcome.trials) == 4 and outcome.trials["error"].isna().all()
+    assert outcome.trials["judged"].all() and (outcome.trials["val_s_nfr_n"] == 100).all()
     after = _finished_trials(tune_dir, 2)
     assert len(after) == 4
     for path, stamp in before.items():
