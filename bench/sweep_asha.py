@@ -60,6 +60,7 @@ def main() -> None:
             "mode": "search", "algorithm": "random", "num_samples": args.trials, "seed": 0,
             "space": {"losses": ["rcat"]},
             "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 2},
+            "selection": {"enabled": False},  # times the search itself; strong judging is the same for both
             "tolerance": 0.05, "name": f"asha-{asha}", "storage": str(tmp / "tune"), "out": str(tmp / f"out-{asha}"),
         })  # fmt: skip
 

@@ -510,6 +510,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"interrupted: {err}", file=sys.stderr)
         return 130
     c = outcome.chosen
+    if outcome.validation is not None:
+        print(f"chosen on: {outcome.validation.describe()}")
     print(f"{len(outcome.trials)} trials; new model's validation robust accuracy {100 * outcome.new_val_rob_acc:.2f}%")
     print(
         f"chosen trial {c['trial_id']}: {c['kind']} alpha={c['alpha']} beta={c['beta']}, "
@@ -620,7 +622,7 @@ def _configure_output(args: argparse.Namespace) -> None:
 _INTERRUPT_NOTES = {
     "train": "nothing was written (the checkpoint is written when training ends)",
     "finetune": "checkpoints of the finished epochs are kept; run the same command again to resume",
-    "sweep": "finished trials are kept; run the same command with --resume to continue",
+    "sweep": "finished trials and stored evaluation chunks are kept; run the same command with --resume to continue",
     "nightly": "the night was not judged and no history was written; run it again",
     "demo": "finished models and evaluation chunks are kept; run the same command again to continue",
 }
@@ -630,7 +632,7 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     """One line saying what was kept, Ray shut down, and the exit status a shell expects (130 / 143)."""
     from rcat_ray.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
 
-    if isinstance(err, EvaluationInterrupted):
+    if isinstance(err, EvaluationInterrupted) and args.command != "sweep":
         note = str(err)
     else:
         note = _INTERRUPT_NOTES.get(args.command, "finished chunks are stored; run the same command again to continue")
