@@ -93,3 +93,16 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Any attempt to start Ray or attack a chunk fails the test (bad input must be refused before either)."""
+    from rcat_ray import evaluation
+    from rcat_ray.distributed import cluster
+
+    def boom(*a, **k):
+        raise AssertionError("compute started on bad input")
+
+    monkeypatch.setattr(cluster, "ensure_ray", boom)
+    monkeypatch.setattr(evaluation, "evaluate_chunk", boom)

@@ -7,23 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcat_ray import evaluation
 from rcat_ray.cli import main
 from rcat_ray.core.models import build_architecture, save_checkpoint
-from rcat_ray.distributed import cluster
 
 from .conftest import snapshot
-
-
-@pytest.fixture
-def no_compute(monkeypatch):
-    """Any attempt to start Ray or attack a chunk fails the test."""
-
-    def boom(*a, **k):
-        raise AssertionError("compute started on bad input")
-
-    monkeypatch.setattr(cluster, "ensure_ray", boom)
-    monkeypatch.setattr(evaluation, "evaluate_chunk", boom)
 
 
 @pytest.fixture

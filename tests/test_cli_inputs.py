@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rcat_ray import evaluation
 from rcat_ray.cli import main
 from rcat_ray.config import (
     ConfigError,
@@ -24,7 +23,6 @@ from rcat_ray.config import (
     load_yaml,
     parse_config,
 )
-from rcat_ray.distributed import cluster
 
 from .conftest import snapshot
 
@@ -46,17 +44,6 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         timeout=300,
         check=False,
     )
-
-
-@pytest.fixture
-def no_compute(monkeypatch):
-    """Any attempt to start Ray or attack a chunk fails the test."""
-
-    def boom(*a, **k):
-        raise AssertionError("compute started on bad input")
-
-    monkeypatch.setattr(cluster, "ensure_ray", boom)
-    monkeypatch.setattr(evaluation, "evaluate_chunk", boom)
 
 
 # -- paths -----------------------------------------------------------------------------------------
