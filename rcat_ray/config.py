@@ -186,6 +186,9 @@ class ComputeConfig(_Strict):
     gpus_per_worker: float = Field(0.0, ge=0)
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default cpus")
     device: Device = "auto"
+    chunks_in_flight: int = Field(
+        2, ge=1, description="chunks queued per evaluation actor: with 2, it reads the next chunk while attacking one"
+    )
 
     @property
     def threads(self) -> int:

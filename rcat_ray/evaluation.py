@@ -11,6 +11,12 @@ done when ``manifest.json`` (written after ``table.parquet``) exists and the tab
 A damaged table or chunk is moved to the store's quarantine folder and treated as missing: the table is
 reassembled from its chunks, the chunk is attacked again. A model that gives NaN or inf logits is refused
 before any attack, and a chunk with non-finite outputs is never stored.
+
+Data plane. A plan's samples are a prepared sample set (:mod:`rcat_ray.core.samples`) in the result store,
+the one place every node reaches; a worker reads the rows of its own chunk (positions [start, stop)) from
+there, and loads the model from its source (:class:`rcat_ray.core.models.ModelRef`), so what travels to a
+worker is a :class:`PlanSpec` (a location, a model reference, the attack) and chunk descriptors, never images
+or weights. A plan over an in-memory ``Split`` still works in one process (tests, the Python API).
 """
 
 from __future__ import annotations
@@ -18,17 +24,23 @@ from __future__ import annotations
 import io
 import os
 import platform
-from dataclasses import dataclass, field
+import resource
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from torch import nn
 
 from rcat_ray.config import AttackConfig, EvaluationSettings, stable_hash
 from rcat_ray.core.attacks import PER_MODEL_SCHEMA, chunk_seed, evaluate_chunk
 from rcat_ray.core.data import Split
-from rcat_ray.core.models import LoadedModel
+from rcat_ray.core.models import LoadedModel, ModelRef, load_reference
+from rcat_ray.core.samples import SampleSet
 from rcat_ray.store import (
     DamagedArtifactError,
     ResultStore,
@@ -97,12 +109,45 @@ class Chunk:
     stop: int
 
 
+#: What a plan evaluates: a prepared sample set (streamed by position) or an in-memory split (one process).
+Samples = SampleSet | Split
+#: Rows of a chunk: (images float32 [n,C,H,W], labels int64 [n], sample_ids int64 [n]).
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def read_rows(samples: Samples, start: int, stop: int) -> Rows:
+    """Positions [start, stop) of either kind of samples, as the same tensors (a set decodes bit-identically)."""
+    if isinstance(samples, SampleSet):
+        return samples.read_rows(start, stop)
+    sl = slice(start, stop)
+    return samples.images[sl], samples.labels[sl], samples.sample_ids[sl]
+
+
+def sample_ids(samples: Samples) -> np.ndarray:
+    """Every sample id in position order: for a set, only its int64 id column is read (never the pixels)."""
+    if isinstance(samples, Split):
+        return samples.sample_ids.numpy()
+    parts = []
+    for path in samples.files:
+        with samples.filesystem.open_input_file(path) as f:
+            # unthreaded: a few kB per file, and pyarrow's pool threads can abort the interpreter at exit
+            ids = pq.ParquetFile(f).read(columns=["sample_id"], use_threads=False).column("sample_id")
+            parts.append(ids.to_numpy())
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
 @dataclass
 class EvaluationPlan:
-    """Everything that determines one model's per-model table, and its address in the store."""
+    """Everything that determines one model's per-model table, and its address in the store.
 
-    model: LoadedModel
-    split: Split
+    ``model`` is a :class:`ModelRef` in a run (the driver keeps no weights of models it can reload) or a
+    ``LoadedModel`` (tests, one-process use); ``samples`` a prepared set or an in-memory split. The identity
+    uses ``samples.describe()``, which a set computes from its description without reading a pixel and which
+    equals ``Split.describe()`` of the same samples, so keys do not depend on which of the two a run holds.
+    """
+
+    model: ModelRef | LoadedModel
+    samples: Samples
     attack: AttackConfig
     chunk_size: int
     key: str = ""
@@ -112,11 +157,20 @@ class EvaluationPlan:
         self.identity = {
             "table_version": TABLE_VERSION,
             "model_fingerprint": self.model.fingerprint,
-            "data": self.split.describe(),
+            "data": self.samples.describe(),
             "attack": self.attack.model_dump(mode="json"),
             "chunk_size": self.chunk_size,
         }
         self.key = stable_hash(self.identity, length=24)
+
+    def spec(self) -> PlanSpec:
+        """What a worker needs to run this plan's chunks: a few hundred bytes, no images and no weights."""
+        if not isinstance(self.samples, SampleSet):
+            raise TypeError("only a plan over a prepared sample set can run on workers (workflows.prepare makes one)")
+        model = self.model
+        if isinstance(model, LoadedModel):
+            raise TypeError("a plan that runs on workers refers to its model by a ModelRef (workflows.prepare)")
+        return PlanSpec(self.key, model.without_module(), self.samples.uri, self.attack, self.chunk_size)
 
     # -- addresses ---------------------------------------------------------------------------------
     @property
@@ -146,8 +200,12 @@ class EvaluationPlan:
 
     # -- work units --------------------------------------------------------------------------------
     def chunks(self) -> list[Chunk]:
-        n = len(self.split)
+        n = len(self.samples)
         return [Chunk(i, s, min(s + self.chunk_size, n)) for i, s in enumerate(range(0, n, self.chunk_size))]
+
+    def chunk_done(self, store: ResultStore, chunk: Chunk) -> bool:
+        """Whether another worker (or an earlier run) already stored this chunk: its manifest exists."""
+        return store.exists(self.chunk_manifest_path(chunk.chunk_id))
 
     def missing_chunks(self, store: ResultStore, *, verify: bool = True) -> list[Chunk]:
         """Chunks that are not done: the only ones a (re-)run computes.
@@ -194,27 +252,115 @@ class EvaluationPlan:
         }
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """A plan as a worker receives it: the table key, a model reference, where the samples are, the attack.
+
+    The worker rebuilds the plan from the set it opens at ``samples`` and checks that the key comes out equal:
+    a set replaced or damaged since the driver planned (another ``describe()``) would otherwise file rows under
+    a key they do not belong to.
+    """
+
+    key: str
+    model: ModelRef
+    samples: str  # location of the prepared sample set (a path or URI every node reads)
+    attack: AttackConfig
+    chunk_size: int
+
+    def open(self, samples: SampleSet) -> EvaluationPlan:
+        """The plan over ``samples`` (opened by the caller, who may cache it per location)."""
+        plan = EvaluationPlan(self.model, samples, self.attack, self.chunk_size)
+        if plan.key != self.key:
+            raise EvaluationRunError(
+                f"the sample set at {self.samples} no longer matches the one the run was planned with (table "
+                f"{self.key}, now {plan.key}): it was replaced during the run; run again"
+            )
+        return plan
+
+
+class ModelCache:
+    """The few models a worker holds, least recently used first out, keyed by fingerprint.
+
+    Chunks arrive grouped by model, so a worker loads each model once and holds at most ``capacity`` of them (the
+    model it attacks and the next one, while chunks of both are in flight); every load is checked against the
+    planned fingerprint (:func:`rcat_ray.core.models.load_reference`).
+    """
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = max(1, capacity)
+        self._modules: OrderedDict[str, nn.Module] = OrderedDict()
+        self.loads = 0
+
+    def get(self, ref: ModelRef | LoadedModel, fetch_module: Callable[[], nn.Module] | None = None) -> nn.Module:
+        """The module of ``ref``; an in-memory model's weights come from ``fetch_module`` (the object store)."""
+        if isinstance(ref, LoadedModel):
+            return ref.module
+        if ref.fingerprint in self._modules:
+            self._modules.move_to_end(ref.fingerprint)
+            return self._modules[ref.fingerprint]
+        if ref.in_memory and ref.module is None and fetch_module is not None:
+            ref = replace(ref, module=fetch_module())
+        while len(self._modules) >= self.capacity:  # free the old one before the new one is loaded
+            self._modules.popitem(last=False)
+        module = load_reference(ref).module
+        self._modules[ref.fingerprint] = module
+        self.loads += 1
+        return module
+
+
+def worker_memory(device: torch.device) -> dict[str, int | None]:
+    """This process's peak resident memory (and peak CUDA memory): recorded per chunk, it is what tells how
+    large ``chunk_size`` may be on a worker, and that a worker's memory does not grow with the dataset."""
+    peak = None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, the only other host
+    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"max_rss_bytes": peak, "cuda_max_allocated_bytes": cuda}
+
+
 def run_chunk(
-    plan: EvaluationPlan, chunk: Chunk, store: ResultStore, *, device: torch.device, keep_adversarial: bool
+    plan: EvaluationPlan,
+    chunk: Chunk,
+    store: ResultStore,
+    *,
+    device: torch.device,
+    keep_adversarial: bool,
+    module: nn.Module | None = None,
+    rows: Rows | None = None,
+    node: str | None = None,
 ) -> int:
     """Attack one chunk and store its rows (and adversarial images). Returns the number of rows.
+
+    ``module`` and ``rows`` are what a worker already holds (a cached model, rows it read ahead); without them
+    the plan's own model and samples are used (one-process use). ``node`` names where the chunk ran (the Ray
+    node id on a cluster; default this host's name): with several Ray nodes on one machine the host alone does
+    not tell them apart.
 
     Idempotent: a chunk whose manifest already exists (another worker finished it) is not recomputed, and a
     finished chunk file is never overwritten. Outputs are checked for NaN/inf before anything is written, so
     a broken model leaves no chunk behind. The chunk manifest is written last: it is the "done" marker.
     """
-    if store.exists(plan.chunk_manifest_path(chunk.chunk_id)):
+    if plan.chunk_done(store, chunk):
         return chunk.stop - chunk.start
-    sl = slice(chunk.start, chunk.stop)
+    if module is None:
+        module = plan.model.module if plan.model.module is not None else load_reference(plan.model).module
+    images, labels, ids = rows if rows is not None else read_rows(plan.samples, chunk.start, chunk.stop)
+    if len(ids) != chunk.stop - chunk.start:
+        raise EvaluationRunError(f"chunk {chunk.chunk_id} read {len(ids)} rows, expected {chunk.stop - chunk.start}")
     positions = torch.arange(chunk.start, chunk.stop)
     limit = plan.attack.robust_samples
     mask = positions < limit if limit is not None else torch.ones(len(positions), dtype=torch.bool)
     seed = chunk_seed(plan.attack.seed, chunk.chunk_id)
     result = evaluate_chunk(
-        plan.model.module,
-        plan.split.images[sl],
-        plan.split.labels[sl],
-        plan.split.sample_ids[sl],
+        module,
+        images,
+        labels,
+        ids,
         plan.attack,
         num_classes=plan.model.num_classes,
         seed=seed,
@@ -242,8 +388,10 @@ def run_chunk(
             "seed": seed,
             "n_rows": result.table.num_rows,
             "files": files,
-            "node": platform.node(),
+            "node": node or platform.node(),
+            "host": platform.node(),
             "pid": os.getpid(),
+            "memory": worker_memory(torch.device(device)),
             "created_at": now_iso(),
         }),
     )  # fmt: skip
@@ -291,7 +439,7 @@ def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSetti
     if missing:
         raise StoreError(f"cannot assemble {plan.key}: {missing} chunks are not computed yet")
     table = pa.concat_tables(parts).cast(PER_MODEL_SCHEMA).sort_by("sample_id")
-    expected = plan.split.sample_ids.numpy()
+    expected = sample_ids(plan.samples)
     if not np.array_equal(table.column("sample_id").to_numpy(), expected):
         raise StoreError(f"chunks of {plan.key} do not cover the split's sample ids exactly")
     manifest = plan.manifest(settings)

@@ -28,9 +28,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rcat_ray.config import DataConfig, parse_config
-from rcat_ray.core.data import Split, load_split
+from rcat_ray.core.data import DataError, Split, load_split
 from rcat_ray.core.flips import METRIC_LABELS, METRICS
-from rcat_ray.evaluation import load_adversarial
+from rcat_ray.core.samples import SampleSet, open_samples, samples_location
+from rcat_ray.evaluation import load_adversarial, sample_ids
 from rcat_ray.store import ResultStore, StoreError, now_iso
 
 __all__ = ["REPORT_NAME", "write_report"]
@@ -118,7 +119,7 @@ class _Context:
     # per-model predictions by sample id: (clean_pred, adv_pred or None); empty when unreadable
     preds_old: dict[int, tuple[int, int | None]] = field(default_factory=dict)
     preds_new: dict[int, tuple[int, int | None]] = field(default_factory=dict)
-    split: Split | None = None
+    split: Split | SampleSet | None = None  # the evaluated samples: the store's sample set, or a decoded split
     image_note: str | None = None  # why images are unavailable (None when they are)
 
     @property
@@ -152,7 +153,8 @@ def _load_context(store: ResultStore, key: str) -> _Context:
     ctx.split, ctx.image_note = _load_clean_images(store, old_key, manifest)
     if ctx.split is not None:
         # summaries made without class names only carry the indices; the dataset knows the real names
-        for cls, name in enumerate(ctx.split.class_names):
+        names = ctx.split.info.class_names if isinstance(ctx.split, SampleSet) else ctx.split.class_names
+        for cls, name in enumerate(names):
             if ctx.class_names.get(cls, str(cls)) == str(cls):
                 ctx.class_names[cls] = name
     return ctx
@@ -174,12 +176,15 @@ def _predictions(store: ResultStore, table_key: str | None) -> dict[int, tuple[i
 
 def _load_clean_images(
     store: ResultStore, table_key: str | None, manifest: Mapping[str, Any]
-) -> tuple[Split | None, str | None]:
-    """The evaluated split, or why it cannot be loaded (the report then renders without images).
+) -> tuple[Split | SampleSet | None, str | None]:
+    """The evaluated samples, or why they cannot be loaded (the report then renders without images).
 
-    The data config stored with the per-model table is preferred (it is the exact selection). Without it,
-    the whole file the samples came from is loaded: sample ids are row indices of that file, so any
-    selection holding the ids gives the same pixels.
+    The data config stored with the per-model table is preferred (it is the exact selection), and with it
+    the selection's sample set in the store, which the evaluation prepared: the report then reads only the
+    rows of the images it shows (:func:`_clean_images`), never the whole selection. Without a set (a table
+    stored before sets existed) the selection is decoded; without a config, the whole file the samples came
+    from is loaded: sample ids are row indices of that file, so any selection holding the ids gives the same
+    pixels.
     """
     cfg: DataConfig | None = None
     try:
@@ -187,7 +192,12 @@ def _load_clean_images(
             settings = store.read_json(f"tables/{table_key}/manifest.json").get("settings") or {}
             if settings.get("data") is not None:
                 cfg = parse_config(DataConfig, settings["data"])
-        if cfg is None:
+        if cfg is not None:
+            try:
+                return open_samples(samples_location(store.uri if "://" in store.uri else store.root, cfg)), None
+            except DataError:
+                pass  # no set in this store (an older table): decode the selection below
+        else:
             data = manifest.get("data") or {}
             if not data.get("dataset"):
                 return None, "the comparison does not record its dataset"
@@ -197,6 +207,25 @@ def _load_clean_images(
     except (StoreError, ValueError, KeyError, TypeError, OSError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         return None, f"the clean images could not be loaded ({first})"
+
+
+def _clean_images(samples: Split | SampleSet, ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """Clean images of some sample ids (absent ones skipped); from a set, only the row groups holding them are
+    read (its id column locates them)."""
+    all_ids = samples.sample_ids.numpy() if isinstance(samples, Split) else sample_ids(samples)
+    wanted = np.asarray(sorted(set(int(i) for i in ids)), dtype=np.int64)
+    if not len(all_ids) or not len(wanted):
+        return {}
+    pos = np.minimum(np.searchsorted(all_ids, wanted), len(all_ids) - 1)  # ids are strictly increasing
+    found = all_ids[pos] == wanted
+    wanted, pos = wanted[found], pos[found]
+    if isinstance(samples, Split):
+        return {int(sid): samples.images[p].numpy() for sid, p in zip(wanted, pos, strict=True)}
+    out: dict[int, np.ndarray] = {}
+    if len(pos):
+        images, _, got = next(samples.iter_batches(len(pos), positions=pos))
+        out = {int(sid): img.numpy() for sid, img in zip(got.tolist(), images, strict=True)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,8 +529,6 @@ def _adv_pred_text(ctx: _Context, pred: int | None, clean_correct: bool, robust:
 def _flip_grid(ctx: _Context, chosen: Sequence[_Flip], *, robust: bool) -> Figure:
     """One row per flipped sample: clean, old adversarial, new adversarial, amplified |new adv - clean|."""
     assert ctx.split is not None
-    split = ctx.split
-    position = {int(sid): i for i, sid in enumerate(split.sample_ids.tolist())}
     ids = [f.sample_id for f in chosen]
     old_key, new_key = ctx.manifest.get("old_table"), ctx.manifest.get("new_table")
     adv_old = _safe_adversarial(ctx, old_key, ids)
@@ -509,7 +536,7 @@ def _flip_grid(ctx: _Context, chosen: Sequence[_Flip], *, robust: bool) -> Figur
 
     tm = ctx.summary.get("threat_model") or {}
     eps = _finite(tm.get("eps"))
-    clean_imgs: dict[int, np.ndarray] = {sid: split.images[position[sid]].numpy() for sid in ids if sid in position}
+    clean_imgs = _clean_images(ctx.split, ids)
     deltas: dict[int, np.ndarray] = {}
     for f in chosen:
         if f.sample_id in clean_imgs and f.sample_id in adv_new:

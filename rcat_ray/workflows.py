@@ -3,6 +3,10 @@
 Order matters and is the point of this module: everything that can be wrong with the input (data,
 models, their agreement, the store) is checked before Ray starts or any attack runs, and nothing is
 written to the store until then.
+
+The driver never holds the evaluated images: the selection is prepared once as a sample set in the result
+store (decoded, uint8, chunk-aligned; reused by every later run) and the models are checked on two of its
+rows. Plans carry the set and model references (source and fingerprint), which is all the workers receive.
 """
 
 from __future__ import annotations
@@ -10,13 +14,25 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from rcat_ray.comparison import Comparison, compare_stored
-from rcat_ray.config import CompareConfig, EvaluateConfig, EvaluationSettings, ModelConfig, TableConfig
-from rcat_ray.core.data import Split, load_split
-from rcat_ray.core.models import LoadedModel, check_model_source, load_model
+from rcat_ray.config import (
+    CompareConfig,
+    DataConfig,
+    EvaluateConfig,
+    EvaluationSettings,
+    ModelConfig,
+    TableConfig,
+)
+from rcat_ray.core.data import DataError, Split, load_split
+from rcat_ray.core.models import LoadedModel, ModelRef, check_model_source, load_model, model_reference
+from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store, samples_location
 from rcat_ray.evaluation import EvaluationPlan, validate_pair_inputs
 from rcat_ray.store import ResultStore, write_file_atomic
+
+#: Stored bytes a row group of an evaluation's sample set aims at (at most): a chunk reads whole row groups.
+ROW_GROUP_BYTES = 256 * 2**20
 
 
 class IncompleteRunError(RuntimeError):
@@ -32,7 +48,7 @@ def raise_if_incomplete(outcomes: list) -> None:
         raise IncompleteRunError(f"incomplete: {remaining} remain; run the same command again to continue")
 
 
-def distinct_names(models: list[LoadedModel]) -> list[LoadedModel]:
+def distinct_names(models: list[Any]) -> list[Any]:
     """Models that share a display name in one run get a suffix (their fingerprint, else their position), so a
     table, a report or a log line never shows two rows under one name."""
     counts = Counter(m.name for m in models)
@@ -47,21 +63,76 @@ def distinct_names(models: list[LoadedModel]) -> list[LoadedModel]:
     return out
 
 
+@dataclass(frozen=True)
+class SelectionSummary:
+    """What callers read of the evaluated selection besides the plans: its size, class names and description
+    (equal to ``Split.describe()``), without a pixel in memory."""
+
+    n: int
+    class_names: tuple[str, ...]
+    description: dict[str, Any]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.description)
+
+
 @dataclass
 class Prepared:
-    """Validated inputs of a run: the store, the samples, the models and their plans."""
+    """Validated inputs of a run: the store, the prepared samples, the model references and their plans."""
 
     store: ResultStore
-    split: Split
-    models: list[LoadedModel]
+    samples: SampleSet
+    models: list[ModelRef]
     plans: list[EvaluationPlan]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.samples.info.class_names)
+
+    @property
+    def split(self) -> SelectionSummary:
+        """The selection's summary (callers written when the driver held the whole split read these fields)."""
+        return SelectionSummary(len(self.samples), self.class_names, self.samples.describe())
+
+
+def store_location(store: ResultStore) -> str:
+    """The store as every process names it: its URI, or the absolute path of a local store."""
+    return store.uri if "://" in store.uri else store.root
+
+
+def rows_per_group(chunk_size: int, row_bytes: int) -> int:
+    """Row-group size for an evaluation's sample set: the chunk size when a group of it stays under
+    ``ROW_GROUP_BYTES``, else its largest divisor that does, so every chunk reads exactly its own rows."""
+    fitting = [d for d in range(1, chunk_size + 1) if chunk_size % d == 0 and d * row_bytes <= ROW_GROUP_BYTES]
+    return max(fitting, default=1)
+
+
+def _existing_samples(location: str) -> SampleSet | None:
+    """The selection's set when an earlier run (or ``rcat-ray data prepare``) stored it, else None."""
+    try:
+        return open_samples(location)
+    except (DataError, OSError):
+        return None  # absent, unreadable or unusable: the store check, or preparing it, says which
+
+
+def _probe(data: DataConfig) -> Split:
+    """Two samples of a selection whose set does not exist yet, read from the source without writing anything
+    (so a model that fails the checks leaves the store untouched); ImageNet decodes only these two images."""
+    return load_split(data.model_copy(update={"limit": min(2, data.limit or 2)}))
 
 
 def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel]) -> Prepared:
     """Load and cross-check everything a run needs; raises a clear error before any compute.
 
     ``models`` may mix configs and models already in memory (the Python API, the demo). A RobustBench
-    source without a threat model takes the attack's norm (Linf or L2 zoo).
+    source without a threat model takes the attack's norm (Linf or L2 zoo). The models are loaded here once,
+    to fingerprint them and to check them on two rows of the data; the plans then keep only references
+    (their source and fingerprint), so the driver holds neither the images nor, for models it can reload,
+    the weights. The selection's sample set is prepared in the store (first use) only after the models pass,
+    with row groups of the chunk size (or a divisor of it); a set that exists is reused as it is.
     """
     models = [
         m.model_copy(update={"threat_model": settings.attack.norm})
@@ -72,18 +143,30 @@ def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel
     for m in models:
         if not isinstance(m, LoadedModel):
             check_model_source(m, data_name=settings.data.name)
-    split = load_split(settings.data)
+    store = ResultStore(settings.store)
+    location = samples_location(store_location(store), settings.data)
+    samples = _existing_samples(location)
+    probe = samples.to_split(0, min(2, len(samples))) if samples is not None else _probe(settings.data)
     loaded = [
         m if isinstance(m, LoadedModel)
-        else load_model(m, num_classes=split.num_classes, input_shape=split.input_shape, data_name=settings.data.name)
+        else load_model(m, num_classes=probe.num_classes, input_shape=probe.input_shape, data_name=settings.data.name)
         for m in models
     ]  # fmt: skip
-    validate_pair_inputs(loaded, split)
+    validate_pair_inputs(loaded, probe)
     loaded = distinct_names(loaded)
-    store = ResultStore(settings.store)
     store.check_writable()
-    plans = [EvaluationPlan(m, split, settings.attack, settings.chunk_size) for m in loaded]
-    return Prepared(store, split, loaded, plans)
+    if samples is None:
+        row_bytes = 4 * int(probe.images[0].numel())  # float32 at most (uint8 when exact)
+        samples = samples_in_store(store_location(store), settings.data,
+                                   rows_per_group=rows_per_group(settings.chunk_size, row_bytes))  # fmt: skip
+    refs = [
+        model_reference(m, cfg if isinstance(cfg, ModelConfig) else None, input_shape=probe.input_shape,
+                        data_name=settings.data.name)
+        for m, cfg in zip(loaded, models, strict=True)
+    ]  # fmt: skip
+    del loaded  # the driver keeps no weights it can reload
+    plans = [EvaluationPlan(r, samples, settings.attack, settings.chunk_size) for r in refs]
+    return Prepared(store, samples, refs, plans)
 
 
 def run_evaluate(cfg: EvaluateConfig, *, extra_models: list[LoadedModel] | None = None):
@@ -125,7 +208,7 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
     if all(o.complete for o in outcomes):
         comparison = compare_stored(
             prepared.store, prepared.plans[0].key, prepared.plans[1].key, cfg.bootstrap,
-            class_names=list(prepared.split.class_names),
+            class_names=list(prepared.class_names),
         )  # fmt: skip
     return outcomes, comparison, prepared
 
@@ -154,7 +237,7 @@ def run_table(cfg: TableConfig) -> list:
         rows = []
         for i, (shown, plan) in enumerate(zip(shown_labels, prep.plans, strict=True)):
             comp = compare_stored(
-                prep.store, prep.plans[0].key, plan.key, cfg.bootstrap, class_names=list(prep.split.class_names)
+                prep.store, prep.plans[0].key, plan.key, cfg.bootstrap, class_names=list(prep.class_names)
             )
             rows.append(TableRow(shown, comp.summary, comp.flips, is_old=i == 0, comparison_key=comp.key))
         tables.append(

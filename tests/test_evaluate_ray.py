@@ -15,13 +15,18 @@ from rcat_ray.workflows import run_evaluate
 pytestmark = pytest.mark.ray
 
 
-def _cfg(store, workers=1, **kw) -> EvaluateConfig:
+def _cfg(store, workers=1, in_flight=2, **kw) -> EvaluateConfig:
     return EvaluateConfig(
         data=DataConfig(name="digits", split="test", limit=120),
         attack=AttackConfig(eps=0.1, n_iter=8, seed=3, robust_samples=100),
         chunk_size=25,
         store=str(store),
-        compute=ComputeConfig(num_workers=workers, cpus_per_worker=1.0 if workers == 1 else 0.5, threads_per_worker=1),
+        compute=ComputeConfig(
+            num_workers=workers,
+            cpus_per_worker=1.0 if workers == 1 else 0.5,
+            threads_per_worker=1,
+            chunks_in_flight=in_flight,
+        ),
         models=({"source": "builtin", "name": "mlp", "seed": 4},),
         **kw,
     )
@@ -29,8 +34,9 @@ def _cfg(store, workers=1, **kw) -> EvaluateConfig:
 
 def test_one_and_two_workers_give_identical_tables(ray_session, digits_models, tmp_path):
     _, new = digits_models
-    (o1, o2), _ = run_evaluate(_cfg(tmp_path / "w1", 1), extra_models=[new])
-    (p1, p2), _ = run_evaluate(_cfg(tmp_path / "w2", 2), extra_models=[new])
+    # and whatever the number of chunks in flight per actor (1: single-threaded actors; 3: read-ahead threads)
+    (o1, o2), _ = run_evaluate(_cfg(tmp_path / "w1", 1, in_flight=1), extra_models=[new])
+    (p1, p2), _ = run_evaluate(_cfg(tmp_path / "w2", 2, in_flight=3), extra_models=[new])
     for a, b in ((o1, p1), (o2, p2)):
         assert a.key == b.key and a.complete and b.complete and a.chunks_computed == 5
         ta = pq.read_table(tmp_path / "w1" / a.table_path)
@@ -119,3 +125,118 @@ def test_crashed_run_resumes_only_missing_chunks(ray_session, digits_models, tmp
     (s,), _ = run_evaluate(_cfg(tmp_path / "straight", 1).model_copy(update={"models": ()}), extra_models=[new])
     # the wrapper's weights are named "inner.*", so its key differs from the plain model's; its rows must not
     assert pq.read_table(tmp_path / "crash" / o.table_path).equals(pq.read_table(tmp_path / "straight" / s.table_path))
+
+
+# -- the data plane: what the driver holds, what travels, what a worker loads ----------------------------------
+
+
+def test_the_sample_set_keeps_every_cache_key(tmp_path, digits_models, monkeypatch):
+    """The plan's identity comes from the prepared set's description, which equals the in-memory split's: keys
+    of tables stored before sets existed stay valid. The driver reads two rows from the source, never the
+    selection (the set's own preparation reads it once), and nothing of the split on a second run."""
+    import pickle
+
+    from rcat_ray import workflows
+    from rcat_ray.core.data import load_split
+    from rcat_ray.evaluation import EvaluationPlan
+    from rcat_ray.workflows import prepare
+
+    _, new = digits_models
+    cfg = _cfg(tmp_path / "store")
+    split = load_split(cfg.data)
+    reads = []
+    real = workflows.load_split
+    monkeypatch.setattr(workflows, "load_split", lambda c: reads.append(c.limit) or real(c))
+    prepared = prepare(cfg, [*cfg.models, new])
+    assert reads == [2]
+    assert prepared.samples.describe() == split.describe()
+    assert prepared.samples.info.rows_per_group == cfg.chunk_size
+    in_memory_plans = [EvaluationPlan(m, split, cfg.attack, cfg.chunk_size) for m in [_builtin(cfg, split), new]]
+    assert [p.key for p in prepared.plans] == [p.key for p in in_memory_plans]
+    again = prepare(cfg, [*cfg.models, new])
+    assert reads == [2] and [p.key for p in again.plans] == [p.key for p in prepared.plans]
+    # what a worker receives: a reference per model and the set's location, no weights and no pixels
+    specs = [p.spec() for p in prepared.plans]
+    assert [s.model.module for s in specs] == [None, None]
+    assert all(s.samples == prepared.samples.uri for s in specs)
+    assert len(pickle.dumps(specs)) < 4000
+    assert prepared.models[0].module is None and prepared.models[1].module is new.module  # reload vs in-memory
+
+
+def _builtin(cfg, split):
+    from rcat_ray.core.models import load_model
+
+    return load_model(cfg.models[0], num_classes=10, input_shape=split.input_shape)
+
+
+def _never():
+    raise AssertionError("fetched")
+
+
+def _shift(m):
+    if isinstance(m, torch.nn.Linear):
+        m.bias.add_(0.01)
+
+
+def test_model_cache_loads_each_model_once_and_checks_its_fingerprint(tmp_path, digits_models, digits_checkpoints):
+    import copy
+
+    from rcat_ray.config import ModelConfig
+    from rcat_ray.core.models import ModelFingerprintError, from_module, load_model, model_reference, save_checkpoint
+    from rcat_ray.evaluation import ModelCache
+
+    old, new = digits_models
+    refs = {}
+    for name in ("old", "new"):
+        cfg = ModelConfig(source="checkpoint", path=str(digits_checkpoints[name]))
+        refs[name] = model_reference(load_model(cfg, num_classes=10, input_shape=(1, 8, 8)), cfg,
+                                     input_shape=(1, 8, 8), data_name="digits").without_module()  # fmt: skip
+    assert refs["old"].fingerprint == old.fingerprint and refs["new"].fingerprint == new.fingerprint
+    cache = ModelCache(2)
+    for name in ("old", "old", "new", "old", "new"):
+        module = cache.get(refs[name])
+        assert module is cache.get(refs[name])
+    assert cache.loads == 2
+    # keyed by weights: the in-memory twin of a cached checkpoint is not fetched again
+    assert cache.get(model_reference(new).without_module(), _never) is cache.get(refs["new"]) and cache.loads == 2
+    other = from_module(copy.deepcopy(new.module).requires_grad_(False).apply(_shift), name="other", num_classes=10)
+    memory = model_reference(other).without_module()  # in memory: weights from the fetch function (object store)
+    assert cache.get(memory, lambda: other.module) is other.module and cache.loads == 3
+    assert cache.get(refs["old"]) is not None and cache.loads == 4  # evicted by the third model: loaded again
+    # the checkpoint replaced after planning: a worker refuses it, naming the model
+    save_checkpoint(digits_checkpoints["old"], new.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
+                    arch_kwargs={"hidden": [64]})  # fmt: skip
+    with pytest.raises(ModelFingerprintError, match=r"model 'old' loaded from checkpoint .*old\.pt has weights"):
+        ModelCache(2).get(refs["old"])
+
+
+def test_a_checkpoint_replaced_during_a_run_is_refused_by_the_workers(ray_session, tmp_path, digits_models,
+                                                                      digits_checkpoints):  # fmt: skip
+    from rcat_ray.config import ModelConfig
+    from rcat_ray.core.models import save_checkpoint
+    from rcat_ray.distributed.evaluate import evaluate_plans
+    from rcat_ray.evaluation import EvaluationRunError
+    from rcat_ray.workflows import prepare
+
+    _, new = digits_models
+    cfg = _cfg(tmp_path / "store").model_copy(
+        update={"models": (ModelConfig(source="checkpoint", path=str(digits_checkpoints["old"])),)}
+    )
+    prepared = prepare(cfg, list(cfg.models))
+    save_checkpoint(digits_checkpoints["old"], new.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
+                    arch_kwargs={"hidden": [64]})  # fmt: skip
+    with pytest.raises(EvaluationRunError, match=r"model 'old' loaded from checkpoint") as err:
+        evaluate_plans(prepared.plans, prepared.store, cfg)
+    assert "fingerprint" in str(err.value)
+    assert not list((tmp_path / "store" / "tables").glob("*/chunks/chunk-*.json"))
+
+
+def test_chunk_manifests_name_the_ray_node(ray_session, digits_models, tmp_path):
+    import json
+
+    _, new = digits_models
+    (o,), _ = run_evaluate(_cfg(tmp_path, 1).model_copy(update={"models": ()}), extra_models=[new])
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / f"tables/{o.key}/chunks").glob("chunk-*.json")]
+    assert len(manifests) == 5
+    assert {m["node"] for m in manifests} == {ray_session.get_runtime_context().get_node_id()}
+    assert all(m["host"] and m["memory"]["max_rss_bytes"] > 0 for m in manifests)

@@ -329,6 +329,33 @@ def test_list_and_describe_entries(clean, store):
     assert _quarantined(store, f"comparisons/{clean.comparison_key}/flips.parquet")
 
 
+# -- the stored samples ----------------------------------------------------------------------------------------
+
+
+def test_altered_samples_stop_the_run_naming_the_file(clean, store, digits_models):
+    """Workers read their rows from the store's sample set and check each row group's sha256: altered pixels
+    (same size, so opening the set does not notice) stop the run with the file and the fix named, and no chunk
+    is computed from them."""
+    from rcat_ray.core.models import from_module
+
+    (part,) = store.glob("samples/digits-test-*/part-*.parquet")
+    meta = pq.read_metadata(part)
+    last = meta.row_group(meta.num_row_groups - 1).column(3)  # the image column of the last group (rows 75..99)
+    data = bytearray(part.read_bytes())
+    data[last.data_page_offset + last.total_compressed_size // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    _, new = digits_models
+    other = copy.deepcopy(new.module)
+    with torch.no_grad():
+        other[1].bias.add_(0.01)  # weights not evaluated yet: its chunks must be computed
+    model = from_module(other, name="other", num_classes=10)
+    with pytest.raises(evaluation.EvaluationRunError, match=r"part-00000\.parquet") as err:
+        run_evaluate(_evaluate_cfg(store), extra_models=[model])
+    assert "prepare the set again" in str(err.value)
+    (table,) = [p for p in (store / "tables").iterdir() if p.name not in (clean.old_key, clean.new_key)]
+    assert not (table / "chunks/chunk-000003.json").exists()
+
+
 # -- non-finite outputs never reach the store ----------------------------------------------------------------
 
 

@@ -1,18 +1,38 @@
 """Ray Data evaluation: the missing chunks of each model, attacked by a pool of actors.
 
-The dataset handed to Ray Data holds only chunk descriptors (id, start, stop); it is built with
-``from_items`` so there is no read task for the actors to starve on a small node (RAY_NOTES gotcha 6).
-The model and the images travel once through the object store; each actor fetches them in its
-constructor, pins its torch thread count (so results do not depend on the host), attacks whole chunks
-and writes each finished chunk straight into the result store. The driver then assembles the table.
+What travels. The dataset handed to Ray Data holds only chunk descriptors (plan index, chunk id, start, stop);
+it is built with ``from_items`` so there is no read task for the actors to starve on a small node (RAY_NOTES
+gotcha 6). Each actor receives the plans as :class:`rcat_ray.evaluation.PlanSpec` (table key, model reference,
+sample-set location, attack: a few hundred bytes each), never images or weights. A model that exists only in
+the driver's memory (the Python API) is the exception: its module is put in the object store once and fetched
+by the actors that attack it.
+
+What an actor reads and holds. It opens each sample set once (cached per location) and reads the rows of the
+chunk it is given, ``read_rows(start, stop)``: storage to worker, checked against the set's row-group hashes.
+It loads each model from its source the first time a chunk of it arrives and keeps the last two in an LRU
+(:class:`rcat_ray.evaluation.ModelCache`), refusing weights whose fingerprint differs from the planned one.
+The descriptors are ordered by plan, so the pool attacks one model's chunks before the next model's and an
+actor loads each model once. With ``compute.chunks_in_flight`` k > 1 an actor has k chunks in flight and runs
+them in k threads: each thread reads its rows first, then takes the actor's attack lock, so the next chunk is
+read (and decoded) while the current one is attacked, and only one attack runs at a time (one batch on the
+GPU, the pinned torch thread count on the CPU). Results do not depend on any of this: a chunk's rows and seed
+are fixed by the plan.
+
+Each finished chunk is written straight into the result store by its actor, with a manifest naming the Ray
+node that computed it; the driver then assembles the table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -20,10 +40,14 @@ import torch
 
 from rcat_ray.config import ComputeConfig, EvaluationSettings
 from rcat_ray.core.models import register_autoattack_alias
-from rcat_ray.distributed.cluster import ensure_ray
+from rcat_ray.core.samples import SampleSet, open_samples
+from rcat_ray.distributed import cluster
 from rcat_ray.evaluation import (
+    Chunk,
     EvaluationPlan,
     EvaluationRunError,
+    ModelCache,
+    PlanSpec,
     assemble,
     chunk_file_names,
     resolve_device,
@@ -63,42 +87,91 @@ class EvaluationOutcome:
         )
 
 
-class ChunkEvaluator:
-    """Ray Data actor: holds the plans (models and the split), attacks whole chunks, writes them to the store."""
+#: Models an evaluation actor keeps loaded: the one it attacks and the next, while chunks of both are in flight.
+MODELS_PER_ACTOR = 2
+#: Testing aid (multi-node tests): a folder where each actor announces a chunk (``arrived-<plan>-<chunk>``, holding
+#: its node id) and waits before attacking it until ``open-all`` or ``open-<plan>-<chunk>`` exists there.
+TEST_GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"
 
-    def __init__(self, payload: list, store_uri: str, device: str, threads: int, keep_adversarial: bool):
+
+class ChunkEvaluator:
+    """Ray Data actor: reads its chunks' rows from the sample sets, loads the models from their sources (an LRU
+    of ``MODELS_PER_ACTOR``), attacks one chunk at a time and writes each to the store."""
+
+    def __init__(
+        self,
+        specs: list[PlanSpec],
+        modules: dict[str, list],
+        store_uri: str,
+        device: str,
+        threads: int,
+        keep_adversarial: bool,
+    ):
+        self.threads = threads
         torch.set_num_threads(threads)
         register_autoattack_alias()  # a RobustBench model unpickles only with it
-        (self.plans,) = ray.get(payload)  # wrapped in a list so Ray does not resolve it before the actor exists
+        self.specs = specs
+        self.modules = modules  # fingerprint -> [object ref] of in-memory models, fetched on first use
         self.store = ResultStore(store_uri)
         self.device = resolve_device(device)
         self.keep_adversarial = keep_adversarial
-        self.chunks = [{c.chunk_id: c for c in plan.chunks()} for plan in self.plans]
+        self.node = ray.get_runtime_context().get_node_id()  # differs between Ray nodes on one machine
+        self.models = ModelCache(MODELS_PER_ACTOR)
+        self._sets: dict[str, SampleSet] = {}
+        self._plans: dict[int, EvaluationPlan] = {}
+        self._open_lock = threading.Lock()  # opening sets and plans (concurrent calls share the caches)
+        self._attack_lock = threading.Lock()  # one attack at a time, whatever the number of chunks in flight
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pairs = list(zip(batch["plan"].tolist(), batch["chunk_id"].tolist(), strict=True))
-        rows = [self._run(p, c) for p, c in pairs]
+        torch.set_num_threads(self.threads)  # per calling thread: Ray Data may call from a thread pool
+        descriptors = zip(batch["plan"].tolist(), batch["chunk_id"].tolist(), batch["start"].tolist(),
+                          batch["stop"].tolist(), strict=True)  # fmt: skip
+        rows = [self._run(p, Chunk(c, start, stop)) for p, c, start, stop in descriptors]
         return {
             "plan": batch["plan"].astype(np.int64),
             "chunk_id": batch["chunk_id"].astype(np.int64),
             "n_rows": np.asarray(rows, dtype=np.int64),
         }
 
-    def _run(self, p: int, c: int) -> int:
+    def _plan(self, p: int) -> EvaluationPlan:
+        """Plan ``p`` over its sample set, opened once per location (the set's description and file listing)."""
+        with self._open_lock:
+            if p not in self._plans:
+                spec = self.specs[p]
+                if spec.samples not in self._sets:
+                    self._sets[spec.samples] = open_samples(spec.samples)
+                self._plans[p] = spec.open(self._sets[spec.samples])
+            return self._plans[p]
+
+    def _fetch_module(self, fingerprint: str) -> torch.nn.Module:
+        """An in-memory model's module, from the object store (sent once by the driver)."""
+        (ref,) = self.modules[fingerprint]
+        return ray.get(ref)
+
+    def _run(self, p: int, chunk: Chunk) -> int:
         """One chunk; if it is cut short (an error, or the SystemExit Ray raises in a worker on SIGTERM when
         an interrupted run or a drained node stops it), the temporary files it had begun are removed, so an
         interrupt leaves only finished chunks and no litter. Files of a finished chunk have their final
         names; a member written without its manifest is handled by the store on the next run."""
-        plan = self.plans[p]
-        before = self._temporary_files(plan, c)
-        try:
-            return run_chunk(plan, self.chunks[p][c], self.store, device=self.device,
-                             keep_adversarial=self.keep_adversarial)  # fmt: skip
-        except BaseException:
-            with contextlib.suppress(Exception):
-                for name in self._temporary_files(plan, c) - before:  # ours: names are unique per write
-                    self.store.fs.delete_file(self.store.path(f"{plan.chunks_folder}/{name}"))
-            raise
+        plan = self._plan(p)
+        if chunk not in plan.chunks()[chunk.chunk_id : chunk.chunk_id + 1]:
+            raise EvaluationRunError(f"chunk descriptor {chunk} does not match plan {plan.key}'s chunking")
+        if plan.chunk_done(self.store, chunk):
+            return chunk.stop - chunk.start
+        _test_gate(p, chunk, self.node)
+        rows = plan.samples.read_rows(chunk.start, chunk.stop)  # outside the lock: overlaps the running attack
+        with self._attack_lock:
+            before = self._temporary_files(plan, chunk.chunk_id)
+            try:
+                ref = plan.model
+                module = self.models.get(ref, lambda: self._fetch_module(ref.fingerprint))
+                return run_chunk(plan, chunk, self.store, device=self.device, keep_adversarial=self.keep_adversarial,
+                                 module=module, rows=rows, node=self.node)  # fmt: skip
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    for name in self._temporary_files(plan, chunk.chunk_id) - before:  # ours: names are unique
+                        self.store.fs.delete_file(self.store.path(f"{plan.chunks_folder}/{name}"))
+                raise
 
     def _temporary_files(self, plan: EvaluationPlan, chunk_id: int) -> set[str]:
         """The store's temporary files (``.tmp-<uuid>-<final name>``) for this chunk's files."""
@@ -108,6 +181,18 @@ class ChunkEvaluator:
         except Exception:  # noqa: BLE001 - housekeeping never fails a chunk
             return set()
         return {n for n in names if n.startswith(".tmp-") and n.endswith(suffixes)}
+
+
+def _test_gate(plan: int, chunk: Chunk, node: str) -> None:
+    """The testing aid of ``TEST_GATE_ENV`` (a no-op unless the variable is set in the workers' environment)."""
+    folder = os.environ.get(TEST_GATE_ENV)
+    if not folder:
+        return
+    gate = Path(folder)
+    name = f"{plan}-{chunk.chunk_id}"
+    (gate / f"arrived-{name}").write_text(json.dumps({"node_id": node, "pid": os.getpid()}))
+    while not ((gate / "open-all").exists() or (gate / f"open-{name}").exists()):
+        time.sleep(0.05)
 
 
 def evaluate_plans(
@@ -150,6 +235,20 @@ def evaluate_plans(
     return outcomes
 
 
+def _in_memory_modules(plans: list[EvaluationPlan], todo: list[tuple[int, int]]) -> dict[str, list]:
+    """Object refs of the modules of in-memory models that have chunks to compute, one put per fingerprint.
+
+    Wrapped in a list so Ray hands the actor the reference, not the module, at construction: an actor fetches
+    a module only when a chunk of that model reaches it.
+    """
+    out: dict[str, list] = {}
+    for p in sorted({p for p, _ in todo}):
+        ref = plans[p].model
+        if ref.in_memory and ref.fingerprint not in out:
+            out[ref.fingerprint] = [ray.put(ref.module)]
+    return out
+
+
 def _run_chunks_on_ray(
     plans: list[EvaluationPlan],
     todo: list[tuple[int, int]],
@@ -176,7 +275,9 @@ def _run_chunks_on_ray(
         except Exception:  # noqa: BLE001
             return default
 
-    ensure_ray(compute)  # started only now that some chunk must be computed (a no-op when Ray is up)
+    # started only now that some chunk must be computed (a no-op when Ray is up); looked up at call time, so a
+    # test that replaces it sees every call
+    cluster.ensure_ray(compute)
     total = sum(len(plan.chunks()) for plan in plans)
     stored_before = stored_chunks(default=total - len(todo))
     workers = min(compute.num_workers, len(todo))
@@ -186,23 +287,35 @@ def _run_chunks_on_ray(
     progress_log.info(progress.line(f"{len(todo)} to compute on {actors}; {', '.join(names)}"))
     finished: list[tuple[int, int]] = []
     failure = interrupted = None
-    payload = ds = pipeline = batches = None
+    modules = ds = pipeline = batches = None
+    in_flight = compute.chunks_in_flight
     try:
-        payload = [ray.put(plans)]
-        ds = ray.data.from_items([{"plan": p, "chunk_id": c} for p, c in todo], override_num_blocks=len(todo))
+        specs = [plan.spec() for plan in plans]
+        modules = _in_memory_modules(plans, todo)
+        # ordered by plan: the pool finishes one model's chunks before it starts the next model's
+        chunking = {p: plans[p].chunks() for p in {p for p, _ in todo}}
+        items = [{"plan": p, "chunk_id": c, "start": chunking[p][c].start, "stop": chunking[p][c].stop}
+                 for p, c in sorted(todo)]  # fmt: skip
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         pipeline = ds.map_batches(
             ChunkEvaluator,
             fn_constructor_kwargs={
-                "payload": payload,
+                "specs": specs,
+                "modules": modules,
                 "store_uri": store.uri if "://" in store.uri else store.root,
                 "device": compute.device,
                 "threads": compute.threads,
                 "keep_adversarial": keep_adversarial,
             },
             batch_size=1,
-            # one chunk in flight per actor: chunks are long (seconds to minutes), so queueing a second one
-            # behind a busy actor only leaves another actor idle at the end of the run
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            # k chunks in flight per actor, run in k threads of which one attacks at a time (the others read
+            # ahead); k = 1 keeps the actor single-threaded
+            compute=ray.data.ActorPoolStrategy(
+                size=workers,
+                max_tasks_in_flight_per_actor=in_flight,
+                max_concurrent_calls_per_actor=in_flight if in_flight > 1 else None,
+                enable_true_multi_threading=in_flight > 1,
+            ),
             num_cpus=compute.cpus_per_worker,
             num_gpus=compute.gpus_per_worker,
         )
@@ -224,7 +337,7 @@ def _run_chunks_on_ray(
         try:
             if batches is not None and hasattr(batches, "close"):
                 batches.close()
-            del batches, pipeline, ds, payload
+            del batches, pipeline, ds, modules
             gc.collect()
         except KeyboardInterrupt:  # a second Ctrl+C while releasing: the references go when this frame does
             pass
