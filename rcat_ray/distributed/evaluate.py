@@ -289,6 +289,10 @@ def _run_chunks_on_ray(
     failure = interrupted = None
     modules = ds = pipeline = batches = None
     in_flight = compute.chunks_in_flight
+    # Read-ahead in a second thread pays off on a GPU, where the attack leaves the CPU idle. On CPU actors the
+    # queued chunk simply waits; a threaded actor whose call fails also outlived its pool here (its CPU stayed
+    # taken and a later 2-worker Ray Train run waited for ever), so threads are used only where they help.
+    threaded = in_flight > 1 and compute.gpus_per_worker > 0
     try:
         specs = [plan.spec() for plan in plans]
         modules = _in_memory_modules(plans, todo)
@@ -313,8 +317,8 @@ def _run_chunks_on_ray(
             compute=ray.data.ActorPoolStrategy(
                 size=workers,
                 max_tasks_in_flight_per_actor=in_flight,
-                max_concurrent_calls_per_actor=in_flight if in_flight > 1 else None,
-                enable_true_multi_threading=in_flight > 1,
+                max_concurrent_calls_per_actor=in_flight if threaded else None,
+                enable_true_multi_threading=threaded,
             ),
             num_cpus=compute.cpus_per_worker,
             num_gpus=compute.gpus_per_worker,
