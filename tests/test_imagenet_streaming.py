@@ -87,7 +87,9 @@ def _eval_args(root: Path, store: Path) -> list[str]:
             "--threads-per-worker", "1"]  # fmt: skip
 
 
-def test_prepare_and_evaluate_an_imagefolder_as_load_split_would(ray_session, imagenet_root, tmp_path, capsys, monkeypatch):
+def test_prepare_and_evaluate_an_imagefolder_as_load_split_would(
+    ray_session, imagenet_root, tmp_path, capsys, monkeypatch
+):
     store = tmp_path / "store"
     # 1. prepared once by the CLI, with its default layout (row groups of 256: not the evaluation's chunk size)
     assert main(["data", "prepare", "--data", "imagenet", "--data-root", str(imagenet_root), "--store", str(store),
