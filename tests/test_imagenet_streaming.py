@@ -171,11 +171,9 @@ def test_a_comparison_report_reads_its_images_from_the_set(ray_session, imagenet
 
 def test_one_epoch_fine_tune_streams_from_a_prepared_set(imagenet_root, tmp_path, no_load_split):
     """The other half of the data plane (rcat_ray.distributed.train): a fine-tune reads its rows from the set."""
-    train = pytest.importorskip("rcat_ray.distributed.train")
-    if not hasattr(train, "training_samples"):
-        pytest.skip("the streaming fine-tune (training_samples in rcat_ray.distributed.train) has not landed")
     from rcat_ray.config import FinetuneConfig, parse_config
     from rcat_ray.core.models import build_architecture, save_checkpoint
+    from rcat_ray.distributed import train
 
     parents = {}
     for name, seed in (("old", 0), ("new", 1)):

@@ -1,10 +1,8 @@
 """Fine-tuning on a real multi-node Ray cluster: a head and two 1-CPU worker nodes on this machine.
 
-Ray's own multi-node harness (``ray.cluster_utils.Cluster``) starts the nodes. It runs in a subprocess of its
-own (this file run as ``python -m tests.test_multinode_train cluster``), never in the pytest process: the rest of
-the suite keeps one session-wide local Ray in pytest (conftest ``ray_session``), and a Cluster in the same
-process would share (and on shutdown reset) Ray's process-global state. The fine-tunes run through the real
-CLI (``rcat-ray finetune --address <cluster>``) in subprocesses, as a user would run them.
+Ray's own multi-node harness (``ray.cluster_utils.Cluster``) starts the nodes in a subprocess of their own
+(:mod:`tests.multinode`, which says why and how the cluster is isolated). The fine-tunes and the sweep run
+through the real CLI (``rcat-ray finetune|sweep --address <cluster>``) in subprocesses, as a user would run them.
 
 The head has no CPU, so the two Train workers (1 CPU each) can only be placed on the two worker nodes; each
 rank's node id is in the run's history. Scenarios:
@@ -14,98 +12,38 @@ rank's node id is in the run's history. Scenarios:
 (b) the node of rank 1 is removed while epoch 2 of 3 runs (the workers wait at an epoch gate, a testing aid of
     train.py, so "while epoch 2 runs" is a fact, not a race), a replacement node is added, and the run resumes
     from the epoch-1 checkpoint (FailureConfig) on the surviving and the new node, and finishes at the weights
-    of a run that never stopped.
-
-Isolation: every process gets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (all Ray listeners on 127.0.0.1) and
-RAY_AUTH_MODE=disabled; the GCS and agent ports are picked free by Ray (port 0), so they cannot clash with the
-session Ray; the cluster does not write (or delete) /tmp/ray/ray_current_cluster, so ``address="auto"`` users
-elsewhere on the machine never see it; a finalizer shuts the cluster down (and kills its process group if
-that fails).
+    of a run that never stopped;
+(c) a 2-trial sweep (``rcat-ray sweep``): one trial per worker node (each trial records its node), the finished
+    trials judged by an evaluation whose chunks spread over both nodes, a choice and its test.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.multinode import ROOT, ClusterProcess, ray_env
+
+GATE_ENV = "RCAT_RAY_TEST_EPOCH_GATE"  # rcat_ray.distributed.train's epoch gate (a testing aid)
 N_TRAIN = 1097  # digits' train split
 
 pytestmark = [pytest.mark.slow]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )
-    env.update(extra)
-    return env
-
-
-class ClusterProcess:
-    """The Cluster in its subprocess, driven by one-line commands (``add``, ``remove <node id>``, ``shutdown``)."""
-
-    def __init__(self, gate: Path, log: Path):
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.test_multinode_train", "cluster"],
-            cwd=ROOT, env=_env(RCAT_RAY_TEST_EPOCH_GATE=str(gate)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.log, text=True, start_new_session=True,
-        )  # fmt: skip
-        self.address = self._reply()["address"]
-        self.workers = [self.add(), self.add()]
-
-    def _reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the cluster process ended (rc {self.proc.poll()}); see {self.log.name}")
-        return json.loads(line)
-
-    def _send(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self._reply()
-
-    def add(self) -> str:
-        return self._send("add")["node_id"]
-
-    def remove(self, node_id: str) -> None:
-        self._send(f"remove {node_id}")
-        self.workers.remove(node_id)
-
-    def shutdown(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self._send("shutdown")
-                self.proc.wait(timeout=60)
-        except Exception:  # noqa: BLE001 - whatever went wrong, the processes must not outlive the test
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the group this test started (start_new_session)
-                self.proc.wait(timeout=30)
-        finally:
-            self.log.close()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     gate = Path(tempfile.mkdtemp(prefix="rcat-gate-"))
-    c = ClusterProcess(gate, tmp_path_factory.mktemp("cluster") / "cluster.log")
+    c = ClusterProcess(tmp_path_factory.mktemp("cluster") / "cluster.log", env={GATE_ENV: str(gate)})
     c.gate = gate
     yield c
     c.shutdown()
@@ -142,7 +80,7 @@ def _start_cli(tmp_path: Path, raw: dict, address: str) -> subprocess.Popen:
     log = (tmp_path / f"{raw['name']}.log").open("w")
     cli = Path(sys.executable).parent / "rcat-ray"
     return subprocess.Popen([str(cli), "finetune", "--config", str(config), "--address", address],
-                            cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                            cwd=tmp_path, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def _finish(proc: subprocess.Popen, tmp_path: Path, name: str, timeout: float = 400) -> dict:
@@ -226,6 +164,42 @@ def test_two_workers_on_two_nodes_train_the_one_process_model(cluster, tmp_path,
     _assert_same_weights(tmp_path, "two-nodes", _local_weights(tmp_path, digits_checkpoints))
 
 
+def _sweep_raw(tmp_path: Path, parents: dict[str, Path]) -> dict:
+    """The README's digits sweep (jobs/configs/digits_sweep.yaml) on this test's models and folders."""
+    raw = yaml.safe_load((ROOT / "jobs" / "configs" / "digits_sweep.yaml").read_text())
+    base = raw["base"]
+    base["old"]["path"], base["new"]["path"] = str(parents["old"]), str(parents["new"])
+    base["storage"] = str(tmp_path / "ray_results")
+    base["store"] = raw["test"]["store"] = str(tmp_path / "store")
+    raw.update(storage=str(tmp_path / "ray_results"), out=str(tmp_path / "sweep-out"), num_samples=2)
+    return raw
+
+
+def test_a_two_trial_sweep_runs_one_trial_per_node(cluster, tmp_path, digits_checkpoints):
+    _clear(cluster.gate)
+    _open_gates(cluster.gate, 1, 2, 3)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(_sweep_raw(tmp_path, digits_checkpoints)))
+    cli = Path(sys.executable).parent / "rcat-ray"
+    t0 = time.monotonic()
+    with (tmp_path / "sweep.log").open("w") as log:
+        command = [str(cli), "sweep", "--config", str(config), "--address", cluster.address]
+        proc = subprocess.run(command, cwd=tmp_path, env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
+                              timeout=600, check=False)  # fmt: skip
+    print(f"two-node sweep: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 0, (tmp_path / "sweep.log").read_text()[-4000:]
+    trials = pd.read_parquet(tmp_path / "sweep-out" / "trials.parquet")
+    assert len(trials) == 2 and trials["error"].isna().all() and trials["judged"].all()
+    # the head has no CPU and a trial takes one: the two trials ran at once, one on each worker node
+    assert set(trials["node_id"]) == set(cluster.workers)
+    manifests = (tmp_path / "store").glob("tables/*/chunks/chunk-*.json")
+    judged_on = {json.loads(p.read_text())["node"] for p in manifests}
+    assert judged_on == set(cluster.workers), "the selection and test evaluations spread over both nodes"
+    best = yaml.safe_load((tmp_path / "sweep-out" / "best.yaml").read_text())
+    assert best["trial_id"] in set(trials["trial_id"]) and best["finetune"]["loss"]["kind"] == "rcat"
+    assert Path(best["checkpoint"]).is_file() and (tmp_path / "sweep-out" / "report.html").is_file()
+
+
 def test_a_removed_node_is_replaced_and_the_run_resumes_from_its_checkpoint(cluster, tmp_path, digits_checkpoints):
     _clear(cluster.gate)
     gate = cluster.gate
@@ -261,50 +235,3 @@ def test_a_removed_node_is_replaced_and_the_run_resumes_from_its_checkpoint(clus
         assert {w["node_id"] for w in h["workers"]} == {survivor, replacement}
         assert [w["rows_read"] for w in h["workers"]] == [549, 548]
     _assert_same_weights(tmp_path, "node-loss", _local_weights(tmp_path, digits_checkpoints, epochs=3))
-
-
-# -- the cluster process ----------------------------------------------------------------------------------------
-def _serve_cluster() -> None:
-    """Start a head (no CPU) and answer commands on stdin with one JSON line each, until ``shutdown``."""
-    import ray._common.utils
-    import ray._private.utils
-
-    # keep this cluster out of /tmp/ray/ray_current_cluster: another Ray user of the machine must not find it
-    ray._private.utils.write_ray_address = lambda *a, **k: None
-    ray._common.utils.reset_ray_address = lambda *a, **k: None
-    from ray.cluster_utils import Cluster
-
-    def reply(**kw) -> None:
-        print(json.dumps(kw), flush=True)
-
-    head = {
-        "num_cpus": 0,
-        "include_dashboard": False,
-        "dashboard_agent_listen_port": None,  # a free port, not the default 52365 another Ray may hold
-        "object_store_memory": 100 * 2**20,
-        # a killed node is declared dead after ~3 s instead of ~15 s
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
-    }
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
-    nodes = {}
-    reply(address=cluster.address)
-    try:
-        for line in sys.stdin:
-            command, *args = line.split()
-            if command == "add":
-                node = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-                cluster.wait_for_nodes()
-                nodes[node.node_id] = node
-                reply(node_id=node.node_id)
-            elif command == "remove":
-                cluster.remove_node(nodes.pop(args[0]), allow_graceful=False)
-                reply(removed=args[0])
-            elif command == "shutdown":
-                break
-    finally:
-        cluster.shutdown()
-    reply(shutdown=True)
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["cluster"]:
-    _serve_cluster()

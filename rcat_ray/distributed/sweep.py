@@ -91,7 +91,8 @@ class TuneSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ck = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=ck)
+        # the Ray node the trial ran on (Tune's own node_ip is the same for every node of one machine)
+        ray.tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=ck)
 
 
 def trial_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +255,7 @@ def trial_table(results: Any) -> pd.DataFrame:
             "trial_id": metrics.get("trial_id"),
             **{k: settings.get(k) for k in TRIAL_KEYS},
             "epochs_run": metrics.get("training_iteration"),
+            "node_id": metrics.get("node_id"),
             **{f"epoch_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()
                if k.startswith(("val_", "train_loss"))},
             "checkpoint": ck_path,
