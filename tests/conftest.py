@@ -28,10 +28,9 @@ def ray_session():
     """A real local Ray instance with 2 CPUs, shared by every test that needs Ray."""
     import ray
 
-    # 3 logical CPUs on this 2-core machine: an evaluation whose actor fails while loading a model can leave
-    # that actor alive (holding its CPU) until the driver exits, which would starve the 2-worker Ray Train tests
-    # that follow in this one session; a CLI run exits after such an error, so users do not meet it.
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
+    # a failed evaluation must give its actors' CPUs back (tests/test_evaluate_ray.py checks it): with only 2,
+    # an actor left behind would starve the 2-worker Ray Train tests that follow in this one session
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

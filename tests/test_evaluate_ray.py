@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -229,6 +230,12 @@ def test_a_checkpoint_replaced_during_a_run_is_refused_by_the_workers(ray_sessio
         evaluate_plans(prepared.plans, prepared.store, cfg)
     assert "fingerprint" in str(err.value)
     assert not list((tmp_path / "store" / "tables").glob("*/chunks/chunk-*.json"))
+    # the failed run's actors are gone: their CPUs are free again for whatever this process runs next
+    total = ray_session.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 30
+    while ray_session.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == total
 
 
 def test_chunk_manifests_name_the_ray_node(ray_session, digits_models, tmp_path):

@@ -195,6 +195,29 @@ def _test_gate(plan: int, chunk: Chunk, node: str) -> None:
         time.sleep(0.05)
 
 
+def _kill_stranded_actors() -> int:
+    """Kill the evaluation actors this process still holds handles to, after a failed or interrupted run.
+
+    Ray Data releases an aborted pipeline's actors by dropping its references, not with ``ray.kill`` (so that
+    lineage can rebuild their outputs). In Ray 2.60 a task-done callback of the aborted run (a ``partial`` with
+    ``actor_to_return``) keeps one actor's handle alive in the driver, and that actor, with the CPU or GPU it
+    holds, lives until the driver exits: a long-lived caller (a notebook, a sweep driver) would see later Ray
+    work wait for ever for that resource. Nothing of the actors is needed after a failure: finished chunks are
+    in the store. Returns how many were killed."""
+    killed = 0
+    for obj in gc.get_objects():
+        if not isinstance(obj, ray.actor.ActorHandle):
+            continue
+        descriptor = getattr(obj, "_ray_actor_creation_function_descriptor", None)
+        if descriptor is not None and ChunkEvaluator.__name__ in descriptor.class_name:
+            with contextlib.suppress(Exception):  # already dead, or Ray going down: nothing left to free
+                ray.kill(obj, no_restart=True)
+                killed += 1
+    if killed:
+        log.debug("killed %d evaluation actor(s) left by the aborted pipeline", killed)
+    return killed
+
+
 def evaluate_plans(
     plans: list[EvaluationPlan], store: ResultStore, settings: EvaluationSettings
 ) -> list[EvaluationOutcome]:
@@ -343,6 +366,7 @@ def _run_chunks_on_ray(
                 batches.close()
             del batches, pipeline, ds, modules
             gc.collect()
+            _kill_stranded_actors()
         except KeyboardInterrupt:  # a second Ctrl+C while releasing: the references go when this frame does
             pass
     if interrupted is not None:  # no progress line: the one-line interrupt message says what is stored
