@@ -290,8 +290,9 @@ class RowSource(Protocol):
     def iter_batches(self, batch_size: int, positions: Any = None, *, cache_bytes: int = ...) -> Iterator[Any]: ...
 
 
-#: Stored (uint8) bytes of decoded row groups a worker keeps between batches: the bound on what a worker holds
-#: of the training set, whatever its size (ImageNet's is 190 GB).
+#: Stored (uint8) bytes of decoded row groups a worker keeps between batches. What a worker holds of the training
+#: set, whatever its size (ImageNet's is 190 GB), is at most this plus the groups of the batch being read (a
+#: shuffled batch touches up to one group per row) plus the batches read ahead.
 READ_CACHE_BYTES = 256 * 2**20
 
 
