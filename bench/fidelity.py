@@ -353,7 +353,10 @@ def main() -> None:
                   f"{'yes' if chosen[k]['meets_bar'] else 'no, lowest validation S-NFR instead'}\n" for k in KINDS)
         + yaml.safe_dump({"methods": [{"kind": "at"} if k == "at" else
                                       {"kind": k, "alpha": chosen[k]["alpha"], "beta": chosen[k]["beta"]}
-                                      for k in KINDS]}, sort_keys=False)
+                                      for k in KINDS],
+                          "methods_source": f"chosen per method on validation by bench/fidelity.py "
+                                            f"({protocol['mode']} run, {val.n} validation samples)"},
+                         sort_keys=False)
     )  # fmt: skip
     (out / "chosen.yaml").write_text(chosen_yaml)
 
