@@ -139,6 +139,18 @@ def _arrivals(gate: Path, epoch: int) -> dict[int, dict]:
     return out
 
 
+def _registered_checkpoints(tmp_path: Path) -> int:
+    """Checkpoints Ray Train's controller has on record for the runs under this test's storage (its checkpoint
+    manager snapshot, written after each checkpoint it registers)."""
+    count = 0
+    for snapshot in (tmp_path / "ray_results").glob("**/checkpoint_manager_snapshot.json"):
+        try:
+            count = max(count, len(json.loads(snapshot.read_text()).get("checkpoint_results") or []))
+        except (OSError, ValueError):  # being written: read again at the next poll
+            continue
+    return count
+
+
 def _wait_for(what: str, predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -207,6 +219,10 @@ def test_a_removed_node_is_replaced_and_the_run_resumes_from_its_checkpoint(clus
     proc = _start_cli(tmp_path, _raw(tmp_path, digits_checkpoints, "node-loss", epochs=3), cluster.address)
     try:
         _wait_for("both ranks at the start of epoch 2", lambda: len(_arrivals(gate, 1)) == 2, proc)
+        # the ranks reported epoch 1's checkpoint before the gate, but Ray Train's controller registers it when it
+        # next polls the workers: a node lost before that would leave nothing to resume from (a loaded machine
+        # showed it), so the node goes only once the checkpoint is on record
+        _wait_for("Ray Train to register the epoch-1 checkpoint", lambda: _registered_checkpoints(tmp_path) >= 1, proc)
         first = {rank: infos[-1] for rank, infos in _arrivals(gate, 1).items()}
         doomed = first[1]["node_id"]
         survivor = first[0]["node_id"]
