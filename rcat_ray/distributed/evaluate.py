@@ -206,7 +206,8 @@ def _kill_stranded_actors() -> int:
     in the store. Returns how many were killed."""
     killed = 0
     for obj in gc.get_objects():
-        if not isinstance(obj, ray.actor.ActorHandle):
+        # type(), not isinstance(): isinstance reads __class__, which warns or runs code on some module proxies
+        if type(obj) is not ray.actor.ActorHandle:
             continue
         descriptor = getattr(obj, "_ray_actor_creation_function_descriptor", None)
         if descriptor is not None and ChunkEvaluator.__name__ in descriptor.class_name:
