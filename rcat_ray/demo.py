@@ -67,7 +67,7 @@ class DemoConfig(_Strict):
     )
     methods_source: str = Field(
         "chosen per method on validation by bench/fidelity.py (the paper's protocol; README, 'The demo')",
-        description="where the methods' weights come from: printed with the table",
+        description="where the methods' weights come from: printed before the fine-tunes start",
     )
     finetune_epochs: int = Field(2, ge=1)
     finetune_samples: int = Field(50_000, ge=1, description="the first N images of the train split")
