@@ -39,6 +39,7 @@ import ray
 import torch
 
 from rcat_ray.config import ComputeConfig, EvaluationSettings
+from rcat_ray.core.allocator import retain_freed_heap
 from rcat_ray.core.models import register_autoattack_alias
 from rcat_ray.core.samples import SampleSet, open_samples
 from rcat_ray.distributed import cluster
@@ -109,6 +110,7 @@ class ChunkEvaluator:
     ):
         self.threads = threads
         torch.set_num_threads(threads)
+        retain_freed_heap()  # no page faults for every attack step's buffers (see rcat_ray.core.allocator)
         register_autoattack_alias()  # a RobustBench model unpickles only with it
         self.specs = specs
         self.modules = modules  # fingerprint -> [object ref] of in-memory models, fetched on first use

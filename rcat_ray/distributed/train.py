@@ -62,6 +62,7 @@ from ray.train.torch import TorchTrainer
 
 from rcat_ray import quiet
 from rcat_ray.config import AttackConfig, DataConfig, FinetuneConfig, parse_config
+from rcat_ray.core.allocator import retain_freed_heap
 from rcat_ray.core.finetune import (
     CachedMask,
     GlobalBatchSampler,
@@ -283,6 +284,7 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
     """
     rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
+    retain_freed_heap()  # the training attack frees and re-allocates the same buffers every step
     torch.manual_seed(cfg.seed + rank)
 
     sets = sets or prepare_sample_sets(cfg)
