@@ -410,6 +410,12 @@ class FinetuneConfig(_Strict):
         description="standard augmentation on the CPU side: random crop (padding 4) + horizontal flip for images "
         "up to 64 px; random resized crop + flip for larger (ImageNet) ones",
     )
+    read_cache_mib: float = Field(
+        256,
+        gt=0,
+        description="MiB of stored row groups a worker keeps decoded between batches; a training set larger than "
+        "this is shuffled within windows of row groups that fill half of it (rcat_ray.core.finetune.ShuffleWindow)",
+    )
     validation: ValidationConfig = ValidationConfig()
     cached_old_table: str | None = Field(
         None, description="store key of the old model's table on the training split (mask_source: cached)"

@@ -31,9 +31,10 @@ from rcat_ray.core.finetune import (
     StreamedGlobalBatches,
     global_batch_start,
     prefetched,
+    shuffle_window,
 )
 from rcat_ray.core.models import load_model
-from rcat_ray.core.samples import SampleSet, samples_in_store
+from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
 
 N_TRAIN = 1097  # digits' train split
 
@@ -243,10 +244,15 @@ def test_a_local_finetune_never_loads_the_training_split(tmp_path, digits_checkp
     assert not np.array_equal(epoch0, np.concatenate(train_reads[2:])), "every epoch has its own order"
 
 
-def test_each_rank_reads_only_its_share(tmp_path, digits_checkpoints, read_spy, request):
-    """Ranks 0 and 1 of 2 ask the set for disjoint halves of every epoch, in their global-batch order."""
-    cfg = _cfg(tmp_path, digits_checkpoints, epochs=2, num_workers=2)
+@pytest.mark.parametrize("cache_mib", [256, 0.03], ids=["set-fits-cache", "set-beyond-cache"])
+def test_each_rank_reads_only_its_share(tmp_path, digits_checkpoints, read_spy, request, cache_mib):
+    """Ranks 0 and 1 of 2 ask the set for disjoint halves of every epoch, in their global-batch order; with a read
+    cache smaller than the set (70 kB) that order is the windowed shuffle."""
+    cfg = _cfg(tmp_path, digits_checkpoints, epochs=2, num_workers=2, read_cache_mib=cache_mib)
     sets = train_mod.check_finetune_inputs(cfg).samples
+    info = open_samples(sets.train).info
+    window = shuffle_window(info.num_rows, info.row_nbytes, info.rows_per_group, int(cache_mib * 2**20))
+    assert (window is None) == (cache_mib == 256)
     request.getfixturevalue("no_load_split")
     per_rank = {}
     for rank in (0, 1):
@@ -261,7 +267,7 @@ def test_each_rank_reads_only_its_share(tmp_path, digits_checkpoints, read_spy, 
         assert (len(s0), len(s1)) == (549, 548)  # N/2 each: 17 x 32 + 5 and 17 x 32 + 4
         assert not set(s0.tolist()) & set(s1.tolist())
         assert sorted(s0.tolist() + s1.tolist()) == list(range(N_TRAIN))
-        expected = GlobalBatchSampler(N_TRAIN, 64, rank=1, world_size=2, seed=cfg.seed)
+        expected = GlobalBatchSampler(N_TRAIN, 64, rank=1, world_size=2, seed=cfg.seed, window=window)
         expected.set_epoch(epoch)
         assert np.array_equal(s1, torch.cat([idx for _, idx, _, _ in expected.shares()]).numpy())
 

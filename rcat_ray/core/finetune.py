@@ -6,7 +6,8 @@ fine-tuning) are in eval mode without gradients; the training attack is crafted 
 model being trained, in eval mode and in full precision, and its mode is restored afterwards.
 
 Data parallelism that does not change the result: ``batch_size`` is the *global* batch. Every epoch has one
-permutation of the training samples, a function of (seed, epoch) only; it is cut into global batches and
+permutation of the training samples, a function of (seed, epoch) only (for a set larger than a worker's read
+cache: of the set's row-group layout too, see :class:`ShuffleWindow`); it is cut into global batches and
 worker r takes the r-th contiguous share of each (:class:`GlobalBatchSampler`). The random start of the
 training attack is drawn for the whole global batch from a generator seeded with (seed, epoch, batch) and
 each worker attacks with its rows of it, and a share's loss is weighted by its size, so that the gradient
@@ -17,10 +18,10 @@ Streaming: a worker reads only its own rows. :class:`StreamedGlobalBatches` asks
 (:class:`rcat_ray.core.samples.SampleSet`) for exactly the positions of this worker's shares, in order, through
 ``SampleSet.iter_batches`` (row groups decoded once into a bounded LRU cache), one batch ahead of the training
 step in a reader thread; what a worker holds of the set is bounded by that cache, whatever the set's size (a
-small set such as CIFAR's 150 MB fits in it and is read once per epoch; ImageNet's 190 GB streams). Optional
-augmentation (:mod:`rcat_ray.core.augment`) is applied there, on the CPU, with the parameters of the whole
-global batch (seeded by seed, epoch and batch index), so it too is the same with 1 or N workers and after a
-resume.
+small set such as CIFAR's 150 MB fits in it and is read once per epoch; ImageNet's 190 GB streams, shuffled
+within windows of row groups, each group read once per epoch). Optional augmentation
+(:mod:`rcat_ray.core.augment`) is applied there, on the CPU, with the parameters of the whole global batch
+(seeded by seed, epoch and batch index), so it too is the same with 1 or N workers and after a resume.
 """
 
 from __future__ import annotations
@@ -153,9 +154,52 @@ def _derived_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of the training samples in one epoch: a function of (seed, epoch) only."""
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(_derived_seed(seed, epoch, -1)))
+@dataclass(frozen=True)
+class ShuffleWindow:
+    """Shuffle order for a training set larger than a worker's read cache: the row groups in a random order,
+    cut into windows of ``groups_per_window`` groups, and the rows of each window in a random order.
+
+    A batch then needs the groups of at most two windows, so a worker reads every group once per epoch and
+    holds at most two windows of them, however large the set (a fully random order over a set far beyond the
+    cache reads a group per row and keeps the cache full). Rows of one group are consecutive in storage (an
+    ImageFolder's are mostly one class): the windows mix ``groups_per_window`` random groups, which is what
+    small row groups are for (``TRAIN_ROWS_PER_GROUP``). Used only when the set does not fit the cache; a set
+    that fits keeps the full permutation.
+    """
+
+    rows_per_group: int
+    groups_per_window: int
+
+    def __post_init__(self) -> None:
+        if self.rows_per_group < 1 or self.groups_per_window < 1:
+            raise ValueError(f"a shuffle window needs at least one row and one group: {self}")
+
+
+def shuffle_window(num_rows: int, row_nbytes: int, rows_per_group: int, cache_bytes: int) -> ShuffleWindow | None:
+    """The windowed order for a set of ``num_rows`` stored rows of ``row_nbytes`` bytes read through a cache of
+    ``cache_bytes`` (None: the set fits, use a full permutation). Windows fill half the cache, so the tail of
+    one window and the head of the next fit together. A function of the set's layout only, never of the
+    worker count: 1 and N workers train on the same global batches."""
+    if num_rows * row_nbytes <= cache_bytes:
+        return None
+    group_bytes = rows_per_group * row_nbytes
+    return ShuffleWindow(rows_per_group, max(1, cache_bytes // (2 * group_bytes)))
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int, window: ShuffleWindow | None = None) -> torch.Tensor:
+    """The order of the training samples in one epoch: a function of (seed, epoch) and, for a set larger than
+    the read cache, its layout (``window``)."""
+    gen = torch.Generator().manual_seed(_derived_seed(seed, epoch, -1))
+    if window is None:
+        return torch.randperm(num_samples, generator=gen)
+    rpg, per_window = window.rows_per_group, window.groups_per_window
+    groups = torch.randperm(math.ceil(num_samples / rpg), generator=gen)
+    out = []
+    for lo in range(0, groups.numel(), per_window):
+        rows = (groups[lo : lo + per_window, None] * rpg + torch.arange(rpg)).flatten()
+        rows = rows[rows < num_samples]  # the last group may be short
+        out.append(rows[torch.randperm(rows.numel(), generator=gen)])
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
 def start_seed(seed: int, epoch: int, index: int) -> int:
@@ -210,13 +254,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
     (a worker must never get an empty share); with one worker nothing is ever dropped.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+        window: ShuffleWindow | None = None,
+    ):  # fmt: skip
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not a worker of a group of {world_size}")
         if batch_size < world_size:
             raise ValueError(f"a global batch of {batch_size} cannot be split over {world_size} workers")
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.window = rank, world_size, seed, window
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -229,7 +276,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def shares(self) -> Iterator[tuple[int, torch.Tensor, int, int]]:
         """(global batch index, this worker's sample indices, offset in the global batch, global size)."""
-        perm = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        perm = epoch_permutation(self.num_samples, self.seed, self.epoch, self.window)
         for index in range(len(self)):
             rows = perm[index * self.batch_size : (index + 1) * self.batch_size]
             offset, size = share_bounds(rows.numel(), self.rank, self.world_size)
@@ -290,9 +337,9 @@ class RowSource(Protocol):
     def iter_batches(self, batch_size: int, positions: Any = None, *, cache_bytes: int = ...) -> Iterator[Any]: ...
 
 
-#: Stored (uint8) bytes of decoded row groups a worker keeps between batches. What a worker holds of the training
-#: set, whatever its size (ImageNet's is 190 GB), is at most this plus the groups of the batch being read (a
-#: shuffled batch touches up to one group per row) plus the batches read ahead.
+#: Stored (uint8) bytes of decoded row groups a worker keeps between batches (default of ``read_cache_mib``).
+#: What a worker holds of the training set, whatever its size (ImageNet's is 190 GB), is at most this, counting
+#: the groups of the batch being read, plus the batches read ahead (decoded to float32).
 READ_CACHE_BYTES = 256 * 2**20
 
 

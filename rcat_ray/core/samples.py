@@ -729,9 +729,11 @@ class SampleSet:
         k = bisect.bisect_right(self._part_starts, pos) - 1
         return k, (pos - self._part_starts[k]) // self.info.rows_per_group
 
-    def _read_groups(self, groups: Sequence[int], verify: bool = True) -> dict[int, _Group]:
+    def _read_groups(self, groups: Sequence[int], verify: bool = True, own: bool = False) -> dict[int, _Group]:
         """Read whole row groups (the unit Parquet stores), one request per part file, checking each group's
-        sha256 against dataset.json when ``verify``."""
+        sha256 against dataset.json when ``verify``. ``own``: each group gets its own copy of its pixels
+        (otherwise they are views of the part's read buffer, which lives until every group read with it is
+        dropped: a cache that drops groups one by one would free nothing)."""
         by_part: dict[int, list[tuple[int, int]]] = {}
         for g in sorted(set(groups)):
             k, local = self._locate(g)
@@ -757,6 +759,8 @@ class SampleSet:
                 t = table.slice(row, n)
                 row += n
                 out[g] = self._group(t, first, n, part, local, verify)
+                if own:
+                    out[g].flat = out[g].flat.copy()
         return out
 
     def _check_footer(self, k: int, md: pq.FileMetaData) -> None:
@@ -837,10 +841,14 @@ class SampleSet:
     ) -> Iterator[Batch]:
         """Batches of (images, labels, sample_ids) over ``positions`` (default: all, in order) for training.
 
-        ``positions`` in any order (a shuffled permutation): decoded row groups are kept in an LRU cache of up
-        to ``cache_bytes`` stored (uint8) bytes, so a set that fits (Fashion-MNIST: 47 MB) is read once and a
-        sequential pass reads every group once. For sets far larger than the cache, shuffle within windows
-        of row groups (or use Ray Data's shuffling): a fully random order then reads a group per row.
+        ``positions`` in any order (a shuffled permutation). Decoded row groups are kept in a cache of at most
+        ``cache_bytes`` stored (uint8) bytes, counting the groups of the batch being read: since every position
+        is known up front, a group is dropped right after the last batch that needs it, and when a batch needs
+        room, the least recently used groups it does not need go first, before anything is read. A set that
+        fits (Fashion-MNIST: 47 MB) is therefore read once per pass; a sequential pass, or an order shuffled
+        within windows of row groups smaller than the cache (``rcat_ray.core.finetune.ShuffleWindow``), reads
+        every group once whatever the set's size. A fully random order over a set far larger than the cache
+        reads about one group per row. Only a single batch whose groups exceed the cache makes it overflow.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -848,24 +856,44 @@ class SampleSet:
         if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
             raise IndexError(f"positions outside the set's {len(self)} rows ({self.uri})")
         rpg = self.info.rows_per_group
+        groups_of = pos // rpg
+        # the batch after which each group is needed no more (first occurrence in the reversed order)
+        uniq, first_from_end = np.unique(groups_of[::-1], return_index=True)
+        last_batch = dict(zip(uniq.tolist(), ((len(pos) - 1 - first_from_end) // batch_size).tolist(), strict=True))
         cache: OrderedDict[int, _Group] = OrderedDict()
         held = 0
-        for lo in range(0, len(pos), batch_size):
+        for b, lo in enumerate(range(0, len(pos), batch_size)):
             batch = pos[lo : lo + batch_size]
             if drop_last and len(batch) < batch_size:
                 return
-            gids = batch // rpg
-            missing = [int(g) for g in dict.fromkeys(gids.tolist()) if g not in cache]
+            gids = groups_of[lo : lo + batch_size]
+            needed = dict.fromkeys(gids.tolist())
+            missing = [g for g in needed if g not in cache]
             if missing:
-                for g, grp in self._read_groups(missing, verify=verify).items():
-                    cache[g] = grp
-                    held += grp.nbytes
-            for g in dict.fromkeys(gids.tolist()):
-                cache.move_to_end(int(g))
-            picks = [(cache[int(g)], np.array([p - int(g) * rpg])) for g, p in zip(gids, batch, strict=True)]
-            yield self._assemble(picks)
-            while held > cache_bytes and cache:  # least recently used first
-                held -= cache.popitem(last=False)[1].nbytes
+                incoming = sum(self._group_nbytes(g) for g in missing)
+                for g in [g for g in cache if g not in needed]:  # least recently used first
+                    if held + incoming <= cache_bytes:
+                        break
+                    held -= cache.pop(g).nbytes
+                fresh = self._read_groups(missing, verify=verify, own=True)
+                held += sum(grp.nbytes for grp in fresh.values())
+                cache.update(fresh)
+                del fresh  # the cache's references are the only ones: a group it drops is freed
+            for g in needed:
+                cache.move_to_end(g)
+            out = self._assemble(
+                [(cache[g], np.array([p - g * rpg])) for g, p in zip(gids.tolist(), batch.tolist(), strict=True)]
+            )
+            for g in needed:
+                if last_batch[g] == b:
+                    held -= cache.pop(g).nbytes
+            yield out
+
+    def _group_nbytes(self, group: int) -> int:
+        """What :attr:`_Group.nbytes` will be for a global row group, before it is read."""
+        rpg = self.info.rows_per_group
+        rows = min(rpg, len(self) - group * rpg)
+        return rows * (self.info.row_nbytes + 16)
 
     def to_split(self, start: int = 0, stop: int | None = None) -> Split:
         """A ``Split`` of positions [start, stop): the bridge for code that still takes in-memory splits."""

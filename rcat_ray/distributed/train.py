@@ -70,6 +70,7 @@ from rcat_ray.core.finetune import (
     finetune_epoch,
     frozen_copy,
     make_optimizer,
+    shuffle_window,
 )
 from rcat_ray.core.models import LoadedModel, load_model, save_checkpoint
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
@@ -91,9 +92,10 @@ class FinetuneOutcome:
     history: list[dict[str, Any]]
 
 
-#: Rows per row group of a training set prepared for fine-tuning, where the default (256) is too coarse: a
-#: worker reads whole row groups, and a shuffled share of a 224 px ImageNet batch touches a different group
-#: for nearly every row, so a row costs a read of its whole group: 38 MB at 256 rows, 2.4 MB at 16. The small
+#: Rows per row group of a training set prepared for fine-tuning, where the default (256) is too coarse: a set
+#: larger than the read cache is shuffled within windows of whole row groups (``ShuffleWindow``), and the
+#: finer the groups, the more of them a window mixes: at 224 px a 128 MiB window holds 3 groups of 256 rows
+#: (38 MB each; an ImageFolder's neighbouring rows are mostly one class) or 55 groups of 16 (2.4 MB). The small
 #: datasets keep 256 (a CIFAR group is 786 kB, and their sets fit the read cache). Only the layout differs:
 #: the set, its fingerprint and the tensors read are the same, and an existing set is reused as it is.
 TRAIN_ROWS_PER_GROUP = {"imagenet": 16}
@@ -296,8 +298,14 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
     inner = model.module if hasattr(model, "module") else model
 
     # batch_size is the global batch: this worker reads and trains on its share of each (not a DistributedSampler)
-    sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed)
-    batches = StreamedGlobalBatches(sampler, train_set, augment=cfg.augment)
+    # a set larger than the read cache is shuffled within windows of row groups, so each group is read once
+    cache_bytes = int(cfg.read_cache_mib * 2**20)
+    info = train_set.info
+    window = shuffle_window(info.num_rows, info.row_nbytes, info.rows_per_group, cache_bytes)
+    sampler = GlobalBatchSampler(
+        len(train_set), cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed, window=window
+    )
+    batches = StreamedGlobalBatches(sampler, train_set, augment=cfg.augment, cache_bytes=cache_bytes)
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(sampler))
     amp_dtype = torch.float16 if cfg.mixed_precision and device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is not None else None
