@@ -24,9 +24,10 @@ the store, so it never decodes an ImageNet folder. A thread of that driver reads
 clusters on the machine are ignored); the worker is the pid the fine-tune's history records. Printed per size:
 the worker's peak RSS and its growth over the smallest size, the rows the worker read in the epoch (the whole
 training set), and the epoch's samples/s (training only, as the history's ``epoch_seconds``). The worker keeps
-``READ_CACHE_BYTES`` of decoded row groups (``rcat_ray.core.finetune``) between batches: a set smaller than that
-(1,783 rows of 224 px, e.g. the default 1,000) is held whole and stays below what every larger set reaches (the
-table notes such sizes), so its peak is the baseline of the ratio, not a plateau.
+at most ``read_cache_mib`` (256 MiB) of decoded row groups: a set that fits (1,783 rows of 224 px, e.g. the
+default 1,000) is shuffled fully and held whole until each group's last batch; a larger one is shuffled within
+windows of row groups filling half the cache (``ShuffleWindow``), so it holds about one window (the table notes
+which sizes fit).
 
 Targets: driver peak +<=10 % from the smallest to the largest size; actor growth at most the model plus 4 chunks
 of images (the attack's own working set on a chunk is printed beside it: it scales with ``chunk_size``, not
@@ -404,10 +405,10 @@ def run_train(args: argparse.Namespace, sizes: list[int], base: Path, root: Path
     print(f"\nratios {last['n']} / {first['n']}: train worker peak {last['worker_peak'] / first['worker_peak']:.3f} "
           f"(target <= 1.10: independent of the training-set size), samples/s "
           f"{last['samples_per_s'] / first['samples_per_s']:.3f}")  # fmt: skip
-    small = [r["n"] for r in rows if r["n"] < cache_rows]
+    small = [r["n"] for r in rows if r["n"] <= cache_rows]
     if small:
-        print(f"note: sizes {small} fit the worker's read cache whole (their peak holds the whole set, a larger one "
-              f"holds the full cache); compare sizes above {cache_rows} rows")  # fmt: skip
+        print(f"note: sizes {small} fit the worker's read cache whole (fully shuffled, the set held whole); larger "
+              f"ones are shuffled within windows of half the cache")  # fmt: skip
 
 
 def run_child(cmd: list[str], n: int) -> dict:
