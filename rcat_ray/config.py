@@ -411,7 +411,7 @@ class FinetuneConfig(_Strict):
         "up to 64 px; random resized crop + flip for larger (ImageNet) ones",
     )
     read_cache_mib: float = Field(
-        256,
+        256.0,  # a float, as a parsed value is: the run name hashes the dumped config on the driver and workers
         gt=0,
         description="MiB of stored row groups a worker keeps decoded between batches; a training set larger than "
         "this is shuffled within windows of row groups that fill half of it (rcat_ray.core.finetune.ShuffleWindow)",

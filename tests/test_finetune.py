@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
+from pydantic import BaseModel
 
+import rcat_ray.config as config_mod
 import rcat_ray.distributed.train as train_mod
 from rcat_ray.cli import main
 from rcat_ray.config import FinetuneConfig, ModelConfig, parse_config
@@ -74,6 +76,19 @@ def test_two_ddp_workers_report_every_epoch(ray_session, tmp_path, parents):
     cfg = _cfg(tmp_path, parents, num_workers=2)
     outcome = train_mod.run_finetune(cfg)
     _check_outcome(outcome, cfg, parents, 2)
+
+
+def test_workers_rebuild_the_config_with_the_same_run_name(tmp_path, parents):
+    """Ray Train workers rebuild the config from its JSON dump and find the run's folder by its run name (a hash
+    of the dump): the driver's and the workers' must agree. A float field whose default was the int 256 dumped
+    as 256 on the driver and 256.0 on the workers, and the workers wrote to another run's folder."""
+    cfg = _cfg(tmp_path, parents)
+    again = parse_config(FinetuneConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))
+    assert again.run_name == cfg.run_name
+    for model in (m for m in vars(config_mod).values() if isinstance(m, type) and issubclass(m, BaseModel)):
+        for name, field in model.model_fields.items():
+            if field.annotation is float:
+                assert not isinstance(field.default, int), f"{model.__name__}.{name}: default must be a float"
 
 
 @pytest.mark.slow
