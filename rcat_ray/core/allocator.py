@@ -5,14 +5,16 @@ re-allocates the same activation buffers (megabytes each) at every step. glibc's
 top of its heap to the kernel once it exceeds a trim threshold, and serves large requests with fresh
 ``mmap`` calls; either way the next step touches new pages and pays a page fault per 4 KiB. Measured on a
 CPU Ray actor attacking 125 Fashion-MNIST images with APGD-CE + APGD-DLR: 40,000-320,000 minor faults and
-0.1-0.4 s of system time per chunk (3-13 % of the chunk), against ~0 in a driver process whose thresholds
-glibc had already raised on its own (it adapts them only after it has freed a large mapped block, which a
-fresh Ray worker may never have done). Raising both thresholds once per worker process removes the faults
-(measured: 6 per chunk) without changing any result.
+0.1-0.4 s of system time per chunk (3-13 % of the chunk), against ~0 for the same chunk in the driver
+process (presumably because glibc had already raised its thresholds there: it adapts them after freeing a
+large mapped block). Raising both thresholds once per worker process removes the faults (measured: 6 per
+chunk) without changing any result.
 
-What a process holds is unchanged at its peak: memory kept instead of trimmed is reused by the next step,
-so a worker's resident size stays at its working set rather than rising and falling around it. Only glibc
-has these knobs (``mallopt``); on another C library, or where it cannot be loaded, this does nothing.
+The price is memory kept: freed blocks stay in the process for the next step instead of going back, so a
+worker's resident size stays near its working set rather than rising and falling around it, and the peak can
+grow a little where kept blocks do not fit the next requests (measured: about 50 MiB on a 224 px evaluation
+actor of ~1 GB). Only glibc has these knobs (``mallopt``); on another C library, or where it cannot be
+loaded, this does nothing.
 """
 
 from __future__ import annotations
