@@ -612,7 +612,8 @@ def _to_float(raw: np.ndarray, dtype: str, scale: float) -> np.ndarray:
     last bit, so a worker should decode here and then move the float tensor to its device.
     """
     if dtype == "uint8":
-        return raw.astype(np.float32) / np.float32(scale)
+        out = raw.astype(np.float32)
+        return np.divide(out, np.float32(scale), out=out)  # in place: one float copy of the batch, not two
     return np.array(raw, dtype=np.float32)  # a writable, native-order copy
 
 
@@ -670,7 +671,9 @@ class _Group:
 
     @property
     def nbytes(self) -> int:
-        return self.flat.nbytes + self.ids.nbytes + self.labels.nbytes
+        """The stored pixel bytes: what a read cache counts (``iter_batches``' ``cache_bytes``, and the window
+        size of ``rcat_ray.core.finetune.shuffle_window``); ids and labels, 16 bytes a row, are left out."""
+        return self.flat.nbytes
 
 
 class SampleSet:
@@ -794,9 +797,16 @@ class SampleSet:
         if not (0 <= start <= stop <= len(self)):
             raise IndexError(f"rows [{start}, {stop}) are outside the set's {len(self)} rows ({self.uri})")
 
-    def _assemble(self, parts: list[tuple[_Group, np.ndarray]]) -> Batch:
-        """Gather rows (a group and row indices in it) into float images, int64 labels and ids."""
-        if parts:
+    def _assemble(self, parts: list[tuple[_Group, np.ndarray | slice]]) -> Batch:
+        """Gather rows (a group and row indices, or a slice, in it) into float images, int64 labels and ids.
+
+        A chunk within one group (the usual case: chunks aligned with row groups) is decoded straight from a
+        view of the group's pixels, so reading a chunk holds the stored bytes once and one float copy.
+        """
+        if len(parts) == 1:
+            g, i = parts[0]
+            flat, labels, ids = g.flat[i], g.labels[i], g.ids[i]  # views for a slice; the float decode copies
+        elif parts:
             flat = np.concatenate([g.flat[i] for g, i in parts])
             labels = np.concatenate([g.labels[i] for g, i in parts])
             ids = np.concatenate([g.ids[i] for g, i in parts])
@@ -827,7 +837,7 @@ class SampleSet:
         picks = []
         for g in range(g0, g1 + 1):
             lo, hi = max(start, g * rpg) - g * rpg, min(stop, (g + 1) * rpg) - g * rpg
-            picks.append((groups[g], np.arange(lo, hi)))
+            picks.append((groups[g], slice(lo, hi)))
         return self._assemble(picks)
 
     def iter_batches(
@@ -893,7 +903,7 @@ class SampleSet:
         """What :attr:`_Group.nbytes` will be for a global row group, before it is read."""
         rpg = self.info.rows_per_group
         rows = min(rpg, len(self) - group * rpg)
-        return rows * (self.info.row_nbytes + 16)
+        return rows * self.info.row_nbytes
 
     def to_split(self, start: int = 0, stop: int | None = None) -> Split:
         """A ``Split`` of positions [start, stop): the bridge for code that still takes in-memory splits."""
