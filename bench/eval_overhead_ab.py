@@ -102,7 +102,9 @@ def export(rev: str, dest: Path) -> str:
 def measure(tree: Path, samples: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--samples", str(samples)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # run in the tree: Ray puts the driver's working directory first on its workers' import path, so from
+    # anywhere else the actors could import another tree's rcat_ray than the driver's
+    out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, check=False)
     results = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not results:
         raise SystemExit(f"measurement of {tree} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
