@@ -44,6 +44,13 @@ def test_cascade_rows_are_consistent(digits_models, test_slice, attacks):
     assert (df.perturbation_linf <= 0.1 + 1e-6).all()
     assert ((df.adv_margin > 0) == (df.adv_pred == df.label)).all()
     assert res.adversarial is not None and res.adversarial.min() >= 0 and res.adversarial.max() <= 1
+    # the stored perturbation is the L-inf distance of the kept adversarial image from the clean one, bit for bit
+    # (0 for every sample no attack broke)
+    kept = np.isin(df.sample_id.to_numpy(), res.adversarial_ids)
+    clean = test_slice.images.numpy()[kept].reshape(kept.sum(), -1)
+    linf = np.abs(res.adversarial.reshape(len(res.adversarial), -1) - clean).max(axis=1)
+    np.testing.assert_array_equal(df.perturbation_linf.to_numpy()[kept].astype(np.float32), linf)
+    assert (df.loc[kept & ~broken.to_numpy(), "perturbation_linf"] == 0).all()
 
 
 def test_margins_match_predictions():

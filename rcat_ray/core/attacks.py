@@ -152,7 +152,13 @@ def evaluate_chunk(
     adv_logits = _logits(model, x_adv)
     adv_pred = adv_logits.argmax(1).cpu()
     adv_margin = margins(adv_logits, y).cpu()
-    pert = (x_adv - x).abs().flatten(1).amax(1).cpu() if n else torch.zeros(0)
+    # L-inf size of each perturbation: 0 wherever no attack succeeded (x_adv is x there, bit for bit), so only the
+    # broken rows are subtracted, rather than two temporaries the size of the whole chunk
+    broken = (~still_robust & attacked & clean_correct).nonzero().flatten()
+    pert = torch.zeros(n)
+    if broken.numel():
+        rows = broken.to(device)
+        pert[broken] = (x_adv[rows] - x[rows]).abs().flatten(1).amax(1).cpu()
     robust = still_robust  # clean-correct, attacked, and withstood every attack
 
     def nullable(values: torch.Tensor, typ: pa.DataType) -> pa.Array:
