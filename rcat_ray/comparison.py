@@ -12,7 +12,7 @@ the checksums their manifests record.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -50,6 +50,8 @@ class Comparison:
     new: dict[str, Any]
     flips: pa.Table
     summary: dict[str, Any]
+    #: the comparison's own manifest, as read (or written) with its files: what it compared and when
+    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def comparison_key(old_key: str, new_key: str, bootstrap: BootstrapConfig) -> str:
@@ -77,8 +79,8 @@ def compare_stored(
             )
     stored = _read_stored(store, folder)
     if stored is not None:
-        _, flips, summary = stored
-        return Comparison(key, folder, old_manifest, new_manifest, flips, summary)
+        stored_manifest, flips, summary = stored
+        return Comparison(key, folder, old_manifest, new_manifest, flips, summary, stored_manifest)
     flips = flip_table(_read_table(store, old_key, old_manifest), _read_table(store, new_key, new_manifest))
     summary = summarize(
         flips,
@@ -109,16 +111,20 @@ def compare_stored(
         "flips.parquet": store.write_member(f"{folder}/flips.parquet", parquet_bytes(flips)),
         "summary.json": store.write_member(f"{folder}/summary.json", json_bytes(summary)),
     }
-    store.put_json(f"{folder}/manifest.json", {**manifest, "files": files})  # last: the "done" marker
-    return Comparison(key, folder, old_manifest, new_manifest, flips, summary)
+    manifest = {**manifest, "files": files}
+    store.put_json(f"{folder}/manifest.json", manifest)  # last: the "done" marker
+    return Comparison(key, folder, old_manifest, new_manifest, flips, summary, manifest)
 
 
-def load_comparison(store: ResultStore, key: str) -> Comparison:
+def load_comparison(store: ResultStore, key: str, *, with_tables: bool = True) -> Comparison:
     """A stored comparison read through its checksums (for reports and ``describe``).
 
-    Raises StoreError when it is not stored, or when it is damaged: it is then moved aside, and comparing
-    the two models again recomputes it from their tables. A comparison written before checksums existed is
-    read as it is (there is nothing to check it against).
+    Raises StoreError when it is not stored, or when it is damaged (naming the file): it is then moved aside,
+    and comparing the two models again recomputes it from their tables. A comparison written before checksums
+    existed is read as it is (there is nothing to check it against). ``with_tables``: also read the two
+    tables' manifests into ``old`` and ``new`` (one that is gone or damaged is replaced by what the
+    comparison records of its model); without, ``old`` and ``new`` only hold that record, for callers that read
+    the tables themselves and must stop on damage (reports).
     """
     folder = f"comparisons/{key}"
     if not store.exists(f"{folder}/manifest.json"):
@@ -130,23 +136,27 @@ def load_comparison(store: ResultStore, key: str) -> Comparison:
         flips, summary = store.read_table(f"{folder}/flips.parquet"), store.read_json(f"{folder}/summary.json")
         old = {"key": legacy.get("old_table"), "model": legacy.get("old_model")}
         new = {"key": legacy.get("new_table"), "model": legacy.get("new_model")}
-        return Comparison(key, folder, old, new, flips, summary)
+        return Comparison(key, folder, old, new, flips, summary, legacy)
     except DamagedArtifactError:
-        pass  # _read_stored moves it aside
-    stored = _read_stored(store, folder)
-    if stored is None:
-        raise StoreError(
-            f"comparison {key} in store {store.uri} was damaged and has been moved aside; "
-            "compare the two models again to recompute it"
-        )
+        pass  # _read_checked names it and moves it aside
+    try:
+        stored = _read_checked(store, folder)
+    except DamagedArtifactError as err:
+        raise StoreError(f"{err}; comparison {key} moved aside: compare the two models again to recompute it") from None
+    if stored is None:  # its manifest went between the two reads (moved aside by a concurrent reader)
+        raise StoreError(f"no comparison {key} in store {store.uri}")
     manifest, flips, summary = stored
     sides = []
     for side in ("old", "new"):
+        recorded = {"key": manifest[f"{side}_table"], "model": manifest[f"{side}_model"]}
+        if not with_tables:
+            sides.append(recorded)
+            continue
         try:
             sides.append(table_manifest(store, manifest[f"{side}_table"]))
         except StoreError:  # the table is gone or damaged: the comparison still names its model
-            sides.append({"key": manifest[f"{side}_table"], "model": manifest[f"{side}_model"]})
-    return Comparison(key, folder, sides[0], sides[1], flips, summary)
+            sides.append(recorded)
+    return Comparison(key, folder, sides[0], sides[1], flips, summary, manifest)
 
 
 def table_manifest(store: ResultStore, table_key: str) -> dict[str, Any]:
@@ -189,6 +199,15 @@ def _read_stored(store: ResultStore, folder: str) -> tuple[dict[str, Any], pa.Ta
     None when the comparison is not done, or when it was damaged: then it has been moved aside, with a
     warning, so the caller recomputes it instead of reusing it because it exists.
     """
+    try:
+        return _read_checked(store, folder)
+    except DamagedArtifactError:
+        return None
+
+
+def _read_checked(store: ResultStore, folder: str) -> tuple[dict[str, Any], pa.Table, dict[str, Any]] | None:
+    """Like :func:`_read_stored`, but a damaged comparison, once moved aside, is raised (naming the file that
+    failed) for callers that cannot recompute it (reports, ``describe``)."""
     manifest = None
     try:
         manifest = store.read_manifest(f"{folder}/manifest.json")
@@ -198,5 +217,5 @@ def _read_stored(store: ResultStore, folder: str) -> tuple[dict[str, Any], pa.Ta
         summary = json.loads(store.read_verified(folder, "summary.json", manifest))
     except DamagedArtifactError as err:
         store.quarantine_artifact(folder, "manifest.json", COMPARISON_MEMBERS, [(err.path, err.problem)], manifest)
-        return None
+        raise
     return manifest, flips, summary

@@ -13,6 +13,7 @@ last, so a reader never sees a half-written report or a report pointing at a mis
 from __future__ import annotations
 
 import html
+import io
 import math
 import os
 import uuid
@@ -28,16 +29,25 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rcat_ray.config import DataConfig, parse_config
-from rcat_ray.core.data import DataError, Split, load_split
+from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.flips import METRIC_LABELS, METRICS
+from rcat_ray.core.samples import INFO_FILE as SAMPLES_INFO_FILE
 from rcat_ray.core.samples import SampleSet, open_samples, samples_location
-from rcat_ray.evaluation import load_adversarial, sample_ids
-from rcat_ray.store import ResultStore, StoreError, now_iso
+from rcat_ray.evaluation import TABLE_MEMBERS, chunk_file_names, sample_ids
+from rcat_ray.store import (
+    DamagedArtifactError,
+    ResultStore,
+    StoreError,
+    UncheckedArtifactError,
+    now_iso,
+    table_from_bytes,
+)
 
 __all__ = ["REPORT_NAME", "write_report"]
 
 #: File name of the report inside ``out_dir``.
 REPORT_NAME = "report.html"
+_TABLE_FILE = TABLE_MEMBERS[0]  # the per-model table inside tables/<key>/
 PER_CLASS_PNG = "per_class_flips.png"
 ROBUST_GRID_PNG = "worst_robust_flips.png"
 CLEAN_GRID_PNG = "worst_clean_flips.png"
@@ -139,18 +149,26 @@ class _Context:
 
 
 def _load_context(store: ResultStore, key: str) -> _Context:
+    """Everything the report shows, read through the checksums the store's manifests record.
+
+    A damaged comparison, per-model table or adversarial image file stops the report with one line naming the
+    file, after it has been moved to the store's quarantine (as ``compare`` and ``evaluate`` do), so that
+    comparing or evaluating again recomputes it. A report never renders numbers it could not verify.
+    """
     from rcat_ray.comparison import load_comparison
 
-    comparison = load_comparison(store, key)  # checked against its manifest's checksums
-    summary, flips = comparison.summary, comparison.flips
-    manifest = store.read_json(f"comparisons/{key}/manifest.json")
+    # flips, summary and manifest checked against their checksums; the two tables are read below, where damage
+    # to them stops the report instead of being set aside
+    comparison = load_comparison(store, key, with_tables=False)
+    summary, flips, manifest = comparison.summary, comparison.flips, comparison.manifest
     class_names = {int(row["class"]): str(row.get("name", row["class"])) for row in summary.get("per_class", [])}
     ctx = _Context(store=store, key=key, summary=summary, manifest=manifest, flips=flips, class_names=class_names)
 
-    old_key, new_key = manifest.get("old_table"), manifest.get("new_table")
-    ctx.preds_old = _predictions(store, old_key)
-    ctx.preds_new = _predictions(store, new_key)
-    ctx.split, ctx.image_note = _load_clean_images(store, old_key, manifest)
+    old_manifest, old_table = _model_table(store, manifest, "old")
+    _, new_table = _model_table(store, manifest, "new")
+    ctx.preds_old = _predictions(old_table)
+    ctx.preds_new = _predictions(new_table)
+    ctx.split, ctx.image_note = _load_clean_images(store, old_manifest, manifest)
     if ctx.split is not None:
         # summaries made without class names only carry the indices; the dataset knows the real names
         names = ctx.split.info.class_names if isinstance(ctx.split, SampleSet) else ctx.split.class_names
@@ -160,53 +178,113 @@ def _load_context(store: ResultStore, key: str) -> _Context:
     return ctx
 
 
-def _predictions(store: ResultStore, table_key: str | None) -> dict[int, tuple[int, int | None]]:
-    """Predicted classes by sample id, read from a per-model table (the flip table only keeps flags)."""
+def _model_table(
+    store: ResultStore, comparison_manifest: Mapping[str, Any], side: str
+) -> tuple[dict[str, Any] | None, pa.Table | None]:
+    """(manifest, table) of one side's per-model table, both verified; (None, None) when it is not stored.
+
+    A table that is gone only costs the report its predictions and images (the comparison still names the
+    model); a damaged one is moved aside and stops the report. A table written before checksums existed is
+    read as it is, as :func:`rcat_ray.comparison.load_comparison` reads a comparison of that age.
+    """
+    table_key = comparison_manifest.get(f"{side}_table")
     if not table_key:
+        return None, None
+    folder = f"tables/{table_key}"
+    manifest = None
+    try:
+        manifest = store.read_manifest(f"{folder}/manifest.json")
+        if manifest is None:
+            return None, None
+        table = table_from_bytes(store.read_verified(folder, _TABLE_FILE, manifest))
+    except UncheckedArtifactError:
+        legacy = store.read_json(f"{folder}/manifest.json")
+        return legacy, store.read_table(f"{folder}/{_TABLE_FILE}")
+    except DamagedArtifactError as err:
+        store.quarantine_artifact(folder, "manifest.json", (_TABLE_FILE,), [(err.path, err.problem)], manifest)
+        raise StoreError(f"{err}; moved aside: evaluate the model again to rebuild the table") from None
+    named = (comparison_manifest.get(f"{side}_model") or {}).get("fingerprint")
+    held = (manifest.get("model") or {}).get("fingerprint")
+    if named and held and named != held:
+        raise StoreError(
+            f"{store.path(folder)} holds model {held}, but comparison {comparison_manifest.get('key')} names "
+            f"{named} as its {side} model: the store is inconsistent, compare the two models again"
+        )
+    return manifest, table
+
+
+def _predictions(table: pa.Table | None) -> dict[int, tuple[int, int | None]]:
+    """Predicted classes by sample id, from a per-model table (the flip table only keeps flags)."""
+    if table is None:
         return {}
     try:
-        table = store.read_table(f"tables/{table_key}/table.parquet")
         ids = table.column("sample_id").to_pylist()
         clean = table.column("clean_pred").to_pylist()
         adv = table.column("adv_pred").to_pylist()
-    except (StoreError, KeyError, pa.ArrowException):
+    except KeyError:
         return {}
     return {int(i): (int(c), None if a is None else int(a)) for i, c, a in zip(ids, clean, adv, strict=True)}
 
 
 def _load_clean_images(
-    store: ResultStore, table_key: str | None, manifest: Mapping[str, Any]
+    store: ResultStore, table_manifest: Mapping[str, Any] | None, manifest: Mapping[str, Any]
 ) -> tuple[Split | SampleSet | None, str | None]:
-    """The evaluated samples, or why they cannot be loaded (the report then renders without images).
+    """The evaluated samples, or why they cannot be shown (the report then renders without images).
 
     The data config stored with the per-model table is preferred (it is the exact selection), and with it
     the selection's sample set in the store, which the evaluation prepared: the report then reads only the
-    rows of the images it shows (:func:`_clean_images`), never the whole selection. Without a set (a table
-    stored before sets existed) the selection is decoded; without a config, the whole file the samples came
-    from is loaded: sample ids are row indices of that file, so any selection holding the ids gives the same
-    pixels.
+    rows of the images it shows (:func:`_clean_images`), never the whole selection, each row group checked
+    against its sha256 (a damaged set stops the report, naming the file). Without a set (a table stored
+    before sets existed) the selection is decoded from its source. Either way the samples must have the
+    fingerprint the table records, or they are not the images that were evaluated (a source file replaced
+    since) and none are shown. Without a config, the whole file the samples came from is loaded: sample ids
+    are row indices of that file, so any selection holding the ids gives the same pixels (not verifiable).
     """
+    evaluated = (table_manifest or {}).get("data") or {}
+    settings = (table_manifest or {}).get("settings") or {}
     cfg: DataConfig | None = None
     try:
-        if table_key:
-            settings = store.read_json(f"tables/{table_key}/manifest.json").get("settings") or {}
-            if settings.get("data") is not None:
-                cfg = parse_config(DataConfig, settings["data"])
-        if cfg is not None:
-            try:
-                return open_samples(samples_location(store.uri if "://" in store.uri else store.root, cfg)), None
-            except DataError:
-                pass  # no set in this store (an older table): decode the selection below
-        else:
+        if settings.get("data") is not None:
+            cfg = parse_config(DataConfig, settings["data"])
+        if cfg is None:
             data = manifest.get("data") or {}
             if not data.get("dataset"):
                 return None, "the comparison does not record its dataset"
             split = "test" if data.get("split") == "test" else "train"
             cfg = parse_config(DataConfig, {"name": data["dataset"], "split": split, "val_size": 0})
-        return load_split(cfg), None
+            return load_split(cfg), None
+        location = _stored_samples_location(store, cfg)
     except (StoreError, ValueError, KeyError, TypeError, OSError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        return None, f"the clean images could not be loaded ({first})"
+        return None, f"the clean images could not be loaded ({_first_line(err)})"
+    if location is not None:
+        samples: Split | SampleSet = open_samples(location)  # damaged set: DataError naming the file, stops here
+        where = location
+    else:
+        try:
+            samples = load_split(cfg)  # no set in this store (an older table): decode the selection
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            return None, f"the clean images could not be loaded ({_first_line(err)})"
+        where = f"the {cfg.name} data the table's config selects"
+    expected = evaluated.get("fingerprint")
+    got = samples.describe()["fingerprint"] if isinstance(samples, SampleSet) else samples.fingerprint()
+    if expected and got != expected:
+        return None, (
+            f"{where} are not the samples that were evaluated (fingerprint {got}, the table records {expected}: "
+            "the source changed since)"
+        )
+    return samples, None
+
+
+def _stored_samples_location(store: ResultStore, cfg: DataConfig) -> str | None:
+    """Where the store keeps the selection's prepared sample set, None when it keeps none."""
+    base = (store.uri if "://" in store.uri else store.root).rstrip("/")
+    location = samples_location(base, cfg)
+    rel = location[len(base) + 1 :]
+    return location if store.exists(f"{rel}/{SAMPLES_INFO_FILE}") else None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _clean_images(samples: Split | SampleSet, ids: Sequence[int]) -> dict[int, np.ndarray]:
@@ -531,8 +609,8 @@ def _flip_grid(ctx: _Context, chosen: Sequence[_Flip], *, robust: bool) -> Figur
     assert ctx.split is not None
     ids = [f.sample_id for f in chosen]
     old_key, new_key = ctx.manifest.get("old_table"), ctx.manifest.get("new_table")
-    adv_old = _safe_adversarial(ctx, old_key, ids)
-    adv_new = _safe_adversarial(ctx, new_key, ids)
+    adv_old = _adversarial(ctx, old_key, ids)
+    adv_new = _adversarial(ctx, new_key, ids)
 
     tm = ctx.summary.get("threat_model") or {}
     eps = _finite(tm.get("eps"))
@@ -595,14 +673,43 @@ def _delta_caption(delta: np.ndarray | None, new_status: str) -> str:
     return f"max {float(delta.max()):.3g}"
 
 
-def _safe_adversarial(ctx: _Context, table_key: str | None, ids: list[int]) -> dict[int, np.ndarray]:
-    """Adversarial images, or none when the table kept none (the panels then say so)."""
+def _adversarial(ctx: _Context, table_key: str | None, ids: list[int]) -> dict[int, np.ndarray]:
+    """Adversarial images of some samples, each file read through the checksum in its chunk's manifest; absent
+    ones are skipped (the panels then say so).
+
+    Unlike :func:`rcat_ray.evaluation.load_adversarial`, which drops a damaged chunk and carries on (an
+    evaluation recomputes it), a damaged file here stops the report, naming it, once it is moved aside: a
+    report with silently missing panels would look like a model that withstood the attack.
+    """
     if not table_key:
         return {}
-    try:
-        return load_adversarial(ctx.store, table_key, ids)
-    except (StoreError, OSError, ValueError, KeyError):
-        return {}
+    store = ctx.store
+    wanted = {int(i) for i in ids}
+    out: dict[int, np.ndarray] = {}
+    folder = f"tables/{table_key}/chunks"
+    for name in store.list_files(folder):
+        if not wanted - out.keys():
+            break
+        if not (name.startswith("adv-") and name.endswith(".npz") and name[4:-4].isdigit()):
+            continue
+        manifest_name, *members = chunk_file_names(int(name[4:-4]))
+        manifest = None
+        try:
+            manifest = store.read_manifest(f"{folder}/{manifest_name}")
+            if manifest is None:
+                continue  # an unfinished chunk: its images are not trusted
+            data = store.read_verified(folder, name, manifest)
+        except DamagedArtifactError as err:
+            store.quarantine_artifact(folder, manifest_name, members, [(err.path, err.problem)], manifest)
+            raise StoreError(f"{err}; moved aside: evaluate the model again to recompute its chunk") from None
+        with np.load(io.BytesIO(data)) as z:
+            chunk_ids = z["sample_id"]
+            hits = np.nonzero(np.isin(chunk_ids, list(wanted)))[0]
+            if len(hits):
+                images = z["images"]
+                for h in hits:
+                    out[int(chunk_ids[h])] = images[h]
+    return out
 
 
 def _stored_point(adv: np.ndarray | None, clean: np.ndarray | None, status: str) -> np.ndarray | None:
