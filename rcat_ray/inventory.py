@@ -1,9 +1,11 @@
 """What a result store holds, and whether it is intact: plain functions for the CLI and for scripts.
 
 * ``verify_store(store, repair)`` checks every table, chunk and comparison against the sha256 its manifest
-  records (reading every byte: the thorough check, unlike the cheap one a resumed run does) and returns
-  findings; with ``repair`` damaged artifacts are moved to ``quarantine/<UTC time>/`` (see
-  ``rcat_ray.store``) so the next run recomputes them. Without ``repair`` nothing is written, moved or created.
+  records, and every prepared sample set against the row-group hashes its dataset.json records (reading every
+  byte: the thorough check, unlike the cheap one a resumed run does) and returns findings; with ``repair``
+  damaged artifacts and sets are moved to ``quarantine/<UTC time>/`` (see ``rcat_ray.store``) so the next run
+  recomputes them, and temporary folders left by killed preparations are removed. Without ``repair`` nothing
+  is written, moved or created.
 * ``list_entries(store)`` lists tables and comparisons from their manifests (no hashing).
 * ``resolve_key(store, prefix, kind)`` turns any unique key prefix (or an artifact's folder) into a key.
 * ``describe_entry(store, key)`` gives a table's clean and robust accuracy, or a comparison's metrics with
@@ -15,6 +17,7 @@ meant for the user.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,7 +26,9 @@ from typing import Any, Literal
 import numpy as np
 
 from rcat_ray.comparison import COMPARISON_MEMBERS, load_comparison
+from rcat_ray.core.data import DataError
 from rcat_ray.core.flips import METRICS
+from rcat_ray.core.samples import INFO_FILE, SAMPLES_FOLDER, DamagedSetError, open_samples, set_aside
 from rcat_ray.evaluation import TABLE_MEMBERS, chunk_file_names
 from rcat_ray.store import (
     DamagedArtifactError,
@@ -50,10 +55,14 @@ def verify_store(store: ResultStore | str | Path, repair: bool = False) -> list[
     """Check every artifact of the store against its manifest; an empty list means the store is intact.
 
     Each finding is ``{"status", "kind", "key", "path", "problem", "moved_to"}`` (paths relative to the store
-    root; ``kind`` is table, chunk or comparison). ``status``:
+    root; ``kind`` is table, chunk, comparison or samples, whose ``key`` is the set's folder name under
+    ``samples/``). ``status``:
 
-    * ``damaged``: bytes or manifest do not check out; repair moves the whole artifact aside;
-    * ``orphan``: a file no manifest covers (left by an interrupted write); repair moves it aside;
+    * ``damaged``: bytes or manifest do not check out; repair moves the whole artifact (a whole set) aside;
+    * ``orphan``: a file no manifest covers (left by an interrupted write); repair moves it aside; or a folder
+      a killed preparation of a sample set left (its temporary folder, or parts no dataset.json names); repair
+      removes it (those files are half-written or unused, and were never part of a set) and says so in
+      ``removed``;
     * ``missing``: a chunk of a finished table is absent; the next evaluation recomputes it (nothing to move);
     * ``unverifiable``: written before checksums existed; left alone (this version never reuses it).
 
@@ -70,11 +79,58 @@ def verify_store(store: ResultStore | str | Path, repair: bool = False) -> list[
         folder = f"comparisons/{key}"
         found, covered = _verify_artifact(store, "comparison", key, folder, "manifest.json", COMPARISON_MEMBERS, repair)
         findings += found + _orphans(store, "comparison", key, folder, covered, repair)
+    for name in store.list_dirs(SAMPLES_FOLDER):
+        findings += _verify_samples(store, name, repair)
     return findings
 
 
 def _finding(status: str, kind: str, key: str, path: str, problem: str, moved: list[str] | None = None) -> dict:
     return {"status": status, "kind": kind, "key": key, "path": path, "problem": problem, "moved_to": moved or []}
+
+
+def _verify_samples(store: ResultStore, name: str, repair: bool) -> list[dict[str, Any]]:
+    """Findings for one folder under ``samples/``: a set read whole through its row-group hashes, or a temporary
+    folder of a preparation that never finished (a finished one is renamed away)."""
+    folder = f"{SAMPLES_FOLDER}/{name}"
+    if name.startswith(".") and ".tmp-" in name:
+        key = name[1:].split(".tmp-", 1)[0]
+        problem = "temporary folder of a sample set preparation that did not finish (killed); repair removes it"
+        return [_removable(store, "samples", key, folder, problem, repair)]
+    if not store.list_files(folder) and not store.list_dirs(folder):
+        return []  # an empty folder (an object store's leftover of a set moved aside): nothing stored
+    try:
+        samples = open_samples(store.path(folder), filesystem=store.fs, check=False)
+        problems = [(f"{folder}/{file}", problem) for file, problem in samples.problems()]
+    except DamagedSetError as err:
+        problems = [(f"{folder}/{err.name}", err.problem)]
+    except DataError as err:  # no dataset.json, or a format this version does not read
+        if store.exists(f"{folder}/{INFO_FILE}"):
+            return [_finding("unverifiable", "samples", name, f"{folder}/{INFO_FILE}", str(err))]
+        problems = [(f"{folder}/{INFO_FILE}", "missing: the folder is not a complete sample set")]
+    if problems:
+        moved = []
+        if repair:
+            reason = "damaged sample set: " + "; ".join(f"{store.path(r)}: {p}" for r, p in problems)
+            where = set_aside(store.fs, store.root, folder, reason)
+            moved = [where] if where else []
+        return [_finding("damaged", "samples", name, path, problem, moved) for path, problem in problems]
+    owned = {p.name.split("/", 1)[0] for p in samples.info.parts if "/" in p.name}
+    problem = "parts of a preparation that lost the race or was killed (its dataset.json is not the set's)"
+    return [
+        _removable(store, "samples", name, f"{folder}/{sub}", f"{problem}; repair removes them", repair)
+        for sub in store.list_dirs(folder)
+        if sub not in owned and not sub.startswith(".")
+    ]
+
+
+def _removable(store: ResultStore, kind: str, key: str, rel: str, problem: str, repair: bool) -> dict[str, Any]:
+    """An orphan folder that is safe to delete because no set refers to it; deleted on ``repair``."""
+    finding = _finding("orphan", kind, key, rel, problem)
+    if repair:
+        with contextlib.suppress(FileNotFoundError):  # removed by its own preparer meanwhile
+            store.fs.delete_dir(store.path(rel))
+        finding["removed"] = True
+    return finding
 
 
 def _verify_table(store: ResultStore, key: str, repair: bool) -> list[dict[str, Any]]:

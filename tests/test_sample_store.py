@@ -329,14 +329,17 @@ def test_uris_and_pyarrow_filesystems(tmp_path):
 
 
 def test_object_store_path_writes_parts_then_dataset_json(tmp_path, monkeypatch):
-    """Object stores cannot rename folders: parts are renamed one by one and dataset.json comes last."""
+    """Object stores cannot rename folders: parts go under a subfolder of the preparer's own and dataset.json,
+    written last, names them."""
     from rcat_ray.core import samples as samples_mod
 
     monkeypatch.setattr(samples_mod, "_renames_folders", lambda fs: False)
     cfg = DataConfig(name="digits", limit=60)
     info = prepare_samples(cfg, tmp_path / "s", rows_per_group=16, groups_per_file=2)
-    names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == [INFO_FILE, "part-00000.parquet", "part-00001.parquet"]
+    (own,) = {p.name.split("/")[0] for p in info.parts}
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted([INFO_FILE, own])
+    assert [p.name for p in info.parts] == [f"{own}/part-00000.parquet", f"{own}/part-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "s" / own).iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     assert_same(open_samples(tmp_path / "s"), load_split(cfg))
     assert prepare_samples(cfg, tmp_path / "s") == info
 

@@ -29,9 +29,13 @@ decodes anyway), and :meth:`SampleSet.verify` checks the whole set. ``split_fing
 :meth:`SampleSet.describe` equals ``load_split(cfg).describe()`` without decoding anything.
 
 Writes are atomic and a set is never overwritten: on a local filesystem the set is written into a hidden
-sibling folder renamed to ``dest`` at the end (the folder appears complete or not at all); object stores have
-no folder rename, so there the parts are written under temporary names, renamed one by one, and dataset.json
-is written last as the completion marker. Preparing a selection that ``dest`` already holds returns it.
+sibling folder ``.<name>.tmp-<uuid>`` renamed to ``dest`` at the end (the folder appears complete or not at
+all); object stores have no folder rename, so there each preparer writes its parts under a subfolder of its
+own (``dest/p-<uuid>/part-00000.parquet``) and dataset.json, written last, names them: it is the completion
+marker, and a reader sees only the parts it names. Preparing a selection that ``dest`` already holds returns
+it; two preparers racing end with one set, and neither deletes anything the other wrote (see
+:func:`prepare_samples`). A set in a result store found damaged is moved to the store's quarantine and
+prepared again (:func:`samples_in_store`).
 
 Pure pyarrow + numpy + torch: no Ray import (the Ray layer reads these folders with ``ray.data.read_parquet``).
 """
@@ -42,6 +46,7 @@ import bisect
 import datetime as _dt
 import hashlib
 import json
+import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -58,6 +63,8 @@ import torch
 
 from rcat_ray.config import DataConfig
 from rcat_ray.core.data import DEFAULT_VAL_SIZE, DataError, Split, default_root, load_split
+
+log = logging.getLogger(__name__)
 
 FORMAT = "rcat_ray.samples"
 FORMAT_VERSION = 1
@@ -78,7 +85,29 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 #: Float32 bytes converted at once when the set's Split fingerprint is computed (a 224 px row group is 154 MB).
 _FLOAT_SLICE_BYTES = 2**20
 #: What to do about a damaged or foreign set: sets are never overwritten, so the folder must go first.
-_REDO = "remove the folder and prepare the set again"
+_REDO = (
+    "move the folder aside and prepare the set again (a set in a result store: `rcat-ray store verify --repair` "
+    "moves it to the store's quarantine and the next run prepares it)"
+)
+#: The result store's folder for damaged artifacts (``rcat_ray.store.QUARANTINE_DIR``: the core does not import
+#: the store, which sits above it).
+QUARANTINE_FOLDER = "quarantine"
+
+
+class DamagedSetError(DataError):
+    """A file of a set does not match its dataset.json (missing, truncated, altered, undecodable), or dataset.json
+    itself is unreadable: the set cannot be trusted. ``name`` is the file (relative to the set's folder) and
+    ``problem`` the short reason, so a checker can report each file without parsing messages."""
+
+    def __init__(self, uri: str, name: str, problem: str, sep: str = " "):
+        self.name = name
+        self.problem = problem
+        super().__init__(f"{uri.rstrip('/')}/{name}{sep}{problem}; {_REDO}")
+
+
+class NotASetError(DataError):
+    """A non-empty folder without dataset.json where a set should be: someone else's folder, or (inside a
+    result store's ``samples/``, where every folder is ours) a set that lost its dataset.json."""
 
 
 # -- metadata ---------------------------------------------------------------------------------------
@@ -209,7 +238,7 @@ def _read_info(fs: pafs.FileSystem, root: str, uri: str) -> SampleSetInfo | None
     try:
         d = json.loads(raw)
         if d.get("format") != FORMAT:
-            raise DataError(f"{where} is not a sample set description (format {d.get('format')!r})")
+            raise DamagedSetError(uri, INFO_FILE, f"is not a sample set description (format {d.get('format')!r})")
         if d.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 f"{where} has format version {d.get('format_version')}, this code reads {FORMAT_VERSION}: {_REDO}"
@@ -218,7 +247,7 @@ def _read_info(fs: pafs.FileSystem, root: str, uri: str) -> SampleSetInfo | None
     except DataError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise DataError(f"{where} is unreadable ({err}): {_REDO}") from None
+        raise DamagedSetError(uri, INFO_FILE, f"is unreadable ({err})") from None
 
 
 # -- sources ----------------------------------------------------------------------------------------
@@ -410,12 +439,14 @@ def _numeric(values: np.ndarray, type_: pa.DataType) -> pa.Array:
 
 
 def _write_parts(
-    fs: pafs.FileSystem, folder: str, source: _Source, rows_per_group: int, groups_per_file: int, direct: bool
+    fs: pafs.FileSystem, folder: str, source: _Source, rows_per_group: int, groups_per_file: int, prefix: str = ""
 ) -> SampleSetInfo:
-    """Stream the source's row groups into part files; returns the info with counts and fingerprints.
+    """Stream the source's row groups into part files ``<folder>/<prefix>part-NNNNN.parquet``; returns the info
+    with counts and fingerprints.
 
-    ``direct``: write each part under a temporary name in ``folder`` and rename it when complete (object
-    stores); otherwise the folder itself is temporary and parts get their final names at once.
+    Parts are written under their final names: the place is this preparer's own (a temporary folder renamed
+    at the end, or a subfolder ``prefix`` that only the dataset.json this preparer writes names), so no reader
+    sees a part before it is complete, and a failure leaves files only in that place, which the caller removes.
     """
     info = source.info
     schema = SCHEMA.with_metadata({META_KEY: json.dumps(info.static(), sort_keys=True).encode()})
@@ -423,7 +454,7 @@ def _write_parts(
     parts: list[PartInfo] = []
     digests: list[str] = []
     writer = stream = None
-    name = tmp_name = ""
+    name = ""
     part_first = n = 0
     id_min = id_max = None
     last_id = None
@@ -431,8 +462,6 @@ def _write_parts(
     def close_part() -> None:
         writer.close()
         stream.close()
-        if direct:
-            fs.move(_join(folder, tmp_name), _join(folder, name))
         size = fs.get_file_info(_join(folder, name)).size
         parts.append(PartInfo(name, part_first, n - part_first, int(size), tuple(digests)))
 
@@ -453,9 +482,8 @@ def _write_parts(
             if writer is None or len(digests) == groups_per_file:
                 if writer is not None:
                     close_part()
-                name = f"part-{len(parts):05d}.parquet"
-                tmp_name = f".{name}.tmp-{uuid.uuid4().hex}" if direct else name
-                stream = fs.open_output_stream(_join(folder, tmp_name))
+                name = f"{prefix}part-{len(parts):05d}.parquet"
+                stream = fs.open_output_stream(_join(folder, name))
                 writer = pq.ParquetWriter(
                     stream,
                     schema,
@@ -475,12 +503,10 @@ def _write_parts(
             raise DataError(f"the selection of {info.dataset} is empty")
         close_part()
     except BaseException:
-        if writer is not None:  # failed mid-part: close what is open, remove a temporary file of ours
+        if writer is not None:  # failed mid-part: close what is open (the caller removes the folder)
             try:
                 writer.close()
                 stream.close()
-                if direct:
-                    fs.delete_file(_join(folder, tmp_name))
             except (OSError, pa.ArrowException):
                 pass
         raise
@@ -513,6 +539,11 @@ def prepare_samples(
     chunk reads exactly its own rows. ``groups_per_file`` defaults to files of about 128 MB of pixels. A
     ``dest`` that already holds this selection is returned as it is (its own layout, nothing rewritten); one
     that holds anything else is an error, never overwritten.
+
+    Safe when several processes prepare the same set at once (two runs starting together): each writes into a
+    place of its own and publishes it in one step, the first to publish wins, and the others remove only what
+    they wrote and return the winner's set. No preparer ever deletes or overwrites a folder or file it did not
+    create.
     """
     if rows_per_group < 1:
         raise ValueError(f"rows_per_group must be at least 1, got {rows_per_group}")
@@ -529,34 +560,92 @@ def prepare_samples(
         raise ValueError(f"rows_per_group={rows_per_group} makes row groups over 2 GiB; use a smaller one")
     if groups_per_file is None:
         groups_per_file = max(1, TARGET_PART_BYTES // (rows_per_group * source.info.row_nbytes))
+    layout = (rows_per_group, groups_per_file)
+    if _renames_folders(fs):
+        return _prepare_by_rename(fs, root, uri, selection, source, layout)
+    return _prepare_in_subfolder(fs, root, uri, selection, source, layout)
 
-    if not _renames_folders(fs):  # object store: parts renamed one by one, dataset.json last
-        fs.create_dir(root, recursive=True)
-        info = _write_parts(fs, root, source, rows_per_group, groups_per_file, direct=True)
-        info = _finish(fs, root, uri, info, source)
-        if _read_info(fs, root, uri) is None:
-            _write_atomic(fs, _join(root, INFO_FILE), _info_bytes(info))
-        return _read_info(fs, root, uri) or info
 
+def _prepare_by_rename(
+    fs: pafs.FileSystem, root: str, uri: str, selection: dict[str, Any], source: _Source, layout: tuple[int, int]
+) -> SampleSetInfo:
+    """Write the whole set into a hidden sibling ``.<name>.tmp-<uuid>`` and rename it to ``root``.
+
+    A folder rename is atomic and does not replace a non-empty folder, so the set appears complete or not at
+    all, and when another preparer got there first the rename fails instead of replacing its set: this one
+    then removes its own temporary folder (never ``root``) and returns the other set.
+    """
     parent, _, name = root.rpartition("/")
     tmp = _join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
     if parent:
         fs.create_dir(parent, recursive=True)
     fs.create_dir(tmp, recursive=True)
     try:
-        info = _write_parts(fs, tmp, source, rows_per_group, groups_per_file, direct=False)
+        info = _write_parts(fs, tmp, source, *layout)
         info = _finish(fs, tmp, uri, info, source)
         _write_atomic(fs, _join(tmp, INFO_FILE), _info_bytes(info))
-        if fs.get_file_info(root).type == pafs.FileType.Directory:
-            fs.delete_dir(root)  # empty (checked by _existing); rename does not replace a non-empty folder
-        fs.move(tmp, root)
+        fs.move(tmp, root)  # replaces an empty folder only; fails when another preparer's set is there
+    except BaseException as err:
+        _remove_own(fs, tmp)
+        done = _read_info(fs, root, uri) if isinstance(err, OSError) else None
+        if done is None:
+            raise
+        return _adopt(fs, root, uri, done, selection)
+    return info
+
+
+def _prepare_in_subfolder(
+    fs: pafs.FileSystem, root: str, uri: str, selection: dict[str, Any], source: _Source, layout: tuple[int, int]
+) -> SampleSetInfo:
+    """Object stores (no folder rename): write the parts under a subfolder of this preparer's own,
+    ``root/p-<uuid>/``, then dataset.json, which names those parts, unless another preparer's is there already.
+
+    dataset.json is the set: a reader opens only the parts it names, so two preparers never see or overwrite
+    each other's parts. Reading dataset.json back after writing it tells who won; the loser removes its own
+    subfolder and returns the winner's set. (Object stores offer no create-if-absent through pyarrow: two
+    preparers checking at the same instant may both write dataset.json, the later write stands, and the
+    earlier writer's parts stay unreferenced but complete: wasted space that ``store verify`` reports, never a
+    set naming parts that are gone, since a preparer removes its parts only after reading another's
+    dataset.json.)
+    """
+    own = f"p-{uuid.uuid4().hex[:16]}"
+    folder = _join(root, own)
+    fs.create_dir(folder, recursive=True)
+    try:
+        info = _write_parts(fs, root, source, *layout, prefix=f"{own}/")
+        info = _finish(fs, root, uri, info, source)
+        if _read_info(fs, root, uri) is None:
+            _write_atomic(fs, _join(root, INFO_FILE), _info_bytes(info))
+        done = _read_info(fs, root, uri)
     except BaseException:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_dir(tmp)
-        done = _read_info(fs, root, uri)  # another process may have finished the same set meanwhile
-        if done is not None and done.selection == selection:
-            return done
+        _remove_own(fs, folder)
         raise
+    if done is not None and done.parts == info.parts:
+        return done
+    _remove_own(fs, folder)
+    if done is None:
+        raise DataError(f"{uri}/{INFO_FILE} vanished right after it was written: is another process removing sets?")
+    return _adopt(fs, root, uri, done, selection)
+
+
+def _remove_own(fs: pafs.FileSystem, folder: str) -> None:
+    """Remove a folder this preparer created (its temporary folder or its part subfolder), nothing else."""
+    try:
+        if fs.get_file_info(folder).type != pafs.FileType.NotFound:
+            fs.delete_dir(folder)
+    except (OSError, pa.ArrowException):
+        pass  # a leftover that `rcat-ray store verify` reports; never worth hiding the error that got us here
+
+
+def _adopt(fs: pafs.FileSystem, root: str, uri: str, info: SampleSetInfo, selection: dict[str, Any]) -> SampleSetInfo:
+    """The set another preparer finished at ``root`` while this one was writing, once it is checked to hold the
+    same selection and all its parts (a different selection is an error, as for a set found at the start)."""
+    if info.selection != selection:
+        raise DataError(
+            f"{uri} was filled with a different sample set while this one was being prepared "
+            f"({json.dumps(info.selection, sort_keys=True)}; asked for {json.dumps(selection, sort_keys=True)})"
+        )
+    SampleSet(info, fs, root, uri).check_files()
     return info
 
 
@@ -570,7 +659,7 @@ def _existing(fs: pafs.FileSystem, root: str, uri: str, selection: dict[str, Any
     info = _read_info(fs, root, uri)
     if info is None:
         if _renames_folders(fs) and fs.get_file_info(pafs.FileSelector(root)):
-            raise DataError(
+            raise NotASetError(
                 f"{uri} exists, is not empty and has no {INFO_FILE}: it is not a sample set; "
                 "choose another destination (nothing there is overwritten)"
             )
@@ -713,17 +802,24 @@ class SampleSet:
     def _where(self, part: PartInfo) -> str:
         return f"{self.uri.rstrip('/')}/{part.name}"
 
+    def _damaged(self, part: PartInfo, problem: str, sep: str = " ") -> DamagedSetError:
+        return DamagedSetError(self.uri, part.name, problem, sep)
+
     def check_files(self) -> None:
         """Cheap check (one listing, no bytes read) that every part exists with the size dataset.json records."""
         infos = self.filesystem.get_file_info(self.files)
         for part, fi in zip(self.info.parts, infos, strict=True):
-            if fi.type != pafs.FileType.File:
-                raise DataError(f"{self._where(part)} is missing (listed in {INFO_FILE}); {_REDO}")
-            if fi.size != part.size:
-                raise DataError(
-                    f"{self._where(part)} has {fi.size} bytes, {INFO_FILE} records {part.size} "
-                    f"(truncated or replaced); {_REDO}"
-                )
+            problem = self._size_problem(part, fi)
+            if problem:
+                raise self._damaged(part, problem)
+
+    @staticmethod
+    def _size_problem(part: PartInfo, fi: pafs.FileInfo) -> str | None:
+        if fi.type != pafs.FileType.File:
+            return f"is missing (listed in {INFO_FILE})"
+        if fi.size != part.size:
+            return f"has {fi.size} bytes, {INFO_FILE} records {part.size} (truncated or replaced)"
+        return None
 
     # -- row groups --------------------------------------------------------------------------------
     def _locate(self, group: int) -> tuple[int, int]:
@@ -752,16 +848,21 @@ class SampleSet:
                     self._check_footer(k, pf.metadata)
                     table = pf.read_row_groups([local for _, local in wanted])
             except FileNotFoundError:
-                raise DataError(f"{self._where(part)} is missing (listed in {INFO_FILE}); {_REDO}") from None
-            except (OSError, pa.ArrowException) as err:
-                raise DataError(f"cannot read {self._where(part)}: {err}") from None
+                raise self._damaged(part, f"is missing (listed in {INFO_FILE})") from None
+            except (OSError, pa.ArrowException) as err:  # a flipped byte: ZSTD or Thrift decode errors
+                raise self._damaged(part, f"cannot be decoded ({err}): the file is damaged") from None
             row = 0
             for g, local in wanted:
                 first = part.first_row + local * rpg
                 n = min(rpg, part.first_row + part.num_rows - first)
                 t = table.slice(row, n)
                 row += n
-                out[g] = self._group(t, first, n, part, local, verify)
+                try:
+                    out[g] = self._group(t, first, n, part, local, verify)
+                except DamagedSetError:
+                    raise
+                except (DataError, ValueError, pa.ArrowException) as err:  # decodable, but not what was written
+                    raise self._damaged(part, f"row group {local} holds unusable values ({err})", ": ") from None
                 if own:
                     out[g].flat = out[g].flat.copy()
         return out
@@ -774,22 +875,22 @@ class SampleSet:
         sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         expected = [min(rpg, part.num_rows - i * rpg) for i in range(len(part.row_groups))]
         if md.num_rows != part.num_rows or sizes != expected:
-            raise DataError(
-                f"{self._where(part)} holds row groups of {sizes} rows, {INFO_FILE} records {expected}: "
-                f"the file was replaced; {_REDO}"
-            )
+            raise self._damaged(part, f"holds row groups of {sizes} rows, {INFO_FILE} records {expected}: the file "
+                                "was replaced")  # fmt: skip
         self._footers[k] = md
 
     def _group(self, t: pa.Table, first: int, n: int, part: PartInfo, local: int, verify: bool) -> _Group:
         if not np.array_equal(t.column("position").to_numpy(), np.arange(first, first + n)):
-            raise DataError(f"{self._where(part)} row group {local} does not hold positions {first}..{first + n - 1}")
+            raise self._damaged(part, f"row group {local} does not hold positions {first}..{first + n - 1}")
         ids = t.column("sample_id").to_numpy().astype(np.int64)
         labels = t.column("label").to_numpy().astype(np.int64)
         flat = _binary_values(t.column("image"), self.info.row_nbytes)
         if verify and hashlib.sha256(_records(ids, labels, flat)).hexdigest() != part.row_groups[local]:
-            raise DataError(
-                f"{self._where(part)}: row group {local} (positions {first}..{first + n - 1}) does not match the "
-                f"fingerprint in {INFO_FILE} (the file was altered or damaged); {_REDO}"
+            raise self._damaged(
+                part,
+                f"row group {local} (positions {first}..{first + n - 1}) does not match the fingerprint in "
+                f"{INFO_FILE} (the file was altered or damaged)",
+                ": ",
             )
         return _Group(ids, labels, flat)
 
@@ -921,16 +1022,40 @@ class SampleSet:
 
     def verify(self) -> None:
         """Recompute every row group's sha256 and the whole fingerprint (one streaming pass, one group held);
-        DataError naming the file on any difference."""
+        DamagedSetError naming the first file that differs."""
+        for err in self._damage():
+            raise err
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every damaged file of the set as (name inside the set's folder, problem), reading every byte once:
+        the thorough check of ``rcat-ray store verify``, which reports all files instead of stopping at one."""
+        return [(err.name, err.problem) for err in self._damage()]
+
+    def _damage(self) -> Iterator[DamagedSetError]:
+        """What :meth:`verify` finds, file by file: a part that cannot be read is reported and the check moves on to
+        the next part; the whole fingerprint is compared only when every part read."""
         whole = hashlib.sha256()
-        n_groups = sum(len(p.row_groups) for p in self.info.parts)
-        for g in range(n_groups):
-            grp = self._read_groups([g], verify=True)[g]
-            whole.update(_records(grp.ids, grp.labels, grp.flat))
-        if whole.hexdigest() != self.info.fingerprint:
-            raise DataError(
-                f"{self.uri}: the rows do not match the fingerprint in {INFO_FILE} (a part file was replaced); {_REDO}"
-            )
+        clean = True
+        sizes = self.filesystem.get_file_info(self.files)
+        g = 0
+        for part, fi in zip(self.info.parts, sizes, strict=True):
+            groups = range(g, g + len(part.row_groups))
+            g += len(part.row_groups)
+            problem = self._size_problem(part, fi)
+            if problem:
+                clean = False
+                yield self._damaged(part, problem)
+                continue
+            try:
+                for group in groups:
+                    grp = self._read_groups([group], verify=True)[group]
+                    whole.update(_records(grp.ids, grp.labels, grp.flat))
+            except DamagedSetError as err:
+                clean = False
+                yield err
+        if clean and whole.hexdigest() != self.info.fingerprint:
+            problem = f"the rows do not match the fingerprint in {INFO_FILE} (a part file was replaced)"
+            yield DamagedSetError(self.uri, INFO_FILE, problem, ": ")
 
     def split_fingerprint(self) -> str:
         """``Split.fingerprint()`` of the whole set, streamed: ids, then labels (int64), then float32 images
@@ -954,14 +1079,15 @@ class SampleSet:
     def _check_part_rows(self, k: int, n: int) -> None:
         part = self.info.parts[k]
         if n != part.num_rows:
-            raise DataError(f"{self._where(part)} holds {n} rows, {INFO_FILE} records {part.num_rows}")
+            raise self._damaged(part, f"holds {n} rows, {INFO_FILE} records {part.num_rows}")
 
 
-def open_samples(uri: str | Path, *, filesystem: pafs.FileSystem | None = None) -> SampleSet:
+def open_samples(uri: str | Path, *, filesystem: pafs.FileSystem | None = None, check: bool = True) -> SampleSet:
     """Open a prepared set (a local folder, a URI, or a path inside ``filesystem``) for reading.
 
-    Cheap: reads dataset.json and lists the part files (sizes only). Pixels are checked against their
-    fingerprints when they are read; :meth:`SampleSet.verify` checks everything.
+    Cheap: reads dataset.json and lists the part files (sizes only; ``check=False`` skips that, for a checker
+    that reports every damaged part through :meth:`SampleSet.problems` rather than stopping at the first).
+    Pixels are checked against their fingerprints when they are read; :meth:`SampleSet.verify` checks everything.
     """
     uri = str(uri)
     fs, root = _resolve(uri, filesystem)
@@ -974,7 +1100,8 @@ def open_samples(uri: str | Path, *, filesystem: pafs.FileSystem | None = None) 
             "create it with prepare_samples"
         )
     samples = SampleSet(info, fs, root, uri)
-    samples.check_files()
+    if check:
+        samples.check_files()
     return samples
 
 
@@ -993,7 +1120,66 @@ def samples_location(store_uri: str, cfg: DataConfig) -> str:
 
 
 def samples_in_store(store_uri: str, cfg: DataConfig, *, rows_per_group: int = 256) -> SampleSet:
-    """The selection's sample set in a result store, prepared on first use and reused after (no rewrite)."""
+    """The selection's sample set in a result store, prepared on first use and reused after (no rewrite).
+
+    A set found damaged by the cheap check (dataset.json unreadable or gone, a part missing or of the wrong
+    size) is moved to the store's quarantine with a warning and prepared again, as a damaged table is rebuilt:
+    every folder under ``samples/`` is the store's own, so moving one aside loses nothing. Damage inside a part
+    (altered bytes of the right size) is found when the rows are read (each row group is hashed) and stops
+    that run naming the file; ``rcat-ray store verify --repair`` then moves the set aside.
+    """
     location = samples_location(store_uri, cfg)
+    try:
+        prepare_samples(cfg, location, rows_per_group=rows_per_group)
+        return open_samples(location)
+    except (DamagedSetError, NotASetError) as err:
+        fs, store_root = _resolve(store_uri, None)
+        rel = f"{SAMPLES_FOLDER}/{location.rsplit('/', 1)[1]}"
+        if not _still_damaged(fs, _join(store_root, rel), location):
+            return open_samples(location)  # another run repaired it meanwhile
+        set_aside(fs, store_root, rel, f"damaged sample set: {err}")
     prepare_samples(cfg, location, rows_per_group=rows_per_group)
     return open_samples(location)
+
+
+def _still_damaged(fs: pafs.FileSystem, root: str, uri: str) -> bool:
+    """Checked again right before moving a set aside, so a run that finds damage another run has already
+    repaired (moved aside and prepared again) does not move the fresh set."""
+    try:
+        info = _read_info(fs, root, uri)
+        if info is not None:
+            SampleSet(info, fs, root, uri).check_files()
+            return False
+    except DataError:
+        return True
+    # no dataset.json: damage on a local disk (a set appears there whole, by a rename); on an object store,
+    # where parts come first, possibly another preparer at work, whose files must not move
+    return _renames_folders(fs) and bool(fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
+
+
+def set_aside(fs: pafs.FileSystem, store_root: str, rel: str, reason: str) -> str | None:
+    """Move a folder of a result store (a damaged sample set) to ``quarantine/<UTC time>/<rel>`` with a warning;
+    returns where it went (store-relative), None when it is gone already (another process moved it).
+
+    Moved, never deleted, like a damaged table: it can still be inspected, and a false alarm loses nothing.
+    Object stores have no folder rename, so there the files move one by one.
+    """
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    dest_rel = f"{QUARANTINE_FOLDER}/{stamp}/{rel}"
+    src, dest = _join(store_root, rel), _join(store_root, dest_rel)
+    try:
+        if _renames_folders(fs):
+            fs.create_dir(dest.rpartition("/")[0], recursive=True)
+            fs.move(src, dest)
+        else:
+            files = fs.get_file_info(pafs.FileSelector(src, recursive=True))
+            for fi in (f for f in files if f.type == pafs.FileType.File):
+                target = _join(dest, fi.path[len(src) :].lstrip("/"))
+                fs.create_dir(target.rpartition("/")[0], recursive=True)
+                fs.move(fi.path, target)
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"cannot move the damaged sample set {src} aside: {err}") from None
+    log.warning("%s. Moved to %s", reason, dest)
+    return dest_rel
