@@ -175,14 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (
         ("ls", "tables and comparisons: models, data, attack, N, created-at"),
         ("show", "one table (accuracy, robust accuracy) or comparison (summary) by key or unique key prefix"),
-        ("verify", "check every artifact against the checksum in its manifest"),
+        ("verify", "check every artifact and sample set against the checksums recorded for it"),
     ):
         sp = st_sub.add_parser(name, help=helptext)
         if name == "show":
             sp.add_argument("key", help="a key or any unique prefix of one")
         sp.add_argument("--store", default="results", help="result store, a path or a URI (default: results)")
         if name == "verify":
-            sp.add_argument("--repair", action="store_true", help="move damaged artifacts aside so runs recompute them")
+            sp.add_argument("--repair", action="store_true", help="move damaged artifacts and sample sets aside "
+                            "so runs recompute them; remove leftovers of killed sample set preparations")  # fmt: skip
         _add_output_flags(sp, json_flag=True)
 
     da = sub.add_parser("data", help="prepare a selection of samples once, as a set every node can read")
@@ -390,8 +391,11 @@ def cmd_store(args: argparse.Namespace) -> int:
         for f in findings:
             print(_mapping_text(f, one_line=True))
         moved = sum(1 for f in findings if f.get("moved_to"))
-        print(f"{len(findings)} problem(s) found" + (f"; {moved} damaged artifact(s) moved aside" if moved else ""))
-    damaged = [f for f in findings if f.get("status") in ("damaged", "orphan") and not f.get("moved_to")]
+        removed = sum(1 for f in findings if f.get("removed"))
+        print(f"{len(findings)} problem(s) found" + (f"; {moved} damaged artifact(s) moved aside" if moved else "")
+              + (f"; {removed} leftover folder(s) removed" if removed else ""))  # fmt: skip
+    damaged = [f for f in findings
+               if f.get("status") in ("damaged", "orphan") and not (f.get("moved_to") or f.get("removed"))]  # fmt: skip
     return 1 if damaged else 0
 
 
