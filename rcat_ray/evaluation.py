@@ -425,7 +425,9 @@ def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSetti
 
     A stored table that fails its checksum is moved aside and rebuilt here from the chunks; every chunk is
     read through its own checksum, so a damaged chunk is moved aside (and reported missing) instead of
-    leaking into the table. The manifest, holding the table's sha256, is written last.
+    leaking into the table. The manifest, holding the table's sha256, is written last. Two runs assembling the
+    same table at once write identical bytes (no time or run-specific field inside the file), so neither
+    mistakes the other's table for damage.
     """
     if plan.table_done(store):
         return
@@ -442,9 +444,15 @@ def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSetti
     expected = sample_ids(plan.samples)
     if not np.array_equal(table.column("sample_id").to_numpy(), expected):
         raise StoreError(f"chunks of {plan.key} do not cover the split's sample ids exactly")
-    manifest = plan.manifest(settings)
-    record = store.write_member(plan.table_path, parquet_bytes(table, manifest))
-    store.put_json(plan.manifest_path, {**manifest, "files": {TABLE_MEMBERS[0]: record}})
+    if plan.table_done(store):
+        return  # another run assembled it while this one read the chunks: its table is the same, keep it
+    # The file's own metadata holds only what the key determines, so every run assembling this table writes the
+    # same bytes: a run racing another one then finds a table equal to its own (kept, not quarantined as a
+    # leftover), and either manifest matches it. Who assembled it, when, with which versions and under which
+    # model name stay in the manifest.
+    identity = {"kind": "per-model-table", "key": plan.key, **plan.identity}
+    record = store.write_member(plan.table_path, parquet_bytes(table, identity))
+    store.put_json(plan.manifest_path, {**plan.manifest(settings), "files": {TABLE_MEMBERS[0]: record}})
 
 
 def _read_chunk_rows(plan: EvaluationPlan, store: ResultStore, chunk: Chunk) -> pa.Table | None:
