@@ -18,7 +18,7 @@ from typing import Any
 
 from rcat_ray.config import ModelConfig, NightlyConfig
 from rcat_ray.gates import GATE_METRICS, judge
-from rcat_ray.history import append_night, read_history
+from rcat_ray.history import append_night, read_history_checked
 from rcat_ray.notify import deliver, make_notifier
 from rcat_ray.store import now_iso, write_file_atomic
 
@@ -108,8 +108,10 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
     verdict_path = out / "verdict.json"
     write_file_atomic(verdict_path, json.dumps(verdict, indent=2, default=str))
     append_night(cfg.history, date, row)
-    report = write_nightly_report(cfg, read_history(cfg.history), verdict, prepared.store, out)
+    history, skipped = read_history_checked(cfg.history)
+    report = write_nightly_report(cfg, history, verdict, prepared.store, out, skipped)
     verdict["report"] = str(report)
+    verdict["history_skipped"] = skipped  # nights missing from the trends, with why
     write_file_atomic(verdict_path, json.dumps(verdict, indent=2, default=str))
     write_file_atomic(Path(cfg.out).expanduser() / "latest-verdict.json", json.dumps(verdict, indent=2, default=str))
     deliver(make_notifier(cfg.notify), verdict)
