@@ -224,7 +224,9 @@ def main() -> None:
     times["old and new (trained or reused)"] = time.perf_counter() - t0
 
     # -- 1. the grid sweep, judged on the selection validation, one choice per method -------------------
-    base = finetune_config(s, old_path, new_path, out, LossConfig(), seed=0, workers=0)
+    # the trials train on the workers the final runs use (the same model whatever the worker count is what makes
+    # this a formality, but a choice is then made on exactly the kind of run it is applied to)
+    base = finetune_config(s, old_path, new_path, out, LossConfig(), seed=0, workers=s["finetune_workers"])
     cfg = sweep_config(s, base, out)
     parents = check_finetune_inputs(cfg.base)
     ensure_ray(ComputeConfig())
@@ -254,8 +256,7 @@ def main() -> None:
         losses[kind] = LossConfig(kind=kind, alpha=float(row["alpha"]), beta=float(row["beta"]))
         for seed in s["seeds"]:
             ft = finetune_config(s, old_path, new_path, out, losses[kind], seed, s["finetune_workers"])
-            path = Path(ft.out) / f"{ft.run_name}.pt"
-            tuned[kind][seed] = path if path.is_file() else run_finetune(ft, parents).checkpoint
+            tuned[kind][seed] = run_finetune(ft, parents).checkpoint  # reused only on the same identity
     times["final fine-tunes"] = time.perf_counter() - t
 
     # -- 3. every model on the test split (Ray Data, the store: old and new attacked once) --------------

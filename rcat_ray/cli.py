@@ -79,8 +79,9 @@ _FINETUNE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--workers": ("num_workers", int, "Ray Train workers (0 = in-process)"),
     "--use-gpu": ("use_gpu", bool, "one GPU per worker"),
     "--threads-per-worker": ("threads_per_worker", int, "torch threads per worker"),
-    "--name": ("name", str, "run name: the checkpoint is <out>/<name>.pt (default: from the config hash)"),
+    "--name": ("name", str, "label: the checkpoint is <out>/<name>-<identity>.pt (identity: parents, data, settings)"),
     "--out": ("out", str, "folder of the final checkpoint"),
+    "--output": ("output", str, "exact checkpoint path (.pt); another fine-tune already there stops with exit 2"),
     "--storage": ("storage", str, "Ray Train storage (checkpoints; shared storage on a cluster)"),
     "--store": ("store", str, "result store: holds the prepared training samples (shared storage on a cluster)"),
     "--augment": ("augment", bool, "random crop + flip (random resized crop for ImageNet-sized images)"),
@@ -461,16 +462,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _prepare_local_ray_env(cfg.address)
     from rcat_ray.distributed.train import check_finetune_inputs
 
-    parents = check_finetune_inputs(cfg)  # models, data, shapes, weights: before Ray starts
+    parents = check_finetune_inputs(cfg)  # models, data, shapes, weights, output path: before Ray starts
     from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.distributed.train import run_finetune
+    from rcat_ray.distributed.train import finished_finetune, run_finetune
 
-    if cfg.num_workers > 0:
+    identity = parents.identity(cfg)
+    print(f"fine-tune {identity.run_name(cfg)} (identity {identity.digest})")
+    if cfg.num_workers > 0 and finished_finetune(cfg, identity) is None:
         ensure_ray(ComputeConfig(address=cfg.address))
     outcome = run_finetune(cfg, parents=parents)
     last = outcome.history[-1] if outcome.history else {}
     shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("val_", "train_loss"))}
-    print(f"fine-tuned model: {outcome.checkpoint} (fingerprint {outcome.fingerprint})")
+    done = "already fine-tuned with this identity, reused" if outcome.reused else "fine-tuned model"
+    print(f"{done}: {outcome.checkpoint} (fingerprint {outcome.fingerprint})")
     print(f"last epoch: {shown}")
     return 0
 

@@ -416,6 +416,12 @@ class FinetuneConfig(_Strict):
         description="MiB of stored row groups a worker keeps decoded between batches; a training set larger than "
         "this is shuffled within windows of row groups that fill half of it (rcat_ray.core.finetune.ShuffleWindow)",
     )
+    batchnorm: Literal["global", "per-worker"] = Field(
+        "global",
+        description="BatchNorm statistics when several workers train: 'global' takes them over the global batch "
+        "(SyncBatchNorm on CUDA, an all-reduce on CPU), so any worker count trains the same model; 'per-worker' "
+        "keeps each worker's own (faster, but the model then depends on the worker count)",
+    )
     validation: ValidationConfig = ValidationConfig()
     cached_old_table: str | None = Field(
         None, description="store key of the old model's table on the training split (mask_source: cached)"
@@ -423,7 +429,17 @@ class FinetuneConfig(_Strict):
     out: LocalPath = Field(
         "finetuned", validate_default=True, description="folder for the final checkpoint and its manifest"
     )
-    name: str | None = Field(None, description="run name (default: derived from the config hash)")
+    name: str | None = Field(
+        None,
+        description="label of the output files, <out>/<name>-<identity>.pt: the identity (a hash of the parents' "
+        "weights, the training data and every training setting) keeps runs with other settings apart; default "
+        "finetune-<loss>-<identity>",
+    )
+    output: LocalPath | None = Field(
+        None,
+        description="exact path of the final checkpoint (.pt; its manifest beside it as .json), instead of <out>/...; "
+        "a different fine-tune already there stops the command (exit 2), the same one is reused",
+    )
     storage: LocalPath = Field(
         "ray_results", validate_default=True, description="Ray Train storage path (shared storage on a cluster)"
     )
@@ -440,6 +456,8 @@ class FinetuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _cached_needs_table(self) -> FinetuneConfig:
+        if self.output is not None and not self.output.endswith((".pt", ".pth")):
+            raise ValueError(f"output must be a checkpoint path ending in .pt, got {self.output}")
         if self.loss.mask_source == "cached" and not self.cached_old_table:
             raise ValueError("loss.mask_source 'cached' needs cached_old_table (the old model's table key)")
         if self.num_workers > 1 and self.batch_size % self.num_workers:
@@ -448,10 +466,6 @@ class FinetuneConfig(_Strict):
                 f"{self.num_workers} workers; use a multiple of {self.num_workers}"
             )
         return self
-
-    @property
-    def run_name(self) -> str:
-        return self.name or f"finetune-{self.loss.kind}-{stable_hash(self.model_dump(exclude={'address'}), 10)}"
 
 
 class TableEntry(_Strict):
@@ -515,7 +529,9 @@ class SelectionValidationConfig(_Strict):
     enabled: bool = True
     samples: int = Field(2000, ge=1, description="validation samples (the val split's head)")
     attack: AttackConfig | None = Field(
-        None, description="default: APGD-CE + APGD-DLR, 50 iterations, at the base's training eps"
+        None,
+        description="default: the test attack when the sweep has test settings, else APGD-CE + APGD-DLR, "
+        "50 iterations, at the base's training eps",
     )
     chunk_size: int = Field(250, ge=1)
     compute: ComputeConfig = ComputeConfig()

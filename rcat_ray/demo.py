@@ -110,16 +110,14 @@ def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[
             num_workers=cfg.finetune_workers,
             threads_per_worker=1 if cfg.finetune_workers else cfg.train_threads,
         )
-        path = Path(ft.out) / f"{ft.run_name}.pt"
-        if path.is_file():
-            print(f"[demo] {loss.tag}: reusing {path}")
+        t0 = time.perf_counter()
+        outcome = run_finetune(ft)  # reused only when a checkpoint of this very identity is there
+        if outcome.reused:
+            print(f"[demo] {loss.tag}: reusing {outcome.checkpoint} (same parents, data and settings)")
         else:
-            t0 = time.perf_counter()
-            outcome = run_finetune(ft)
             last = {k: round(100 * v, 2) for k, v in (outcome.history or [{}])[-1].items() if k.startswith("val_")}
             print(f"[demo] {loss.tag}: fine-tuned in {time.perf_counter() - t0:.0f} s; last epoch (%): {last}")
-            path = outcome.checkpoint
-        out.append((loss.tag, path))
+        out.append((loss.tag, outcome.checkpoint))
     return out
 
 

@@ -8,6 +8,7 @@ from rcat_ray.config import ConfigError
 from rcat_ray.core.data import DataError
 from rcat_ray.core.finetune import FinetuneInputError
 from rcat_ray.core.flips import FlipInputError
+from rcat_ray.core.identity import RunIdentityError
 from rcat_ray.core.losses import LossConfigError
 from rcat_ray.core.models import ModelError
 from rcat_ray.evaluation import EvaluationInputError, EvaluationRunError
@@ -17,4 +18,5 @@ from rcat_ray.store import StoreError
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, ModelError, EvaluationInputError, StoreError, FlipInputError, ComparisonError,
     LossConfigError, SelectionError, EvaluationRunError, SweepFailedError, FinetuneInputError,
+    RunIdentityError,
 )  # fmt: skip

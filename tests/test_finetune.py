@@ -78,13 +78,17 @@ def test_two_ddp_workers_report_every_epoch(ray_session, tmp_path, parents):
     _check_outcome(outcome, cfg, parents, 2)
 
 
-def test_workers_rebuild_the_config_with_the_same_run_name(tmp_path, parents):
-    """Ray Train workers rebuild the config from its JSON dump and find the run's folder by its run name (a hash
-    of the dump): the driver's and the workers' must agree. A float field whose default was the int 256 dumped
-    as 256 on the driver and 256.0 on the workers, and the workers wrote to another run's folder."""
+def test_workers_rebuild_the_config_with_the_same_identity(tmp_path, parents):
+    """Ray Train workers rebuild the config from its JSON dump and find the run's folder by its identity (a hash
+    of the dump and the inputs' fingerprints): the driver's and the workers' must agree. A float field whose
+    default was the int 256 dumped as 256 on the driver and 256.0 on the workers, and the workers wrote to
+    another run's folder."""
+    from rcat_ray.core.identity import finetune_identity
+
     cfg = _cfg(tmp_path, parents)
+    inputs = train_mod.check_finetune_inputs(cfg).inputs
     again = parse_config(FinetuneConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))
-    assert again.run_name == cfg.run_name
+    assert finetune_identity(again, inputs) == finetune_identity(cfg, inputs)
     for model in (m for m in vars(config_mod).values() if isinstance(m, type) and issubclass(m, BaseModel)):
         for name, field in model.model_fields.items():
             if field.annotation is float:
@@ -96,7 +100,8 @@ def test_workers_rebuild_the_config_with_the_same_run_name(tmp_path, parents):
 def test_worker_fault_resumes_from_last_checkpoint(ray_session, tmp_path, parents):
     cfg = _cfg(tmp_path, parents, num_workers=2, epochs=3, fail_once_at_epoch=1, max_failures=1)
     outcome = train_mod.run_finetune(cfg)
-    marker = tmp_path / "ray_results" / cfg.run_name / ".fault-injected"
+    run_name = train_mod.check_finetune_inputs(cfg).identity(cfg).run_name(cfg)
+    marker = tmp_path / "ray_results" / run_name / ".fault-injected"
     assert marker.read_text().startswith("rank 1 epoch 1")  # the fault really happened, on rank 1
     _check_outcome(outcome, cfg, parents, 3)
     # the restarted group resumed at epoch 1 from the epoch-0 checkpoint, not from scratch
@@ -134,7 +139,7 @@ def test_one_and_two_workers_train_the_same_model(ray_session, tmp_path, parents
 
 def _old_table_on_train(tmp_path, parents, **attack) -> str:
     """Evaluate the old model on the digits training split into a store; returns the table's key."""
-    from rcat_ray.config import AttackConfig, DataConfig
+    from rcat_ray.config import AttackConfig, DataConfig, EvaluationSettings
     from rcat_ray.core.data import load_split
     from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
     from rcat_ray.store import ResultStore
@@ -144,10 +149,12 @@ def _old_table_on_train(tmp_path, parents, **attack) -> str:
     old = load_model(
         ModelConfig(source="checkpoint", name="o", path=str(parents["old"])), num_classes=10, input_shape=(1, 8, 8)
     )
-    plan = EvaluationPlan(old, split, AttackConfig(eps=0.1, n_iter=3, **attack), chunk_size=600)
+    attack_cfg = AttackConfig(eps=0.1, n_iter=3, **attack)
+    plan = EvaluationPlan(old, split, attack_cfg, chunk_size=600)
     for c in plan.chunks():
         run_chunk(plan, c, store, device=torch.device("cpu"), keep_adversarial=False)
-    assemble(plan, store)
+    settings = EvaluationSettings(data=DataConfig(name="digits", split="train"), attack=attack_cfg, chunk_size=600)
+    assemble(plan, store, settings)
     return plan.key
 
 

@@ -31,6 +31,7 @@ from rcat_ray.core.finetune import (
     StreamedGlobalBatches,
     global_batch_start,
     prefetched,
+    shuffle_block_rows,
     shuffle_window,
 )
 from rcat_ray.core.models import load_model
@@ -251,7 +252,7 @@ def test_each_rank_reads_only_its_share(tmp_path, digits_checkpoints, read_spy, 
     cfg = _cfg(tmp_path, digits_checkpoints, epochs=2, num_workers=2, read_cache_mib=cache_mib)
     sets = train_mod.check_finetune_inputs(cfg).samples
     info = open_samples(sets.train).info
-    window = shuffle_window(info.num_rows, info.row_nbytes, info.rows_per_group, int(cache_mib * 2**20))
+    window = shuffle_window(info.num_rows, info.row_nbytes, shuffle_block_rows(info.row_nbytes), int(cache_mib * 2**20))
     assert (window is None) == (cache_mib == 256)
     request.getfixturevalue("no_load_split")
     per_rank = {}
@@ -290,10 +291,13 @@ def test_a_run_resumed_after_a_fault_ends_at_the_uninterrupted_weights(ray_sessi
     and each rank read only its half of every epoch."""
     common = {"epochs": 3, "augment": True}
     plain = train_mod.run_finetune(_cfg(tmp_path, digits_checkpoints, name="plain", **common))
+    # the same identity as "plain" (neither the worker count nor the fault enters it): its own storage and output,
+    # or it would rightly reuse plain's finished run
     cfg = _cfg(tmp_path, digits_checkpoints, name="faulty", num_workers=2, fail_once_at_epoch=1, max_failures=1,
-               **common)  # fmt: skip
+               storage=str(tmp_path / "faulty_results"), out=str(tmp_path / "faulty_out"), **common)  # fmt: skip
     resumed = train_mod.run_finetune(cfg)
-    assert (tmp_path / "ray_results" / "faulty" / ".fault-injected").read_text().startswith("rank 1 epoch 1")
+    run_name = train_mod.check_finetune_inputs(cfg).identity(cfg).run_name(cfg)
+    assert (tmp_path / "faulty_results" / run_name / ".fault-injected").read_text().startswith("rank 1 epoch 1")
     assert [h["attempt_start_epoch"] for h in resumed.history] == [0, 1, 1]
     w1, w2 = _weights(plain.checkpoint), _weights(resumed.checkpoint)
     for key in w1:
@@ -322,6 +326,6 @@ def test_the_loop_config_carries_the_config_and_two_set_locations_only(tmp_path,
     cfg = _cfg(tmp_path, digits_checkpoints, num_workers=2)
     with pytest.raises(CapturedError):
         train_mod.run_finetune(cfg)
-    assert set(seen) == {"finetune", "driver_pid", "samples"}
+    assert set(seen) == {"finetune", "driver_pid", "samples", "inputs"}
     assert seen["samples"]["train"].startswith(str(tmp_path / "store" / "samples"))
     assert len(repr(seen)) < 8000, "the loop config grew"

@@ -62,6 +62,7 @@ def _raw(tmp_path: Path, parents: dict[str, Path], name: str, **kw) -> dict:
         "batch_size": 64,
         "validation": {"samples": 50},
         "name": name,
+        "output": str(tmp_path / "out" / f"{name}.pt"),
         "out": str(tmp_path / "out"),
         "storage": str(tmp_path / "ray_results"),
         "store": str(tmp_path / "store"),
@@ -100,8 +101,12 @@ def _local_weights(tmp_path: Path, parents: dict[str, Path], **kw) -> dict[str, 
     from rcat_ray.config import FinetuneConfig, parse_config
     from rcat_ray.distributed.train import run_finetune
 
-    cfg = parse_config(FinetuneConfig, _raw(tmp_path, parents, "one-process", num_workers=0, **kw))
-    return _weights(run_finetune(cfg).checkpoint)
+    # its own Ray Train storage: it has the cluster run's identity (the worker count is not part of it), and in the
+    # same storage it would resume that run's finished snapshot instead of training
+    raw = _raw(tmp_path, parents, "one-process", num_workers=0, storage=str(tmp_path / "local_results"), **kw)
+    outcome = run_finetune(parse_config(FinetuneConfig, raw))
+    assert not outcome.reused
+    return _weights(outcome.checkpoint)
 
 
 def _weights(path) -> dict[str, torch.Tensor]:

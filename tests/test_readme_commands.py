@@ -288,8 +288,8 @@ def check_outputs(ran: Ran, cwd: Path, state: dict[str, Any]) -> list[str]:
     elif sub == "report":
         problems += _files(_config_out(cwd, cmd), "report.html")
     elif sub == "finetune":
-        folder, name = cwd / str(_flag(cmd, "--out")), _flag(cmd, "--name")
-        problems += _files(folder, f"{name}.pt", f"{name}.json")
+        output = cwd / str(_flag(cmd, "--output"))
+        problems += _files(output.parent, output.name, output.with_suffix(".json").name)
     elif sub == "table":
         out = _config_out(cwd, cmd)
         problems += _files(out, "table.md", "table.tex", "table.csv")

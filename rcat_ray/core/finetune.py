@@ -7,12 +7,13 @@ model being trained, in eval mode and in full precision, and its mode is restore
 
 Data parallelism that does not change the result: ``batch_size`` is the *global* batch. Every epoch has one
 permutation of the training samples, a function of (seed, epoch) only (for a set larger than a worker's read
-cache: of the set's row-group layout too, see :class:`ShuffleWindow`); it is cut into global batches and
+cache: of the read cache and the image size too, see :class:`ShuffleWindow`); it is cut into global batches and
 worker r takes the r-th contiguous share of each (:class:`GlobalBatchSampler`). The random start of the
 training attack is drawn for the whole global batch from a generator seeded with (seed, epoch, batch) and
 each worker attacks with its rows of it, and a share's loss is weighted by its size, so that the gradient
-DDP averages is the gradient of the global batch. For losses that are means over the batch (AT, PCT, PCAT,
-RCAT with ``batch`` normalisation) one worker and N workers then train the same model, up to float rounding.
+DDP averages is the gradient of the global batch. RCAT's ``masked`` terms divide by the global batch's mask
+counts (:func:`group_sum`), and BatchNorm layers take the global batch's statistics
+(:mod:`rcat_ray.core.batchnorm`), so one worker and N workers train the same model, up to float rounding.
 
 Streaming: a worker reads only its own rows. :class:`StreamedGlobalBatches` asks a prepared sample set
 (:class:`rcat_ray.core.samples.SampleSet`) for exactly the positions of this worker's shares, in order, through
@@ -175,11 +176,25 @@ class ShuffleWindow:
             raise ValueError(f"a shuffle window needs at least one row and one group: {self}")
 
 
+#: Stored bytes of one shuffle block (16 rows at 3x224x224): a set larger than the read cache is shuffled by blocks
+#: of this many bytes' rows, at most :data:`MAX_BLOCK_ROWS`. Fine-tuning prepares its sets with row groups of
+#: one block (each block is then one read); a set stored with other row groups trains in the same order.
+SHUFFLE_BLOCK_BYTES = 16 * 3 * 224 * 224
+MAX_BLOCK_ROWS = 256
+
+
+def shuffle_block_rows(row_nbytes: int) -> int:
+    """Rows of a shuffle block for images of ``row_nbytes`` stored bytes: a function of the data alone, so the
+    training order never depends on the row groups a set happens to be stored with."""
+    return max(1, min(MAX_BLOCK_ROWS, SHUFFLE_BLOCK_BYTES // max(1, row_nbytes)))
+
+
 def shuffle_window(num_rows: int, row_nbytes: int, rows_per_group: int, cache_bytes: int) -> ShuffleWindow | None:
     """The windowed order for a set of ``num_rows`` stored rows of ``row_nbytes`` bytes read through a cache of
-    ``cache_bytes`` (None: the set fits, use a full permutation). Windows fill half the cache, so the tail of
-    one window and the head of the next fit together. A function of the set's layout only, never of the
-    worker count: 1 and N workers train on the same global batches."""
+    ``cache_bytes`` (None: the set fits, use a full permutation), shuffled by blocks of ``rows_per_group`` rows
+    (:func:`shuffle_block_rows`). Windows fill half the cache, so the tail of one window and the head of the
+    next fit together. A function of the data and the config only, never of the worker count or of how the set
+    is stored: 1 and N workers, in any store, train on the same global batches."""
     if num_rows * row_nbytes <= cache_bytes:
         return None
     group_bytes = rows_per_group * row_nbytes
@@ -455,16 +470,18 @@ def batch_loss(
     cached_mask: CachedMask | None = None,
     start: torch.Tensor | None = None,
     amp_dtype: torch.dtype | None = None,
+    share: float | None = None,
 ) -> torch.Tensor:
-    """The loss of one batch for the configured method (masks computed on x*, DESIGN §1.2).
+    """The loss of one batch for the configured method (masks computed on x*).
 
     x* is crafted in full precision; only the forward passes that follow run under autocast in
-    ``amp_dtype`` (None: full precision).
+    ``amp_dtype`` (None: full precision). ``share``: this batch is that fraction of a global batch split over
+    a worker group, and losses that average over a mask take the whole global batch's mask count.
     """
     kind = loss_cfg.kind
     x_star = x if kind == "pct" else craft(attack_model, x, y, attack_cfg, generator, start=start)
     with autocast_context(x.device, amp_dtype):
-        return _loss_on(model, theta0, old, x_star, y, ids, loss_cfg, cached_mask)
+        return _loss_on(model, theta0, old, x_star, y, ids, loss_cfg, cached_mask, share)
 
 
 def _loss_on(
@@ -476,6 +493,7 @@ def _loss_on(
     ids: torch.Tensor,
     loss_cfg: LossConfig,
     cached_mask: CachedMask | None,
+    share: float | None = None,
 ) -> torch.Tensor:
     kind = loss_cfg.kind
     z = model(x_star)
@@ -504,6 +522,10 @@ def _loss_on(
         m_old = cached_mask(ids).to(y.device)
     else:
         m_old = z_old.argmax(1) == y
+    totals = None
+    if share is not None and loss_cfg.normalisation == "masked":
+        counts = group_sum(torch.stack([m_new.sum(), m_old.sum()]).to(torch.float64))
+        totals = (counts[0], counts[1])
     return rcat_loss(
         z.float(),
         y,
@@ -514,7 +536,22 @@ def _loss_on(
         alpha=loss_cfg.alpha,
         beta=loss_cfg.beta,
         normalisation=loss_cfg.normalisation,
+        mask_totals=totals,
+        share=share if totals is not None else 1.0,
     )
+
+
+def group_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the training worker group (as they are, without a group): what a share needs
+    of its global batch, such as RCAT's mask counts. Every rank calls it once per batch, in the same order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return values
+    where = values.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = values.detach().to(where).clone()
+    dist.all_reduce(out)
+    return out.to(values.device)
 
 
 def finetune_epoch(
@@ -548,9 +585,11 @@ def finetune_epoch(
         amp_dtype = torch.float16
     total, seen = 0.0, 0
     for batch in batches:
+        share = None
         if isinstance(batch, Batch):
             x_cpu, y_cpu, ids, weight = batch.x, batch.y, batch.ids, batch.loss_weight
             start = None if loss_cfg.kind == "pct" else global_batch_start(batch, attack_cfg.eps)
+            share = batch.y.shape[0] / batch.global_size if batch.world_size > 1 else None
         else:
             (x_cpu, y_cpu, ids), weight, start = batch, 1.0, None
         x, y = x_cpu.to(device, non_blocking=True), y_cpu.to(device, non_blocking=True)
@@ -568,6 +607,7 @@ def finetune_epoch(
             cached_mask=cached_mask,
             start=start,
             amp_dtype=amp_dtype,
+            share=share,
         )
         optimizer.zero_grad(set_to_none=True)
         scaled = loss * weight if weight != 1.0 else loss

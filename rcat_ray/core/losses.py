@@ -34,10 +34,18 @@ def kl_distance(z: torch.Tensor, z_ref: torch.Tensor, temperature: float) -> tor
     return (temperature**2 * (log_p.exp() * (log_p - log_q)).sum(dim=1)).to(z.dtype)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the masked samples; exactly 0 (with a gradient path) when the mask is empty, never NaN."""
+def _masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, total: torch.Tensor | None = None, share: float = 1.0
+) -> torch.Tensor:
+    """Mean over the masked samples; exactly 0 (with a gradient path) when the mask is empty, never NaN.
+
+    A worker that holds a ``share`` (fraction) of a global batch passes the mask count of the whole global batch
+    as ``total``: the sum over its rows is divided by ``total * share``, so that the share-weighted average of the
+    workers' terms is the global batch's masked mean (one denominator for every worker, not one per share).
+    """
     m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp_min(1.0)
+    count = m.sum() if total is None else total.to(values.dtype)
+    return (values * m).sum() / (count.clamp_min(1.0) * share)
 
 
 def check_rcat_weights(alpha: float, beta: float) -> None:
@@ -65,18 +73,23 @@ def rcat_loss(
     alpha: float,
     beta: float,
     normalisation: Normalisation = "masked",
+    mask_totals: tuple[torch.Tensor, torch.Tensor] | None = None,
+    share: float = 1.0,
 ) -> torch.Tensor:
     """L = (1 - a - b) CE(z, y) + a L_new + b L_old, all on the same adversarial batch.
 
     ``masked`` (the authors' current code): each term averages D over its own mask. ``batch`` (their
-    CIFAR-10 runs): L_new is the unmasked batch mean and L_old the batch mean of m_old * D.
+    CIFAR-10 runs): L_new is the unmasked batch mean and L_old the batch mean of m_old * D. When the batch is
+    one worker's ``share`` of a global batch, ``mask_totals`` are the (m_new, m_old) counts of the whole global
+    batch, so ``masked`` averages over the global mask as one process would.
     """
     check_rcat_weights(alpha, beta)
     ce = F.cross_entropy(z, y)
     d_new = logit_distance(z, z_new)
     d_old = logit_distance(z, z_old)
     if normalisation == "masked":
-        l_new, l_old = _masked_mean(d_new, m_new), _masked_mean(d_old, m_old)
+        t_new, t_old = mask_totals if mask_totals is not None else (None, None)
+        l_new, l_old = _masked_mean(d_new, m_new, t_new, share), _masked_mean(d_old, m_old, t_old, share)
     elif normalisation == "batch":
         l_new, l_old = d_new.mean(), (d_old * m_old.to(d_old.dtype)).mean()
     else:

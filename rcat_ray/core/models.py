@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import itertools
 import pickle
 import re
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from rcat_ray.config import ModelConfig
+from rcat_ray.core.atomic import write_file_atomic
 
 CHECKPOINT_FORMAT = "rcat_ray.checkpoint/1"
 
@@ -100,6 +102,39 @@ def _tiny_convnet(
     return nn.Sequential(
         nn.Conv2d(input_shape[0], c1, stem_stride, stride=stem_stride), nn.ReLU(),
         nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, num_classes),
+    )  # fmt: skip
+
+
+class _ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (a 1x1 conv-BN projection when the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+        )  # fmt: skip
+        self.skip = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+@register_architecture("tiny_resnet")
+def _tiny_resnet(
+    *, num_classes: int, input_shape: tuple[int, int, int], channels: tuple[int, int] = (8, 16)
+) -> nn.Module:
+    """A small ResNet with BatchNorm (stem, two residual blocks, global average pooling), as the paper's
+    RobustBench models are built: what tests of BatchNorm under several training workers need."""
+    c1, c2 = channels
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
+        _ResidualBlock(c1, c1, 1), _ResidualBlock(c1, c2, 2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, num_classes),
     )  # fmt: skip
 
@@ -186,7 +221,6 @@ def save_checkpoint(
 ) -> str:
     """Write a self-describing checkpoint (loadable with weights_only=True) atomically; returns its fingerprint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
     blob = {
         "format": CHECKPOINT_FORMAT,
@@ -197,10 +231,19 @@ def save_checkpoint(
         "metadata": dict(metadata or {}),
         "state_dict": state,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    write_file_atomic(path, buffer.getvalue())
     return fingerprint_state_dict(state)
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A self-describing checkpoint's metadata, with the fingerprint of the weights it holds."""
+    path = Path(path)
+    blob = _read_checkpoint(path)
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is not a self-describing rcat_ray checkpoint")
+    return {**dict(blob.get("metadata") or {}), "fingerprint": fingerprint_state_dict(_state_dict_of(blob, path))}
 
 
 def _read_checkpoint(path: Path) -> Any:

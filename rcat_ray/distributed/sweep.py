@@ -45,6 +45,7 @@ from rcat_ray.config import (
     parse_config,
 )
 from rcat_ray.core.data import Split, load_split
+from rcat_ray.core.identity import IdentityInputs, finetune_identity
 from rcat_ray.core.models import LoadedModel
 from rcat_ray.core.validation import per_model_table
 from rcat_ray.distributed.train import (
@@ -53,6 +54,7 @@ from rcat_ray.distributed.train import (
     _write_final,
     check_finetune_inputs,
     finetune_loop,
+    scaling,
     train_loop_per_worker,
     validation_setup,
 )
@@ -125,27 +127,36 @@ def apply_trial(base: FinetuneConfig, settings: dict[str, Any], name: str) -> Fi
 
 
 def sweep_trainable(config: dict[str, Any]) -> None:
-    """A Tune function trainable: one fine-tuning run (in-process, or a TorchTrainer when it has workers)."""
+    """A Tune function trainable: one fine-tuning run (in-process, or a TorchTrainer when it has workers).
+
+    ``config["inputs"]``: the fingerprints of the parents and data the driver checked; the trial checks what it
+    loads against them, and a trial with workers names its Ray Train run by the trial's identity, so a retried
+    trial resumes its own run and nothing else.
+    """
     base = parse_config(FinetuneConfig, config["base"])
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_trial(base, trial_settings(config), name=f"{config['sweep']}-{trial_id}")
+    inputs = IdentityInputs.from_json(config["inputs"])
     if cfg.num_workers <= 1:
-        finetune_loop(cfg, TuneSession(cfg))
+        finetune_loop(cfg, TuneSession(cfg), inputs=inputs)
         return
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    from rcat_ray import quiet
+
     TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"finetune": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        train_loop_config={"finetune": cfg.model_dump(mode="json"), "inputs": inputs.to_json()},
+        scaling_config=scaling(cfg),
         run_config=RunConfig(
-            name=cfg.run_name,  # deterministic: a retried trial resumes its Train run
+            name=finetune_identity(cfg, inputs).run_name(cfg),
             storage_path=str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=[TuneReportCallback()],
+            **quiet.train_run_options(),
         ),
     ).fit()
 
@@ -188,8 +199,9 @@ def _storage(cfg: SweepConfig) -> str:
     return str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
 
 
-def build_tuner(cfg: SweepConfig, *, resume: bool) -> ray.tune.Tuner:
-    """A new Tuner, or the interrupted one restored from storage (finished trials are not rerun)."""
+def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ray.tune.Tuner:
+    """A new Tuner, or the interrupted one restored from storage (finished trials are not rerun). ``inputs``:
+    the fingerprints of the parents and data every trial trains from (checked by the trials)."""
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     if cfg.base.num_workers > 1:  # pattern B: the trial driver only coordinates; workers bring their own
         resources = {"cpu": 0.01}
@@ -202,7 +214,7 @@ def build_tuner(cfg: SweepConfig, *, resume: bool) -> ray.tune.Tuner:
 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    base = {"base": cfg.base.model_dump(mode="json"), "sweep": cfg.name}
+    base = {"base": cfg.base.model_dump(mode="json"), "sweep": cfg.name, "inputs": inputs.to_json()}
     trials = planned_trials(cfg)
     search_alg = None
     if trials is not None:
@@ -352,10 +364,15 @@ class SelectionValidation:
 
 def selection_settings(cfg: SweepConfig) -> EvaluationSettings:
     """Where and how finished trials are judged: the head of the base data's val split (the part the training
-    split never sees), the test-strength attack at the base's training eps unless one is given."""
+    split never sees), with ``selection.attack``, else the test attack (when the sweep has test settings: the
+    choice is judged on the threat model it is tested on), else APGD-CE + APGD-DLR at the training eps."""
     sel = cfg.selection
     data = cfg.base.data.model_copy(update={"split": "val", "offset": 0, "limit": sel.samples})
-    attack = sel.attack or AttackConfig(eps=cfg.base.train_attack.eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
+    attack = sel.attack
+    if attack is None and cfg.test is not None:
+        attack = cfg.test.attack.model_copy(update={"robust_samples": None})
+    if attack is None:
+        attack = AttackConfig(eps=cfg.base.train_attack.eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
     # adversarial images are for reports on test data; the validation tables only need their rows
     return EvaluationSettings(data=data, attack=attack, chunk_size=sel.chunk_size, store=cfg.base.store,
                               compute=sel.compute, save_adversarial=False)  # fmt: skip
@@ -552,7 +569,7 @@ def sweep_trials(cfg: SweepConfig, *, resume: bool = False, parents: Parents | N
     parents = parents or check_finetune_inputs(cfg.base)
     check_selection_inputs(cfg)  # before any trial trains
     with _sigint_restored():
-        results = build_tuner(cfg, resume=resume).fit()
+        results = build_tuner(cfg, resume=resume, inputs=parents.inputs).fit()
     _raise_if_unfinished(cfg, results)
     trials = trial_table(results)
     _raise_if_all_failed(trials)

@@ -63,20 +63,37 @@ from ray.train.torch import TorchTrainer
 from rcat_ray import quiet
 from rcat_ray.config import AttackConfig, DataConfig, FinetuneConfig, parse_config
 from rcat_ray.core.allocator import retain_freed_heap
+from rcat_ray.core.batchnorm import global_batchnorm, has_batchnorm
 from rcat_ray.core.finetune import (
     CachedMask,
+    FinetuneInputError,
     GlobalBatchSampler,
     StreamedGlobalBatches,
     finetune_epoch,
     frozen_copy,
     make_optimizer,
+    shuffle_block_rows,
     shuffle_window,
 )
-from rcat_ray.core.models import LoadedModel, load_model, save_checkpoint
+from rcat_ray.core.identity import (
+    FinetuneIdentity,
+    IdentityInputs,
+    RunIdentityError,
+    finetune_identity,
+    model_identity,
+)
+from rcat_ray.core.models import (
+    LoadedModel,
+    ModelError,
+    ModelFingerprintError,
+    checkpoint_metadata,
+    load_model,
+    save_checkpoint,
+)
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
 from rcat_ray.core.validation import per_model_table, validation_flips
 from rcat_ray.progress import Progress
-from rcat_ray.store import ResultStore, now_iso, package_versions, write_file_atomic
+from rcat_ray.store import ResultStore, now_iso, package_versions, table_from_bytes, write_file_atomic
 
 STATE_FILE = "state.pt"
 progress_log = logging.getLogger("rcat_ray.progress")
@@ -90,6 +107,7 @@ class FinetuneOutcome:
     manifest: Path
     fingerprint: str
     history: list[dict[str, Any]]
+    reused: bool = False  # found at the output path with the same identity: nothing was trained
 
 
 #: Rows per row group of a training set prepared for fine-tuning, where the default (256) is too coarse: a set
@@ -169,20 +187,89 @@ def training_ids(samples: SampleSet) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(columns).astype(np.int64))
 
 
-def _cached_mask(cfg: FinetuneConfig, training_ids: torch.Tensor) -> CachedMask | None:
-    """The old model's stored robustness flags, refused (FinetuneInputError) unless every training sample
-    has one: a null flag means "never attacked", not "not robust"."""
+def _cached_mask(cfg: FinetuneConfig, train_set: SampleSet, old_fingerprint: str) -> tuple[CachedMask, str] | None:
+    """The old model's stored robustness flags and the sha256 of the table they come from (part of the run's
+    identity), or None without ``mask_source: cached``.
+
+    The table is read through the checksum its manifest records (a damaged one is a StoreError), and refused
+    (FinetuneInputError) unless its manifest names the old model's weights and this training selection, and
+    every training sample has a flag: a null flag means "never attacked", not "not robust".
+    """
     if cfg.loss.mask_source != "cached":
         return None
-    rel = f"tables/{cfg.cached_old_table}/table.parquet"
-    table = ResultStore(cfg.store).read_table(rel)
+    store, folder = ResultStore(cfg.store), f"tables/{cfg.cached_old_table}"
+    manifest = store.read_manifest(f"{folder}/manifest.json")
+    if manifest is None:
+        raise FinetuneInputError(
+            f"cached_old_table {cfg.cached_old_table}: no finished table at {store.path(folder)}; evaluate the old "
+            "model on the training selection first (rcat-ray evaluate with the same data settings)"
+        )
+    table = table_from_bytes(store.read_verified(folder, "table.parquet", manifest))
+    what = f"cached_old_table {cfg.cached_old_table}"
+    if manifest.get("model_fingerprint") != old_fingerprint:
+        raise FinetuneInputError(
+            f"{what} is a table of the model with fingerprint {manifest.get('model_fingerprint')}, but the old "
+            f"model has {old_fingerprint}: its flags are not the old model's"
+        )
+    data, train = manifest.get("data") or {}, train_set.describe()
+    if data.get("fingerprint") != train["fingerprint"] and not _same_source((manifest.get("settings") or {}), cfg):
+        raise FinetuneInputError(
+            f"{what} was evaluated on {data.get('dataset')} {data.get('split')} ({data.get('n_samples')} samples, "
+            f"fingerprint {data.get('fingerprint')}), not on the training selection ({train['dataset']} "
+            f"{train['split']}, {train['n_samples']} samples, fingerprint {train['fingerprint']}) nor on a larger "
+            "selection of the same files; evaluate the old model with the fine-tune's data settings"
+        )
     robust = table.column("robust")
     flags = robust.fill_null(False).to_numpy(zero_copy_only=False).astype("int8")
     flags[robust.is_null().to_numpy(zero_copy_only=False)] = -1
     ids = torch.tensor(table.column("sample_id").to_numpy(zero_copy_only=False))
     mask = CachedMask(ids, torch.as_tensor(flags))
-    mask.check(training_ids, f"the old model's table {cfg.cached_old_table}")
-    return mask
+    mask.check(training_ids(train_set), f"the old model's table {cfg.cached_old_table}")
+    return mask, manifest["files"]["table.parquet"]["sha256"]
+
+
+def _same_source(settings: dict[str, Any], cfg: FinetuneConfig) -> bool:
+    """Whether a table's recorded data settings select from the same files and split as the training data (another
+    offset or limit only): then its rows are the training rows, and covering their ids is enough."""
+    recorded = settings.get("data")
+    if not isinstance(recorded, dict):
+        return False
+    keys = ("name", "root", "path", "split", "val_size")
+    ours = cfg.data.model_dump(mode="json")
+    return all(recorded.get(k) == ours.get(k) for k in keys)
+
+
+def identity_inputs(
+    old: LoadedModel, new: LoadedModel, train_set: SampleSet, cached: tuple[CachedMask, str] | None
+) -> IdentityInputs:
+    """The fingerprints of what a fine-tune is trained from (see :mod:`rcat_ray.core.identity`)."""
+    return IdentityInputs(
+        old=model_identity(old.fingerprint, old.source),
+        new=model_identity(new.fingerprint, new.source),
+        training_set=train_set.info.fingerprint,
+        cached_old_table=cached[1] if cached else None,
+    )
+
+
+def check_same_inputs(cfg: FinetuneConfig, expected: IdentityInputs, here: IdentityInputs) -> None:
+    """Stop a worker whose parents or training set are not the ones the driver checked: the run would train
+    something else than what its identity and manifest name."""
+    for role in ("old", "new"):
+        want, got = getattr(expected, role)["fingerprint"], getattr(here, role)["fingerprint"]
+        if want != got:
+            source = getattr(cfg, role)
+            where = source.path or source.name
+            raise ModelFingerprintError(
+                f"the {role} model loaded on this worker from {where} has weights with fingerprint {got}, but the run "
+                f"was checked with {want}: the source changed during the run (or this node sees another copy of it); "
+                "make it the same on every node and run again"
+            )
+    if expected != here:
+        raise RunIdentityError(
+            f"this worker's training inputs differ from the driver's (training set {here.training_set[:16]} vs "
+            f"{expected.training_set[:16]}, cached table {here.cached_old_table} vs {expected.cached_old_table}): "
+            "the sample set or the cached table changed during the run; run again"
+        )
 
 
 class TrainSession:
@@ -209,14 +296,17 @@ class TrainSession:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker loop that Ray Train runs (also runs in-process with ``num_workers=0``).
 
-    ``loop_config``: the config (JSON), the driver's pid, and ``samples`` (:class:`SampleSets` as JSON):
-    where the prepared sets are. Without ``samples`` the worker finds (or prepares) them in the store itself.
+    ``loop_config``: the config (JSON), the driver's pid, ``samples`` (:class:`SampleSets` as JSON): where the
+    prepared sets are, and ``inputs`` (:class:`IdentityInputs` as JSON): the fingerprints the driver checked,
+    which every worker checks again on what it loads. Without ``samples`` the worker finds (or prepares) the
+    sets in the store itself.
     """
     cfg = parse_config(FinetuneConfig, loop_config["finetune"])
     if loop_config.get("driver_pid") != os.getpid():
         _worker_progress_logging()
     sets = SampleSets.from_json(loop_config["samples"]) if loop_config.get("samples") else None
-    return finetune_loop(cfg, TrainSession(cfg), sets)
+    inputs = IdentityInputs.from_json(loop_config["inputs"]) if loop_config.get("inputs") else None
+    return finetune_loop(cfg, TrainSession(cfg), sets, inputs)
 
 
 def _worker_progress_logging() -> None:
@@ -277,12 +367,16 @@ def _epoch_line(cfg: FinetuneConfig, epoch: int, metrics: dict[str, Any]) -> str
     )
 
 
-def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = None) -> dict[str, Any]:
+def finetune_loop(
+    cfg: FinetuneConfig, session: Any, sets: SampleSets | None = None, inputs: IdentityInputs | None = None
+) -> dict[str, Any]:
     """Fine-tune for ``cfg.epochs`` epochs, resuming from the session's checkpoint, reporting every epoch.
 
     ``session`` is a TrainSession (Ray Train workers, DDP) or a Tune session (one trial in one process);
     the loop itself does not know which. ``sets``: where the prepared training and validation sets are
     (what the driver prepared); None finds or prepares them in ``cfg.store`` (in-process callers).
+    ``inputs``: the fingerprints the driver checked; the parents and sets this worker loads must have them.
+    A checkpoint is resumed only when it records this run's identity.
     """
     rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
@@ -292,16 +386,25 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
     sets = sets or prepare_sample_sets(cfg)
     train_set = open_samples(sets.train)  # the description only: rows are read share by share below
     old, new = _load_parents(cfg, train_set)
+    cached_mask = _cached_mask(cfg, train_set, old.fingerprint)
+    here = identity_inputs(old, new, train_set, cached_mask)
+    if inputs is not None:
+        check_same_inputs(cfg, inputs, here)
+    identity = finetune_identity(cfg, here)
     old_module = frozen_copy(old.module).to(device)
     theta0 = frozen_copy(new.module).to(device) if cfg.loss.kind == "rcat" else None
-    model = session.prepare_model(new.module.train())
+    module = new.module.train()
+    if world > 1 and cfg.batchnorm == "global":
+        module = global_batchnorm(module, device)  # statistics of the global batch, as one worker takes them
+    model = session.prepare_model(module)
     inner = model.module if hasattr(model, "module") else model
 
     # batch_size is the global batch: this worker reads and trains on its share of each (not a DistributedSampler)
-    # a set larger than the read cache is shuffled within windows of row groups, so each group is read once
+    # a set larger than the read cache is shuffled within windows of fixed-size blocks of rows (a function of the
+    # data and the config, never of how the set happens to be stored), so each block is read once per epoch
     cache_bytes = int(cfg.read_cache_mib * 2**20)
     info = train_set.info
-    window = shuffle_window(info.num_rows, info.row_nbytes, info.rows_per_group, cache_bytes)
+    window = shuffle_window(info.num_rows, info.row_nbytes, shuffle_block_rows(info.row_nbytes), cache_bytes)
     sampler = GlobalBatchSampler(
         len(train_set), cfg.batch_size, rank=rank, world_size=world, seed=cfg.seed, window=window
     )
@@ -309,7 +412,7 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
     optimizer, scheduler = make_optimizer(model.parameters(), cfg.optimizer, cfg.epochs * len(sampler))
     amp_dtype = torch.float16 if cfg.mixed_precision and device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is not None else None
-    cached = _cached_mask(cfg, training_ids(train_set))
+    cached = cached_mask[0] if cached_mask else None
 
     start_epoch = 0
     history: list[dict[str, Any]] = []
@@ -317,6 +420,7 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        check_state_identity(state, identity, "the snapshot to resume")
         inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
@@ -331,9 +435,10 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
     old_val = per_model_table(old_module, val_set, val_attack, old.num_classes, device) if rank == 0 else None
 
     metrics: dict[str, Any] = {}
+    run_name = identity.run_name(cfg)
     for epoch in range(start_epoch, cfg.epochs):
         _maybe_wait_at_gate(epoch, rank)
-        _maybe_inject_fault(cfg, epoch, rank, world)
+        _maybe_inject_fault(cfg, run_name, epoch, rank, world)
         sampler.set_epoch(epoch)  # the epoch's permutation, random starts, augmentation: functions of (seed, epoch)
         bar = (
             Progress(f"finetune {cfg.loss.tag} epoch {epoch + 1}/{cfg.epochs}", len(sampler), "batches")
@@ -366,7 +471,7 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
             "global_batch_size": cfg.batch_size,
             **stats,
         }
-        with _checkpoint_dir(cfg, epoch, session.persistent_checkpoints) as tmp:
+        with _checkpoint_dir(cfg, run_name, epoch, session.persistent_checkpoints) as tmp:
             if rank == 0:
                 metrics.update(validation_flips(old_val, inner, val_set, val_attack, old.num_classes, device))
                 progress_log.info(_epoch_line(cfg, epoch, metrics))
@@ -379,6 +484,7 @@ def finetune_loop(cfg: FinetuneConfig, session: Any, sets: SampleSets | None = N
                     "epoch": epoch,
                     "rng_cpu": torch.get_rng_state(),
                     "history": history,
+                    "identity": identity.digest,
                 }, Path(tmp) / STATE_FILE)  # fmt: skip
             session.report(metrics, tmp if rank == 0 else None)
     return metrics
@@ -388,15 +494,26 @@ def _validation_attack(cfg: FinetuneConfig) -> AttackConfig:
     return cfg.validation.attack or AttackConfig(eps=cfg.train_attack.eps, attacks=("apgd-ce",), n_iter=10)
 
 
+def check_state_identity(state: dict[str, Any], identity: FinetuneIdentity, what: str) -> None:
+    """Refuse a training state recorded under another identity (or none): loading it would continue, or write
+    out, a model trained from other parents, data or settings than this run names."""
+    found = state.get("identity")
+    if found != identity.digest:
+        raise RunIdentityError(
+            f"{what} belongs to fine-tune {found or '(no identity recorded)'}, not to this run ({identity.digest}); "
+            "it is not loaded"
+        )
+
+
 @contextmanager
-def _checkpoint_dir(cfg: FinetuneConfig, epoch: int, persistent: bool) -> Iterator[str]:
+def _checkpoint_dir(cfg: FinetuneConfig, run_name: str, epoch: int, persistent: bool) -> Iterator[str]:
     """Where an epoch's checkpoint is written before ``report``: a temporary folder that Ray copies into
     its storage, or (``persistent``) a folder under the storage path that outlives the call."""
     if not persistent:
         with tempfile.TemporaryDirectory() as tmp:
             yield tmp
         return
-    folder = Path(cfg.storage).expanduser().resolve() / cfg.run_name / "local" / f"epoch-{epoch:04d}"
+    folder = Path(cfg.storage).expanduser().resolve() / run_name / "local" / f"epoch-{epoch:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     yield str(folder)
 
@@ -416,11 +533,11 @@ def _maybe_wait_at_gate(epoch: int, rank: int) -> None:
         time.sleep(0.05)
 
 
-def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, rank: int, world: int) -> None:
+def _maybe_inject_fault(cfg: FinetuneConfig, run_name: str, epoch: int, rank: int, world: int) -> None:
     """Testing aid for fault tolerance: one worker raises once, the first time it reaches the epoch."""
     if cfg.fail_once_at_epoch is None or epoch != cfg.fail_once_at_epoch or rank != min(1, world - 1):
         return
-    marker = Path(cfg.storage).expanduser().resolve() / cfg.run_name / ".fault-injected"
+    marker = Path(cfg.storage).expanduser().resolve() / run_name / ".fault-injected"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -430,13 +547,62 @@ def _maybe_inject_fault(cfg: FinetuneConfig, epoch: int, rank: int, world: int) 
 
 @dataclass
 class Parents:
-    """The old and new models as loaded and checked in the driver, with the data's input shape and where the
-    prepared training and validation sets are."""
+    """The old and new models as loaded and checked in the driver, with the data's input shape, where the
+    prepared training and validation sets are, and the fingerprints the run's identity is made of."""
 
     old: LoadedModel
     new: LoadedModel
     input_shape: tuple[int, int, int]
     samples: SampleSets | None = None
+    inputs: IdentityInputs | None = None
+
+    def identity(self, cfg: FinetuneConfig) -> FinetuneIdentity:
+        """The identity of fine-tuning ``cfg`` from these parents and data."""
+        if self.inputs is None:
+            raise ValueError("these parents were not checked by check_finetune_inputs (no fingerprints)")
+        return finetune_identity(cfg, self.inputs)
+
+
+def output_paths(cfg: FinetuneConfig, identity: FinetuneIdentity) -> tuple[Path, Path]:
+    """(checkpoint, manifest) of a fine-tune: ``output`` and its ``.json`` when the config names an exact path,
+    else ``<out>/<name>-<identity>.pt`` (``finetune-<loss>-<identity>.pt`` without a name), so that a run with
+    other parents, data or settings under the same name gets files of its own."""
+    if cfg.output:
+        path = Path(cfg.output)
+        return path, path.with_suffix(".json")
+    label = f"{cfg.name}-{identity.short}" if cfg.name else identity.run_name(cfg)
+    out = Path(cfg.out).expanduser()
+    return out / f"{label}.pt", out / f"{label}.json"
+
+
+def finished_finetune(cfg: FinetuneConfig, identity: FinetuneIdentity) -> FinetuneOutcome | None:
+    """The fine-tune already at the output path when it has this identity; None when there is none.
+
+    RunIdentityError (exit 2, nothing trained, nothing overwritten) when the path holds another fine-tune, or a
+    checkpoint whose weights are not the ones its manifest records.
+    """
+    path, manifest_path = output_paths(cfg, identity)
+    if not path.exists():
+        return None
+    try:
+        meta = checkpoint_metadata(path)
+    except ModelError as err:
+        raise RunIdentityError(f"{err}; it is not overwritten: choose another --output") from None
+    recorded = meta.get("identity")
+    if recorded != identity.digest:
+        raise RunIdentityError(
+            f"{path} holds fine-tune {recorded or '(no identity recorded)'}, but this command asks for "
+            f"{identity.digest} (other parents, data or settings); it is not overwritten: choose another --output, "
+            "or leave --output out to name the file by the run's identity"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        fingerprint = manifest["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # this fine-tune's checkpoint without its manifest (written last): written again
+    if meta.get("fingerprint") != fingerprint or manifest.get("identity") != identity.digest:
+        raise RunIdentityError(f"{path}: its weights are not the ones {manifest_path} records (damaged); move it away")
+    return FinetuneOutcome(path, manifest_path, fingerprint, list(manifest.get("history", [])), reused=True)
 
 
 def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
@@ -444,7 +610,8 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     so the driver does not load them again after training.
 
     Prepares the training and validation sets in the store on first use (later runs reuse them) and checks
-    the models on two training rows: the training split itself is never loaded here.
+    the models on two training rows: the training split itself is never loaded here. The output path must be
+    free or hold this very fine-tune (same identity).
     """
     from rcat_ray.evaluation import validate_pair_inputs
 
@@ -453,32 +620,45 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     validate_pair_inputs([old, new], train_set.to_split(0, min(2, len(train_set))))
     if "arch" not in new.source:
         raise ValueError("the new model's architecture is unknown; it cannot be saved after fine-tuning")
-    # FinetuneInputError for flags that do not cover the training samples
-    _cached_mask(cfg, training_ids(train_set))
+    # FinetuneInputError for flags that are not the old model's on this selection, or do not cover it
+    cached = _cached_mask(cfg, train_set, old.fingerprint)
     val_set, _ = validation_setup(cfg)
     Path(cfg.out).expanduser().mkdir(parents=True, exist_ok=True)
-    return Parents(old, new, train_set.info.shape, SampleSets(train_set.uri, val_set.uri))
+    inputs = identity_inputs(old, new, train_set, cached)
+    parents = Parents(old, new, train_set.info.shape, SampleSets(train_set.uri, val_set.uri), inputs)
+    finished_finetune(cfg, parents.identity(cfg))  # RunIdentityError: another fine-tune under this name
+    return parents
 
 
 def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> FinetuneOutcome:
     """Fine-tune on Ray Train and write the final checkpoint and manifest into ``cfg.out``.
 
     ``parents``: what :func:`check_finetune_inputs` returned, for a caller that checked the inputs
-    before starting Ray (so that a bad input fails fast and the parents are not loaded twice).
+    before starting Ray (so that a bad input fails fast and the parents are not loaded twice). A fine-tune
+    with the same identity already at the output path is returned as it is (``reused``); the Ray Train run
+    folder is named by the identity, so only a snapshot of this very fine-tune is ever resumed.
     """
     if parents is None:
         parents = check_finetune_inputs(cfg)
+    identity = parents.identity(cfg)
+    done = finished_finetune(cfg, identity)
+    if done is not None:
+        return done
     sets = parents.samples or prepare_sample_sets(cfg)
     storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
-    # small by design: the config and two set locations; workers read rows and load models themselves
-    loop_config = {"finetune": cfg.model_dump(mode="json"), "driver_pid": os.getpid(), "samples": sets.to_json()}
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    # small by design: the config, two set locations and the fingerprints; workers read rows and load models
+    loop_config = {
+        "finetune": cfg.model_dump(mode="json"),
+        "driver_pid": os.getpid(),
+        "samples": sets.to_json(),
+        "inputs": parents.inputs.to_json() if parents.inputs else None,
+    }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling(cfg),
         run_config=RunConfig(
-            name=cfg.run_name,
+            name=identity.run_name(cfg),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -487,40 +667,54 @@ def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> Finetun
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"fine-tuning {cfg.run_name} finished without a checkpoint")
+        raise RuntimeError(f"fine-tuning {identity.run_name(cfg)} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     # the history travels in the checkpoint, so it spans worker-group restarts
     return _write_final(cfg, state, list(state.get("history", [])), parents)
 
 
+def scaling(cfg: FinetuneConfig) -> ScalingConfig:
+    """The worker group of a fine-tune: ``num_workers`` workers with their CPUs (and a GPU each)."""
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+
+
 def _write_final(
     cfg: FinetuneConfig, state: dict[str, Any], history: list[dict[str, Any]], parents: Parents
 ) -> FinetuneOutcome:
+    """Write the trained state as a self-describing checkpoint with its manifest, after checking that the state
+    is this fine-tune's (its identity)."""
     old, new = parents.old, parents.new
+    identity = parents.identity(cfg)
+    check_state_identity(state, identity, "the trained state")
     module = copy.deepcopy(new.module)  # the parent stays as it was loaded
     module.load_state_dict(state["model"])
-    out = Path(cfg.out).expanduser()
-    path = out / f"{cfg.run_name}.pt"
+    path, manifest_path = output_paths(cfg, identity)
     manifest = {
         "kind": "finetuned-model",
-        "run_name": cfg.run_name,
+        "run_name": identity.run_name(cfg),
+        "label": path.stem,
+        "identity": identity.digest,
+        "identity_inputs": identity.hashed,
         "method": cfg.loss.tag,
         "config": cfg.model_dump(mode="json"),
         "parents": {"old": old.describe(), "new": new.describe()},
+        "batchnorm": {"model_has_batchnorm": has_batchnorm(module), "statistics": cfg.batchnorm,
+                      "workers": max(1, cfg.num_workers)},
         "epochs_completed": int(state["epoch"]) + 1,
         "history": history,
         "versions": package_versions(),
         "created_at": now_iso(),
-    }
+    }  # fmt: skip
     arch_kwargs = new.source.get("arch_kwargs", {})
     fingerprint = save_checkpoint(
         path, module, arch=new.source["arch"], num_classes=new.num_classes, input_shape=parents.input_shape,
         arch_kwargs=arch_kwargs,
         metadata={"method": cfg.loss.tag, "old_fingerprint": old.fingerprint, "new_fingerprint": new.fingerprint,
-                  "run_name": cfg.run_name},
+                  "run_name": identity.run_name(cfg), "identity": identity.digest},
     )  # fmt: skip
     manifest["fingerprint"] = fingerprint
-    manifest_path = out / f"{cfg.run_name}.json"
+    # the manifest is written last: a checkpoint without one is not a finished fine-tune
     write_file_atomic(manifest_path, json.dumps(manifest, indent=2, default=str))
     return FinetuneOutcome(path, manifest_path, fingerprint, history)

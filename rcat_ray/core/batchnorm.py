@@ -1,0 +1,112 @@
+"""BatchNorm over the global batch when several workers train one model.
+
+Data-parallel workers each see a share of a global batch. Plain BatchNorm would normalise every share by its
+own statistics and keep rank 0's running statistics, so 1 and N workers would train different models. Here
+the training statistics are those of the whole global batch: torch's ``SyncBatchNorm`` on CUDA, and on other
+devices (torch's ``SyncBatchNorm`` refuses the CPU) :class:`GlobalBatchNorm`, which all-reduces the per-channel
+sums through ``torch.distributed`` with autograd, so gradients also flow through the shared statistics.
+Eval mode (the training attack, validation, the frozen models) uses the running statistics, as BatchNorm does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether any layer of ``module`` keeps batch statistics."""
+    return any(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A sum over the process group whose gradient is the sum of the group's gradients (every worker's loss
+    depends on every worker's rows through the shared statistics)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``tensor`` over the process group."""
+    return _AllReduceSum.apply(tensor)
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """A BatchNorm layer (any dimension) whose training statistics are the global batch's, on any device.
+
+    Two all-reduces per layer and step: the per-channel sums with the row count (the mean), then the sums of
+    squared deviations from that mean (the variance, two-pass for accuracy). Running statistics are updated
+    from the global values (unbiased variance, as BatchNorm does), so every worker keeps the same ones.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or _group_size() <= 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        channels = input.shape[1]
+        dims = [0, *range(2, input.dim())]
+        view = (1, channels) + (1,) * (input.dim() - 2)
+        rows = torch.tensor([input.numel() / channels], dtype=input.dtype, device=input.device)
+        sums = all_reduce(torch.cat([input.sum(dims), rows]))
+        count = sums[-1]
+        mean = sums[:channels] / count
+        centred = input - mean.view(view)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            self._update_running(mean.detach(), var.detach(), count.detach())
+        out = centred * torch.rsqrt(var + self.eps).view(view)
+        if self.affine:
+            out = out * self.weight.view(view) + self.bias.view(view)
+        return out
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * count / (count - 1).clamp_min(1.0)
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+
+
+def _to_global(module: nn.Module) -> nn.Module:
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm | nn.SyncBatchNorm):
+        out = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+            device=module.running_mean.device if module.running_mean is not None else None,
+        )  # fmt: skip
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, _to_global(child))
+    return module
+
+
+def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with every BatchNorm layer taking its training statistics over the worker group (the layers'
+    parameter and buffer names are unchanged, so the state dict loads into the original architecture)."""
+    if not has_batchnorm(module):
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global(module)
