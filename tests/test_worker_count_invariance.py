@@ -51,7 +51,8 @@ def test_masked_rcat_over_shares_with_global_counts_is_the_global_batch_loss():
     (g_combined,) = torch.autograd.grad(combined, z)
     torch.testing.assert_close(combined, whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(g_combined, g_whole, atol=1e-7, rtol=0)
-    assert abs(float(sum(per_share).detach()) - float(whole.detach())) > 1e-3, "the test must tell per-share counts apart"
+    apart = abs(float(sum(per_share).detach()) - float(whole.detach()))
+    assert apart > 1e-3, "the test must tell per-share counts apart"
 
 
 def _bn_worker(rank: int, world: int, init_file: str, x: torch.Tensor, w: torch.Tensor, out: dict) -> None:
@@ -144,9 +145,8 @@ def test_global_batchnorm_keeps_the_state_dict_and_eval_behaviour():
 @pytest.fixture
 def resnet_parents(tmp_path, digits_train, digits_checkpoints):
     """The digits MLP as the old model, and a small BatchNorm ResNet trained a little as the new one."""
-    from tests.conftest import fit
-
     from rcat_ray.core.models import save_checkpoint
+    from tests.conftest import fit
 
     torch.manual_seed(3)
     new = build_architecture("tiny_resnet", num_classes=10, input_shape=(1, 8, 8))
