@@ -222,3 +222,19 @@ def test_training_order_does_not_depend_on_how_the_set_was_stored(tmp_path, digi
         weights.append(_weights(train_mod.run_finetune(cfg).checkpoint))
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_the_test_split_of_a_tensors_file_says_it_is_the_whole_file(tmp_path, caplog):
+    import numpy as np
+
+    from rcat_ray.config import DataConfig
+    from rcat_ray.core.data import load_split
+
+    path = tmp_path / "s.npz"
+    np.savez(path, images=np.zeros((6, 1, 4, 4), np.uint8), labels=np.arange(6) % 2)
+    with caplog.at_level("WARNING", logger="rcat_ray.core.data"):
+        assert len(load_split(DataConfig(name="tensors", path=str(path), split="test"))) == 6
+        load_split(DataConfig(name="tensors", path=str(path), split="test"))  # once per file
+        load_split(DataConfig(name="tensors", path=str(path), split="train", val_size=2))
+    warnings = [r.getMessage() for r in caplog.records if "whole file" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "6 samples" in warnings[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import numpy as np
 import torch
 
 from rcat_ray.config import DataConfig
+
+log = logging.getLogger(__name__)
+_WARNED_WHOLE_FILE: set[str] = set()
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the Fashion-MNIST files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -95,6 +99,19 @@ def default_root() -> Path:
     return Path(os.environ.get("RCAT_RAY_DATA", Path.home() / ".cache" / "rcat_ray" / "data"))
 
 
+def _warn_whole_file(cfg: DataConfig, n: int) -> None:
+    """Say, once per file, that ``test`` of a tensors file is the whole file: the rows its ``train`` and ``val``
+    splits also read, so a model fine-tuned on the file would be tested on its own training samples."""
+    path = str(Path(cfg.path or "").expanduser().resolve())
+    if path in _WARNED_WHOLE_FILE:
+        return
+    _WARNED_WHOLE_FILE.add(path)
+    log.warning(
+        "data.split 'test' of a tensors file is the whole file %s (%d samples), the same rows its 'train' and 'val' "
+        "splits read: keep test samples in a file of their own", path, n,
+    )
+
+
 def load_split(cfg: DataConfig) -> Split:
     """Load the samples a config selects; raises DataError before any compute if that is impossible."""
     root = Path(cfg.root).expanduser() if cfg.root else default_root()
@@ -108,6 +125,8 @@ def load_split(cfg: DataConfig) -> Split:
     if cfg.name == "imagenet":
         return _load_imagenet(cfg, root)
     images, labels, ids, class_names = loaders[cfg.name](cfg, root)
+    if cfg.name == "tensors" and cfg.split == "test":
+        _warn_whole_file(cfg, labels.shape[0])
     num_classes = len(class_names)
     val_size = cfg.val_size if cfg.val_size is not None else DEFAULT_VAL_SIZE.get(cfg.name, 0)
     n = labels.shape[0]
