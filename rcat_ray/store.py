@@ -15,7 +15,9 @@ Layout::
     tables/<key>/table.parquet                 the per-model table, assembled once every chunk exists
     tables/<key>/manifest.json                 config, versions, fingerprints, sha256 of table.parquet
     comparisons/<key>/{flips.parquet, summary.json, manifest.json}
-    quarantine/<UTC time>/<original path>      damaged artifacts, moved aside (never deleted)
+    samples/<dataset>-<split>-<hash>/          a prepared sample set (``rcat_ray.core.samples``): part files and
+                                               dataset.json, which records every row group's sha256
+    quarantine/<UTC time>/<original path>      damaged artifacts and sample sets, moved aside (never deleted)
 
 Integrity. Existence is not proof of a good artifact (a copy can truncate a file, a disk can flip bits), so
 every manifest carries ``files: {name: {"sha256", "size"}}`` for the files beside it, and the manifest is

@@ -264,3 +264,15 @@ def test_a_failed_preparation_without_folder_rename_leaves_nothing(monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         prepare_samples(CFG, "sets/digits", filesystem=fs, rows_per_group=16)
     assert fs.get_file_info(pafs.FileSelector("sets/digits", allow_not_found=True)) == []
+
+
+def test_damage_in_what_a_run_writes_is_reported_as_it_is(tmp_path, monkeypatch):
+    """Nothing stored to move aside: the run's own failure comes out, not a confusing "does not exist"."""
+
+    def unreadable(fs, folder, uri, info, source):
+        raise DamagedSetError(uri, "part-00000.parquet", "cannot be decoded (disk error)")
+
+    monkeypatch.setattr(samples_mod, "_finish", unreadable)
+    with pytest.raises(DamagedSetError, match=r"part-00000\.parquet cannot be decoded \(disk error\)"):
+        samples_in_store(str(tmp_path / "store"), CFG, rows_per_group=25)
+    assert not (tmp_path / "store" / QUARANTINE_DIR).exists() and list((tmp_path / "store" / "samples").iterdir()) == []

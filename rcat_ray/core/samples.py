@@ -241,7 +241,8 @@ def _read_info(fs: pafs.FileSystem, root: str, uri: str) -> SampleSetInfo | None
             raise DamagedSetError(uri, INFO_FILE, f"is not a sample set description (format {d.get('format')!r})")
         if d.get("format_version") != FORMAT_VERSION:
             raise DataError(
-                f"{where} has format version {d.get('format_version')}, this code reads {FORMAT_VERSION}: {_REDO}"
+                f"{where} has format version {d.get('format_version')}, this code reads {FORMAT_VERSION}: use the "
+                "rcat_ray that wrote it, or prepare the set again in another place"
             )
         return SampleSetInfo.from_json(d)
     except DataError:
@@ -1135,7 +1136,10 @@ def samples_in_store(store_uri: str, cfg: DataConfig, *, rows_per_group: int = 2
     except (DamagedSetError, NotASetError) as err:
         fs, store_root = _resolve(store_uri, None)
         rel = f"{SAMPLES_FOLDER}/{location.rsplit('/', 1)[1]}"
-        if not _still_damaged(fs, _join(store_root, rel), location):
+        root = _join(store_root, rel)
+        if not _still_damaged(fs, root, location):
+            if fs.get_file_info(root).type == pafs.FileType.NotFound:
+                raise  # nothing stored is damaged: what this run was writing failed, say so
             return open_samples(location)  # another run repaired it meanwhile
         set_aside(fs, store_root, rel, f"damaged sample set: {err}")
     prepare_samples(cfg, location, rows_per_group=rows_per_group)
