@@ -279,7 +279,7 @@ def no_training(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("training started on a bad config")
 
-    monkeypatch.setattr(train_mod, "TorchTrainer", boom)
+    monkeypatch.setattr(train_mod, "_Trainer", boom)
 
 
 @pytest.mark.parametrize(

@@ -238,3 +238,63 @@ def test_the_test_split_of_a_tensors_file_says_it_is_the_whole_file(tmp_path, ca
         load_split(DataConfig(name="tensors", path=str(path), split="train", val_size=2))
     warnings = [r.getMessage() for r in caplog.records if "whole file" in r.getMessage()]
     assert len(warnings) == 1 and str(path) in warnings[0] and "6 samples" in warnings[0]
+
+
+@pytest.mark.slow
+def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weights(tmp_path, digits_checkpoints):
+    """``rcat-ray finetune`` on 2 workers, Ctrl+C while epoch 2 waits at the test gate (epoch 1's snapshot stored),
+    then the same command again: it resumes its own run from that snapshot (epochs 2 and 3 only) and ends at the
+    weights of an uninterrupted one-process run of the same identity."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rcat_ray.distributed.train import TEST_GATE_ENV
+    from tests.multinode import ray_env
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"validation": {"samples": 50}}))
+    output = tmp_path / "out" / "resumed.pt"
+    argv = [str(Path(sys.executable).parent / "rcat-ray"), "finetune", "--config", str(base),
+            "--old", str(digits_checkpoints["old"]), "--new", str(digits_checkpoints["new"]), "--data", "digits",
+            "--train-eps", "0.1", "--epochs", "3", "--batch-size", "64", "--workers", "2",
+            "--output", str(output), "--storage", str(tmp_path / "ray_results"), "--store", str(tmp_path / "store")]
+    env = ray_env(**{TEST_GATE_ENV: str(gate)})
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            snapshots = tmp_path / "ray_results"
+            while not (len(list(gate.glob("arrived-e1-*"))) >= 2 and any(
+                    json.loads(p.read_text() or "{}").get("checkpoint_results")
+                    for p in snapshots.glob("**/checkpoint_manager_snapshot.json"))):  # fmt: skip
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "epoch 2 never started"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert rc == 130 and "run the same command again to resume" in text, text[-3000:]
+    assert not output.exists()
+    (gate / "open-e1").touch()
+    (gate / "open-e2").touch()
+    again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    manifest = json.loads(output.with_suffix(".json").read_text())
+    assert [h["attempt_start_epoch"] for h in manifest["history"]] == [0, 1, 1], "resumed from epoch 1's snapshot"
+    reference = _cfg(tmp_path / "reference", digits_checkpoints, loss={"kind": "rcat", "alpha": 0.5, "beta": 0.4},
+                     epochs=3, optimizer={"name": "sgd", "lr": 0.001, "momentum": 0.9})  # fmt: skip
+    ref = train_mod.run_finetune(reference)
+    assert not ref.reused
+    assert json.loads(ref.manifest.read_text())["identity"] == manifest["identity"]
+    w_ref, w_resumed = _weights(ref.checkpoint), _weights(output)
+    for key in w_ref:
+        torch.testing.assert_close(w_resumed[key], w_ref[key], atol=1e-5, rtol=0, msg=key)

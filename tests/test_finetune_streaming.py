@@ -322,7 +322,7 @@ def test_the_loop_config_carries_the_config_and_two_set_locations_only(tmp_path,
         seen.update(train_loop_config)
         raise CapturedError
 
-    monkeypatch.setattr(train_mod, "TorchTrainer", trainer)
+    monkeypatch.setattr(train_mod, "_Trainer", trainer)
     cfg = _cfg(tmp_path, digits_checkpoints, num_workers=2)
     with pytest.raises(CapturedError):
         train_mod.run_finetune(cfg)

@@ -54,8 +54,7 @@ from rcat_ray.distributed.train import (
     _write_final,
     check_finetune_inputs,
     finetune_loop,
-    scaling,
-    train_loop_per_worker,
+    train_run,
     validation_setup,
 )
 from rcat_ray.paper_table import TableRow
@@ -140,25 +139,10 @@ def sweep_trainable(config: dict[str, Any]) -> None:
     if cfg.num_workers <= 1:
         finetune_loop(cfg, TuneSession(cfg), inputs=inputs)
         return
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rcat_ray import quiet
-
-    TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"finetune": cfg.model_dump(mode="json"), "inputs": inputs.to_json()},
-        scaling_config=scaling(cfg),
-        run_config=RunConfig(
-            name=finetune_identity(cfg, inputs).run_name(cfg),
-            storage_path=str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[TuneReportCallback()],
-            **quiet.train_run_options(),
-        ),
-    ).fit()
+    loop_config = {"finetune": cfg.model_dump(mode="json"), "inputs": inputs.to_json()}
+    train_run(cfg, finetune_identity(cfg, inputs), loop_config, callbacks=[TuneReportCallback()]).fit()
 
 
 def optuna_space(cfg: SweepConfig):

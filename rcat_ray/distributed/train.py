@@ -645,7 +645,6 @@ def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> Finetun
     if done is not None:
         return done
     sets = parents.samples or prepare_sample_sets(cfg)
-    storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
     # small by design: the config, two set locations and the fingerprints; workers read rows and load models
     loop_config = {
         "finetune": cfg.model_dump(mode="json"),
@@ -653,7 +652,30 @@ def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> Finetun
         "samples": sets.to_json(),
         "inputs": parents.inputs.to_json() if parents.inputs else None,
     }
-    trainer = TorchTrainer(
+    result = train_run(cfg, identity, loop_config).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning {identity.run_name(cfg)} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    # the history travels in the checkpoint, so it spans worker-group restarts
+    return _write_final(cfg, state, list(state.get("history", [])), parents)
+
+
+class _Trainer(TorchTrainer):
+    """TorchTrainer that leaves Ctrl+C to the caller: Ray Train's own SIGINT handler aborts the run and exits
+    the process with status 1 and no word of what was kept; without it, the CLI says that the finished epochs'
+    snapshots are kept, shuts Ray down and exits 130, and the same command resumes the run."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        return None
+
+
+def train_run(cfg: FinetuneConfig, identity: FinetuneIdentity, loop_config: dict[str, Any],
+              callbacks: list[Any] | None = None) -> TorchTrainer:  # fmt: skip
+    """The one TorchTrainer of a fine-tune (the CLI's, the demo's and a sweep trial's with workers): its run
+    folder is the identity's, so only this fine-tune's snapshots are ever resumed from it."""
+    storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
+    return _Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling(cfg),
@@ -662,16 +684,10 @@ def run_finetune(cfg: FinetuneConfig, parents: Parents | None = None) -> Finetun
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
             **quiet.train_run_options(),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"fine-tuning {identity.run_name(cfg)} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    # the history travels in the checkpoint, so it spans worker-group restarts
-    return _write_final(cfg, state, list(state.get("history", [])), parents)
 
 
 def scaling(cfg: FinetuneConfig) -> ScalingConfig:
