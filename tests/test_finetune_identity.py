@@ -167,9 +167,21 @@ def test_identity_ignores_placement_and_outputs_and_covers_every_training_settin
     changes = [{"seed": 1}, {"epochs": 2}, {"batch_size": 32}, {"augment": True}, {"read_cache_mib": 1.0},
                {"loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4, "normalisation": "batch"}},
                {"train_attack": {"kind": "pgd", "eps": 0.1}}, {"optimizer": {"name": "sgd", "lr": 0.02}},
-               {"batchnorm": "per-worker"}, {"mixed_precision": False}]  # fmt: skip
+               {"batchnorm": "per-worker"}]  # fmt: skip
     digests = {finetune_identity(_cfg(tmp_path, digits_checkpoints, **c), inputs).digest for c in changes}
     assert len(digests) == len(changes) and finetune_identity(cfg, inputs).digest not in digests
+    # mixed precision counts where it runs (CUDA): on the CPU the setting changes nothing
+    assert finetune_identity(_cfg(tmp_path, digits_checkpoints, mixed_precision=False), inputs) == finetune_identity(
+        cfg, inputs
+    )
+    gpu = {"use_gpu": True}
+    assert finetune_identity(_cfg(tmp_path, digits_checkpoints, mixed_precision=False, **gpu), inputs) != (
+        finetune_identity(_cfg(tmp_path, digits_checkpoints, **gpu), inputs)
+    )
+    # the worker count enters only where it changes the steps: 1097 rows at batch 64 leave 9, at batch 548 leave 1
+    one, two = (finetune_identity(_cfg(tmp_path, digits_checkpoints, batch_size=548, num_workers=w), inputs)
+                for w in (1, 2))  # fmt: skip
+    assert one != two
     for field in ("old", "new"):
         other = IdentityInputs(**{**inputs.__dict__, field: {**getattr(inputs, field), "fingerprint": "0" * 16}})
         assert finetune_identity(cfg, other) != finetune_identity(cfg, inputs)

@@ -10,10 +10,14 @@ Eval mode (the training attack, validation, the frozen models) uses the running 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger(__name__)
 
 
 def has_batchnorm(module: nn.Module) -> bool:
@@ -63,21 +67,22 @@ class GlobalBatchNorm(_BatchNorm):
         if not self.training or _group_size() <= 1:
             return super().forward(input)
         self._check_input_dim(input)
-        channels = input.shape[1]
-        dims = [0, *range(2, input.dim())]
-        view = (1, channels) + (1,) * (input.dim() - 2)
-        rows = torch.tensor([input.numel() / channels], dtype=input.dtype, device=input.device)
-        sums = all_reduce(torch.cat([input.sum(dims), rows]))
+        x = input.float()  # statistics in float32 whatever the input's precision (the row count stays exact)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        view = (1, channels) + (1,) * (x.dim() - 2)
+        rows = torch.tensor([x.numel() / channels], dtype=torch.float32, device=x.device)
+        sums = all_reduce(torch.cat([x.sum(dims), rows]))
         count = sums[-1]
         mean = sums[:channels] / count
-        centred = input - mean.view(view)
+        centred = x - mean.view(view)
         var = all_reduce((centred * centred).sum(dims)) / count
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             self._update_running(mean.detach(), var.detach(), count.detach())
         out = centred * torch.rsqrt(var + self.eps).view(view)
         if self.affine:
             out = out * self.weight.view(view) + self.bias.view(view)
-        return out
+        return out.to(input.dtype)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
@@ -88,13 +93,20 @@ class GlobalBatchNorm(_BatchNorm):
         self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
 
 
+#: The layers converted: torch's own BatchNorm types. A subclass (timm's BatchNormAct2d adds an activation) is
+#: left as it is, with a warning, rather than converted into something that drops what it adds.
+PLAIN_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _to_global(module: nn.Module) -> nn.Module:
-    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm | nn.SyncBatchNorm):
+    if type(module) in PLAIN_BATCHNORM:
         out = GlobalBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
             device=module.running_mean.device if module.running_mean is not None else None,
         )  # fmt: skip
         out.load_state_dict(module.state_dict())
+        for mine, theirs in zip(out.parameters(), module.parameters(), strict=True):
+            mine.requires_grad_(theirs.requires_grad)
         out.train(module.training)
         return out
     for name, child in module.named_children():
@@ -102,11 +114,34 @@ def _to_global(module: nn.Module) -> nn.Module:
     return module
 
 
+def _to_sync(module: nn.Module) -> nn.Module:
+    if type(module) in PLAIN_BATCHNORM:
+        out = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)  # fmt: skip
+        out.load_state_dict(module.state_dict())
+        for mine, theirs in zip(out.parameters(), module.parameters(), strict=True):
+            mine.requires_grad_(theirs.requires_grad)
+        out.to(next(iter(module.state_dict().values())).device).train(module.training)
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, _to_sync(child))
+    return module
+
+
+def unconverted_batchnorm(module: nn.Module) -> list[str]:
+    """Names of the BatchNorm subclasses in ``module`` that :func:`global_batchnorm` leaves per worker."""
+    plain = (*PLAIN_BATCHNORM, GlobalBatchNorm, nn.SyncBatchNorm)
+    return sorted({type(m).__name__ for m in module.modules() if isinstance(m, _BatchNorm) and type(m) not in plain})
+
+
 def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` with every BatchNorm layer taking its training statistics over the worker group (the layers'
     parameter and buffer names are unchanged, so the state dict loads into the original architecture)."""
     if not has_batchnorm(module):
         return module
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_global(module)
+    converted = _to_sync(module) if device.type == "cuda" else _to_global(module)
+    left = unconverted_batchnorm(converted)
+    if left:
+        log.warning("BatchNorm layers of types %s keep each worker's own statistics: the model depends on the "
+                    "worker count", ", ".join(left))  # fmt: skip
+    return converted

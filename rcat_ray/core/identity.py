@@ -33,8 +33,10 @@ class RunIdentityError(ValueError):
 
 
 def model_identity(fingerprint: str, source: dict[str, Any]) -> dict[str, Any]:
-    """What of a parent sets the child's weights: its weights and the architecture they fill."""
-    return {"fingerprint": fingerprint, "arch": source.get("arch"), "arch_kwargs": source.get("arch_kwargs") or {}}
+    """What of a parent sets the child's weights: its weights and the architecture they fill (in JSON form, so
+    that a tuple in the driver's config and the list a worker parses from it compare equal)."""
+    described = {"fingerprint": fingerprint, "arch": source.get("arch"), "arch_kwargs": source.get("arch_kwargs") or {}}
+    return json.loads(json.dumps(described, sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,17 @@ class IdentityInputs:
     old: dict[str, Any]  # model_identity of the old model
     new: dict[str, Any]
     training_set: str  # SampleSetInfo.fingerprint: sha256 of the stored rows in position order
+    training_rows: int  # rows of the training set: with the worker count, whether a short last batch is dropped
     cached_old_table: str | None = None  # sha256 of the cached table's bytes (mask_source: cached)
 
     def to_json(self) -> dict[str, Any]:
         return {"old": self.old, "new": self.new, "training_set": self.training_set,
-                "cached_old_table": self.cached_old_table}  # fmt: skip
+                "training_rows": self.training_rows, "cached_old_table": self.cached_old_table}  # fmt: skip
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> IdentityInputs:
-        return cls(old=d["old"], new=d["new"], training_set=d["training_set"], cached_old_table=d["cached_old_table"])
+        return cls(old=d["old"], new=d["new"], training_set=d["training_set"], training_rows=d["training_rows"],
+                   cached_old_table=d["cached_old_table"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,16 +75,19 @@ class FinetuneIdentity:
         return f"finetune-{cfg.loss.kind}-{self.short}"
 
 
-def training_settings(cfg: FinetuneConfig) -> dict[str, Any]:
-    """The config fields that set the weights, as JSON."""
+def training_settings(cfg: FinetuneConfig, training_rows: int) -> dict[str, Any]:
+    """The config fields that set the weights, as JSON, with the two cases where the worker count does too."""
     settings = cfg.model_dump(mode="json", exclude=set(NOT_IN_IDENTITY))
-    if cfg.batchnorm == "per-worker":
-        settings["num_workers"] = max(1, cfg.num_workers)
+    settings["mixed_precision"] = cfg.mixed_precision and cfg.use_gpu  # autocast runs on CUDA only
+    workers = max(1, cfg.num_workers)
+    # a last global batch with fewer rows than workers is dropped (a share is never empty): one step fewer
+    if cfg.batchnorm == "per-worker" or 0 < training_rows % cfg.batch_size < workers:
+        settings["num_workers"] = workers
     return settings
 
 
 def finetune_identity(cfg: FinetuneConfig, inputs: IdentityInputs) -> FinetuneIdentity:
     """The identity of fine-tuning ``cfg`` from the parents and data that ``inputs`` fingerprint."""
-    hashed = {"version": IDENTITY_VERSION, **inputs.to_json(), "training": training_settings(cfg)}
+    hashed = {"version": IDENTITY_VERSION, **inputs.to_json(), "training": training_settings(cfg, inputs.training_rows)}
     blob = json.dumps(hashed, sort_keys=True, separators=(",", ":"), default=str).encode()
     return FinetuneIdentity(hashlib.sha256(blob).hexdigest(), hashed)

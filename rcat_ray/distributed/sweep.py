@@ -122,6 +122,7 @@ def apply_trial(base: FinetuneConfig, settings: dict[str, Any], name: str) -> Fi
     if "epochs" in settings:
         raw["epochs"] = settings["epochs"]
     raw["name"] = name
+    raw["output"] = None  # every trial writes its own files (<out>/<name>-<identity>.pt), never the base's path
     return parse_config(FinetuneConfig, raw)
 
 
@@ -129,20 +130,27 @@ def sweep_trainable(config: dict[str, Any]) -> None:
     """A Tune function trainable: one fine-tuning run (in-process, or a TorchTrainer when it has workers).
 
     ``config["inputs"]``: the fingerprints of the parents and data the driver checked; the trial checks what it
-    loads against them, and a trial with workers names its Ray Train run by the trial's identity, so a retried
-    trial resumes its own run and nothing else.
+    loads against them. A trial with workers has a Ray Train run of its own (the identity, the sweep and the
+    trial): a retried trial resumes it, and no other run's snapshot, finished or not, stands in for the trial.
     """
     base = parse_config(FinetuneConfig, config["base"])
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_trial(base, trial_settings(config), name=f"{config['sweep']}-{trial_id}")
+    if not config.get("inputs"):
+        raise ConfigError(
+            f"sweep {config['sweep']} was started by an earlier rcat_ray that did not record its inputs' fingerprints; "
+            "start it again under another name"
+        )
     inputs = IdentityInputs.from_json(config["inputs"])
     if cfg.num_workers <= 1:
         finetune_loop(cfg, TuneSession(cfg), inputs=inputs)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    identity = finetune_identity(cfg, inputs)
     loop_config = {"finetune": cfg.model_dump(mode="json"), "inputs": inputs.to_json()}
-    train_run(cfg, finetune_identity(cfg, inputs), loop_config, callbacks=[TuneReportCallback()]).fit()
+    run_name = f"{identity.run_name(cfg)}-{config['sweep']}-{trial_id}"
+    train_run(cfg, identity, loop_config, callbacks=[TuneReportCallback()], run_name=run_name).fit()
 
 
 def optuna_space(cfg: SweepConfig):

@@ -247,6 +247,7 @@ def identity_inputs(
         old=model_identity(old.fingerprint, old.source),
         new=model_identity(new.fingerprint, new.source),
         training_set=train_set.info.fingerprint,
+        training_rows=len(train_set),
         cached_old_table=cached[1] if cached else None,
     )
 
@@ -671,16 +672,17 @@ class _Trainer(TorchTrainer):
 
 
 def train_run(cfg: FinetuneConfig, identity: FinetuneIdentity, loop_config: dict[str, Any],
-              callbacks: list[Any] | None = None) -> TorchTrainer:  # fmt: skip
+              callbacks: list[Any] | None = None, run_name: str | None = None) -> TorchTrainer:  # fmt: skip
     """The one TorchTrainer of a fine-tune (the CLI's, the demo's and a sweep trial's with workers): its run
-    folder is the identity's, so only this fine-tune's snapshots are ever resumed from it."""
+    folder is the identity's (``run_name`` adds to it for a sweep trial), and the loop resumes a snapshot there
+    only when it records this identity."""
     storage = str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
     return _Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling(cfg),
         run_config=RunConfig(
-            name=identity.run_name(cfg),
+            name=run_name or identity.run_name(cfg),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -704,6 +706,7 @@ def _write_final(
     old, new = parents.old, parents.new
     identity = parents.identity(cfg)
     check_state_identity(state, identity, "the trained state")
+    finished_finetune(cfg, identity)  # again: another run may have written another fine-tune there meanwhile
     module = copy.deepcopy(new.module)  # the parent stays as it was loaded
     module.load_state_dict(state["model"])
     path, manifest_path = output_paths(cfg, identity)
