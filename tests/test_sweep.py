@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,6 +254,37 @@ def test_selection_switched_off_chooses_on_the_last_per_epoch_validation(ray_ses
     assert Path(best["checkpoint"]).parent == out and not (out / "trials").exists()
     assert not list(tmp_path.glob("store/tables/*"))  # no model went through the flip engine
     assert "selection.enabled</code> is false" in (out / "report.html").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_on_two_workers_train_the_one_process_model_and_never_stand_in_for_each_other(
+    ray_session, sweep_yaml, tmp_path
+):
+    """A sweep whose base trains on 2 Ray Train workers (each trial a TorchTrainer of its own, as bench/fidelity.py
+    runs them): the AT trial's model equals the same fine-tune in one process. A finished fine-tune of the same
+    identity in the same storage (the one-process reference, run first) does not stand in for the trial: it
+    trains and reports its epochs."""
+    from rcat_ray.distributed.sweep import run_sweep
+    from rcat_ray.distributed.train import run_finetune
+
+    config = sweep_yaml(space={"losses": ["at"]}, asha={"enabled": False}, selection={"enabled": False})
+    raw = yaml.safe_load(config.read_text())
+    raw["base"].update(num_workers=2, epochs=1, batch_size=64, loss={"kind": "at"}, out=str(tmp_path / "finetuned"))
+    with pytest.raises(ConfigError, match=r"at most 0.99"):  # 2 workers of 1 CPU + the trial's 0.01 on 2 CPUs
+        run_sweep(parse_config(SweepConfig, raw))
+    raw["base"]["cpus_per_worker"] = 0.99
+    cfg = parse_config(SweepConfig, raw)
+    reference = run_finetune(cfg.base.model_copy(update={"num_workers": 0}))
+    assert not reference.reused
+    run_sweep(cfg)
+    trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pandas()
+    assert len(trials) == 1 and trials["epochs_run"].tolist() == [1] and trials["error"].isna().all()
+    best = yaml.safe_load((tmp_path / "out" / "best.yaml").read_text())
+    mine = torch.load(best["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    ref = torch.load(reference.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    for key in ref:
+        torch.testing.assert_close(mine[key], ref[key], atol=1e-5, rtol=0, msg=key)
 
 
 def _trials_with_final_checkpoint(tune_dir: Path, epochs: int) -> int:

@@ -191,12 +191,33 @@ def _storage(cfg: SweepConfig) -> str:
     return str(Path(cfg.storage).expanduser().resolve()) if "://" not in cfg.storage else cfg.storage
 
 
+#: CPUs the driver of a trial with workers holds while its Ray Train run trains (Tune refuses 0).
+TRIAL_DRIVER_CPUS = 0.01
+
+
+def check_trial_fits(cfg: SweepConfig) -> None:
+    """Refuse a sweep whose trials with workers can never start: the trial's own share plus its Train workers must
+    fit the cluster's CPUs, or Tune waits forever with the trial holding its share (2 workers of 1 CPU on 2 CPUs)."""
+    base = cfg.base
+    if base.num_workers <= 1 or not ray.is_initialized():
+        return
+    need = TRIAL_DRIVER_CPUS + base.num_workers * base.cpus_per_worker
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    if need > have + 1e-9:
+        fit = (have - TRIAL_DRIVER_CPUS) / base.num_workers
+        raise ConfigError(
+            f"a trial trains on {base.num_workers} workers of {base.cpus_per_worker:g} CPU, plus {TRIAL_DRIVER_CPUS} "
+            f"for the trial itself ({need:g} CPUs), but the cluster has {have:g}: set base.cpus_per_worker to at most "
+            f"{int(fit * 100) / 100:g} or use fewer workers"
+        )
+
+
 def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ray.tune.Tuner:
     """A new Tuner, or the interrupted one restored from storage (finished trials are not rerun). ``inputs``:
     the fingerprints of the parents and data every trial trains from (checked by the trials)."""
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     if cfg.base.num_workers > 1:  # pattern B: the trial driver only coordinates; workers bring their own
-        resources = {"cpu": 0.01}
+        resources = {"cpu": TRIAL_DRIVER_CPUS}
     trainable = ray.tune.with_resources(sweep_trainable, resources)
     path = f"{_storage(cfg)}/{cfg.name}"
     if resume:
@@ -560,6 +581,7 @@ def sweep_trials(cfg: SweepConfig, *, resume: bool = False, parents: Parents | N
     """
     parents = parents or check_finetune_inputs(cfg.base)
     check_selection_inputs(cfg)  # before any trial trains
+    check_trial_fits(cfg)
     with _sigint_restored():
         results = build_tuner(cfg, resume=resume, inputs=parents.inputs).fit()
     _raise_if_unfinished(cfg, results)
