@@ -140,6 +140,8 @@ def finetune_config(s: dict[str, Any], old: Path, new: Path, out: Path, loss: Lo
         storage=str(out / "ray_results" / "train"),
         store=str(out / "store"),
         num_workers=workers,
+        # a sweep trial with workers holds 0.01 CPU besides them: 2 workers of 0.99 fit 2 CPUs
+        cpus_per_worker=0.99 if workers > 1 else 1.0,
         threads_per_worker=1,
     )
 
