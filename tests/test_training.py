@@ -110,3 +110,13 @@ def test_demo_yaml_is_the_demo_defaults():
     for recipe in (defaults.old, defaults.new):
         assert (recipe.lr, recipe.schedule, recipe.batch_size, recipe.eps) == (2e-3, "onecycle", 128, 0.1)
     assert defaults.finetune_batch_size == 128  # the global batch (DESIGN §4)
+
+
+def test_the_demos_methods_are_the_weights_the_protocol_chose():
+    """DemoConfig.methods repeats bench/results/fidelity-chosen.yaml (what bench/fidelity.py chose on validation)."""
+    from pathlib import Path
+
+    from rcat_ray.demo import DemoConfig
+
+    chosen = yaml.safe_load((Path(__file__).parents[1] / "bench" / "results" / "fidelity-chosen.yaml").read_text())
+    assert parse_config(DemoConfig, {"methods": chosen["methods"]}).methods == DemoConfig().methods
