@@ -275,6 +275,9 @@ def test_trials_on_two_workers_train_the_one_process_model_and_never_stand_in_fo
         run_sweep(parse_config(SweepConfig, raw))
     raw["base"]["cpus_per_worker"] = 0.99
     cfg = parse_config(SweepConfig, raw)
+    from rcat_ray.distributed.sweep import _max_concurrent
+
+    assert _max_concurrent(cfg) == 1  # Tune would start every trial at once for their 0.01 CPU each
     reference = run_finetune(cfg.base.model_copy(update={"num_workers": 0}))
     assert not reference.reused
     run_sweep(cfg)

@@ -22,8 +22,12 @@ from rcat_ray.core.batchnorm import GlobalBatchNorm, global_batchnorm, has_batch
 from rcat_ray.core.losses import rcat_loss
 from rcat_ray.core.models import build_architecture
 
-#: What "the same" means here: float32 rounding of sums taken in another order (measured: below 1e-6).
+#: What "the same" means for one BatchNorm step: float32 rounding of sums taken in another order (below 1e-6).
 TOLERANCE = 1e-5
+#: ...and for a trained model. Rounding differences of 1e-7 in the BatchNorm sums can flip a discrete decision
+#: (the sign of an FGSM gradient component, an argmax mask), which the following steps carry on: measured 6e-7 to
+#: 4.5e-4 depending on the parents, against 0.125 with per-worker statistics and 0.21 with per-share mask counts.
+TRAINED_TOLERANCE = 2e-3
 
 
 def test_masked_rcat_over_shares_with_global_counts_is_the_global_batch_loss():
@@ -192,7 +196,7 @@ def _state(path) -> dict[str, torch.Tensor]:
 def test_one_and_two_ray_workers_train_the_same_batchnorm_resnet_with_masked_rcat(ray_session, tmp_path,
                                                                                    resnet_parents):  # fmt: skip
     """RCAT with ``masked`` normalisation on a BatchNorm ResNet: one process and 2 Ray Train workers end at the
-    same weights and BatchNorm running statistics (within TOLERANCE); 1097 digits at batch 64 leave a last
+    same weights and BatchNorm running statistics (within TRAINED_TOLERANCE); 1097 digits at batch 64 leave a last
     global batch of 9, split 5 + 4. With per-worker statistics (``batchnorm: per-worker``) they do not."""
     one = _finetune(tmp_path / "one", resnet_parents, 0)
     two = _finetune(tmp_path / "two", resnet_parents, 2)
@@ -205,10 +209,12 @@ def test_one_and_two_ray_workers_train_the_same_batchnorm_resnet_with_masked_rca
             worst = max(worst, float((w1[key] - w2[key]).abs().max()))
         else:
             assert torch.equal(w1[key], w2[key]), key  # num_batches_tracked
-    assert worst <= TOLERANCE, f"largest weight difference {worst:.3g}"
     print(f"1 vs 2 workers, RCAT masked, BatchNorm ResNet: largest difference {worst:.3g}")
+    assert worst <= TRAINED_TOLERANCE, f"largest weight difference {worst:.3g}"
     manifest = two.manifest.read_text()
     assert '"statistics": "global"' in manifest and '"model_has_batchnorm": true' in manifest
     apart = _finetune(tmp_path / "apart", resnet_parents, 2, batchnorm="per-worker")
     w3 = _state(apart.checkpoint)
-    assert max(float((w1[k] - w3[k]).abs().max()) for k in w1 if w1[k].is_floating_point()) > 100 * TOLERANCE
+    per_worker = max(float((w1[k] - w3[k]).abs().max()) for k in w1 if w1[k].is_floating_point())
+    print(f"1 vs 2 workers with per-worker BatchNorm statistics: largest difference {per_worker:.3g}")
+    assert per_worker > 10 * TRAINED_TOLERANCE

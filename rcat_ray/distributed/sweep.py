@@ -212,6 +212,17 @@ def check_trial_fits(cfg: SweepConfig) -> None:
         )
 
 
+def _max_concurrent(cfg: SweepConfig) -> int | None:
+    """Trials at once: the configured number, else, for trials with workers, as many as the cluster's CPUs hold
+    with their workers (Tune counts only a trial's 0.01 CPU, so it would start every trial, and their worker
+    groups would wait for each other's CPUs until Ray Train gives up)."""
+    base = cfg.base
+    if cfg.max_concurrent is not None or base.num_workers <= 1 or not ray.is_initialized():
+        return cfg.max_concurrent
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    return max(1, int((have + 1e-9) // (TRIAL_DRIVER_CPUS + base.num_workers * base.cpus_per_worker)))
+
+
 def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ray.tune.Tuner:
     """A new Tuner, or the interrupted one restored from storage (finished trials are not rerun). ``inputs``:
     the fingerprints of the parents and data every trial trains from (checked by the trials)."""
@@ -256,7 +267,7 @@ def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ra
             num_samples=num_samples,
             scheduler=scheduler,
             search_alg=search_alg,
-            max_concurrent_trials=cfg.max_concurrent,
+            max_concurrent_trials=_max_concurrent(cfg),
         ),
         run_config=ray.tune.RunConfig(
             name=cfg.name, storage_path=_storage(cfg), failure_config=ray.tune.FailureConfig(max_failures=1)
