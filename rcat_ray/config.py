@@ -530,8 +530,8 @@ class SelectionValidationConfig(_Strict):
     samples: int = Field(2000, ge=1, description="validation samples (the val split's head)")
     attack: AttackConfig | None = Field(
         None,
-        description="default: the test attack when the sweep has test settings, else APGD-CE + APGD-DLR, "
-        "50 iterations, at the base's training eps",
+        description="default: APGD-CE + APGD-DLR, 50 iterations, at the test eps when the sweep has test settings, "
+        "else at the base's training eps",
     )
     chunk_size: int = Field(250, ge=1)
     compute: ComputeConfig = ComputeConfig()

@@ -118,6 +118,10 @@ def test_a_selection_asking_for_more_validation_samples_than_the_split_holds_is_
         check_selection_inputs(cfg)  # digits keeps 200 images for validation
     assert check_selection_inputs(parse_config(SweepConfig, {**raw, "selection": {"samples": 200}})) is not None
     assert check_selection_inputs(parse_config(SweepConfig, {**raw, "selection": {"enabled": False}})) is None
+    # with test settings, the choice is judged at the eps it is tested at, not the training eps
+    tested = parse_config(SweepConfig, {**raw, "test": {"data": {"name": "digits"}, "attack": {"eps": 0.05}}})
+    judged = selection_settings(tested).attack
+    assert (judged.eps, judged.n_iter, judged.cascade) == (0.05, 50, ("apgd-ce", "apgd-dlr"))
 
 
 # --------------------------------------------------------------------------------------------------

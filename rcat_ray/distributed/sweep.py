@@ -388,15 +388,12 @@ class SelectionValidation:
 
 def selection_settings(cfg: SweepConfig) -> EvaluationSettings:
     """Where and how finished trials are judged: the head of the base data's val split (the part the training
-    split never sees), with ``selection.attack``, else the test attack (when the sweep has test settings: the
-    choice is judged on the threat model it is tested on), else APGD-CE + APGD-DLR at the training eps."""
+    split never sees), with ``selection.attack``, else APGD-CE + APGD-DLR, 50 iterations, at the test eps when
+    the sweep has test settings (the choice is judged on the threat model it is tested on), else the training eps."""
     sel = cfg.selection
     data = cfg.base.data.model_copy(update={"split": "val", "offset": 0, "limit": sel.samples})
-    attack = sel.attack
-    if attack is None and cfg.test is not None:
-        attack = cfg.test.attack.model_copy(update={"robust_samples": None})
-    if attack is None:
-        attack = AttackConfig(eps=cfg.base.train_attack.eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
+    eps = cfg.test.attack.eps if cfg.test is not None else cfg.base.train_attack.eps
+    attack = sel.attack or AttackConfig(eps=eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
     # adversarial images are for reports on test data; the validation tables only need their rows
     return EvaluationSettings(data=data, attack=attack, chunk_size=sel.chunk_size, store=cfg.base.store,
                               compute=sel.compute, save_adversarial=False)  # fmt: skip
