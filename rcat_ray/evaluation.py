@@ -475,38 +475,6 @@ def _read_chunk_rows(plan: EvaluationPlan, store: ResultStore, chunk: Chunk) -> 
         return None
 
 
-def load_adversarial(store: ResultStore, plan_key: str, sample_ids: list[int]) -> dict[int, np.ndarray]:
-    """Adversarial images of some samples of a stored table (for reports); absent ones are skipped.
-
-    Each file is read through the checksum in its chunk's manifest: images of an unfinished chunk (no
-    manifest) are not trusted, and a damaged chunk is moved aside (the next evaluation recomputes it).
-    """
-    wanted = set(int(i) for i in sample_ids)
-    out: dict[int, np.ndarray] = {}
-    folder = f"tables/{plan_key}/chunks"
-    for name in store.list_files(folder):
-        if not (name.startswith("adv-") and name.endswith(".npz") and name[4:-4].isdigit()) or not wanted - set(out):
-            continue
-        manifest_name, *members = chunk_file_names(int(name[4:-4]))
-        manifest = None
-        try:
-            manifest = store.read_manifest(f"{folder}/{manifest_name}")
-            if manifest is None:
-                continue
-            data = store.read_verified(folder, name, manifest)
-        except DamagedArtifactError as err:
-            store.quarantine_artifact(folder, manifest_name, members, [(err.path, err.problem)], manifest)
-            continue
-        with np.load(io.BytesIO(data)) as z:
-            ids = z["sample_id"]
-            hits = np.nonzero(np.isin(ids, list(wanted)))[0]
-            if len(hits):
-                images = z["images"]
-                for h in hits:
-                    out[int(ids[h])] = images[h]
-    return out
-
-
 def validate_pair_inputs(models: list[LoadedModel], split: Split) -> None:
     """Fail before any attack when a model cannot run on this data or models disagree on classes.
 

@@ -677,9 +677,8 @@ def _adversarial(ctx: _Context, table_key: str | None, ids: list[int]) -> dict[i
     """Adversarial images of some samples, each file read through the checksum in its chunk's manifest; absent
     ones are skipped (the panels then say so).
 
-    Unlike :func:`rcat_ray.evaluation.load_adversarial`, which drops a damaged chunk and carries on (an
-    evaluation recomputes it), a damaged file here stops the report, naming it, once it is moved aside: a
-    report with silently missing panels would look like a model that withstood the attack.
+    A damaged file stops the report, naming it, once it is moved aside: a report with silently missing panels
+    would look like a model that withstood the attack.
     """
     if not table_key:
         return {}
