@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from rcat_ray.core.batchnorm import GlobalBatchNorm, global_batchnorm, has_batchnorm
+from rcat_ray.core.batchnorm import GlobalBatchNorm, _convert, global_batchnorm, has_batchnorm
 from rcat_ray.core.losses import rcat_loss
 from rcat_ray.core.models import build_architecture
 
@@ -140,6 +140,9 @@ def test_global_batchnorm_keeps_the_state_dict_and_eval_behaviour():
     assert sum(isinstance(m, GlobalBatchNorm) for m in converted.modules()) == layers == 6
     assert list(converted.state_dict()) == keys
     torch.testing.assert_close(converted.eval()(x), before)  # eval: running statistics, as before
+    synced = _convert(build_architecture("tiny_resnet", num_classes=10, input_shape=(1, 8, 8)), nn.SyncBatchNorm)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == layers  # the CUDA path's layers
+    assert list(synced.state_dict()) == keys
     fresh = build_architecture("tiny_resnet", num_classes=10, input_shape=(1, 8, 8))
     fresh.load_state_dict(converted.state_dict())  # loads back into the plain architecture
     converted.train()

@@ -98,33 +98,16 @@ class GlobalBatchNorm(_BatchNorm):
 PLAIN_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _to_global(module: nn.Module) -> nn.Module:
+def _convert(module: nn.Module, layer: type[_BatchNorm]) -> nn.Module:
+    """``module`` with each of torch's own BatchNorm layers replaced by ``layer`` (same state, same trainability)."""
     if type(module) in PLAIN_BATCHNORM:
-        out = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-            device=module.running_mean.device if module.running_mean is not None else None,
-        )  # fmt: skip
+        out = layer(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         out.load_state_dict(module.state_dict())
         for mine, theirs in zip(out.parameters(), module.parameters(), strict=True):
             mine.requires_grad_(theirs.requires_grad)
-        out.train(module.training)
-        return out
+        return out.to(next(iter(module.state_dict().values())).device).train(module.training)
     for name, child in module.named_children():
-        module.add_module(name, _to_global(child))
-    return module
-
-
-def _to_sync(module: nn.Module) -> nn.Module:
-    if type(module) in PLAIN_BATCHNORM:
-        out = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)  # fmt: skip
-        out.load_state_dict(module.state_dict())
-        for mine, theirs in zip(out.parameters(), module.parameters(), strict=True):
-            mine.requires_grad_(theirs.requires_grad)
-        out.to(next(iter(module.state_dict().values())).device).train(module.training)
-        return out
-    for name, child in module.named_children():
-        module.add_module(name, _to_sync(child))
+        module.add_module(name, _convert(child, layer))
     return module
 
 
@@ -139,7 +122,7 @@ def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     parameter and buffer names are unchanged, so the state dict loads into the original architecture)."""
     if not has_batchnorm(module):
         return module
-    converted = _to_sync(module) if device.type == "cuda" else _to_global(module)
+    converted = _convert(module, nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm)
     left = unconverted_batchnorm(converted)
     if left:
         log.warning("BatchNorm layers of types %s keep each worker's own statistics: the model depends on the "
