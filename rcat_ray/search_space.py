@@ -39,7 +39,10 @@ def sample_simplex(
     for _ in range(10_000):
         a, b, _c = rng.dirichlet((1.0, 1.0, 1.0))
         if alpha_range[0] <= a <= alpha_range[1] and beta_range[0] <= b <= beta_range[1]:
-            return round(float(a), 4), round(float(min(b, 1.0 - a)), 4)
+            # rounded for readable trial names, then put back inside the ranges that rounding can leave
+            a = min(max(round(float(a), 4), alpha_range[0]), alpha_range[1])
+            b = min(max(round(float(b), 4), beta_range[0]), beta_range[1], 1.0 - a)
+            return a, b
     raise ValueError(f"the ranges alpha {alpha_range}, beta {beta_range} leave no room on the simplex a + b <= 1")
 
 

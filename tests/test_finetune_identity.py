@@ -264,6 +264,7 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
 
     from rcat_ray.distributed.train import TEST_GATE_ENV
     from tests.multinode import ray_env
+    from tests.test_progress_interrupt import sigint_delivered
 
     gate = tmp_path / "gate"
     gate.mkdir()
@@ -277,7 +278,8 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
     env = ray_env(**{TEST_GATE_ENV: str(gate)})
     log = tmp_path / "first.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with sigint_delivered():
+            proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             snapshots = tmp_path / "ray_results"

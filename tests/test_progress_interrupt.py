@@ -8,12 +8,14 @@ not used), so they are slow: about 20-40 s per run on two cores. The signal help
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,18 @@ def _argv(store: Path, *extra: str, limit: int = 20 * N_CHUNKS) -> list[str]:
         "evaluate", "--data", "digits", "--eps", "0.1", "--n-iter", "50", "--chunk-size", "20",
         "--limit", str(limit), "--model", "builtin:mlp", "--store", str(store), *extra,
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def sigint_delivered() -> Iterator[None]:
+    """Children started inside receive Ctrl+C as from a terminal. A test run started in the background by a
+    non-interactive shell ignores SIGINT, children inherit an ignored signal (a handler is reset at exec, an
+    ignore is not), and Python in the child would then never raise KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _command(argv: list[str]) -> list[str]:
@@ -103,8 +117,9 @@ def _assert_quiet(err: str) -> None:
 def test_interrupt_keeps_finished_chunks_and_the_same_command_continues(tmp_path, signum, status):
     store = tmp_path / "store"
     argv = _argv(store)
-    proc = subprocess.Popen(_command(argv), cwd=tmp_path, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    with sigint_delivered():
+        proc = subprocess.Popen(_command(argv), cwd=tmp_path, env=_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         _wait_for_first_chunk(proc, store)
         proc.send_signal(signum)

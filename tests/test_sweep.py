@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rcat_ray.config import ConfigError, SweepConfig, parse_config
@@ -28,6 +28,7 @@ from rcat_ray.selection import SelectionError, pareto_front, select_per_kind, se
 
 @given(seed=st.integers(0, 2**31 - 1), lo=st.floats(0, 0.5), width=st.floats(0.3, 1.0))
 @settings(max_examples=60, deadline=None)
+@example(seed=1785, lo=0.43371877245664425, width=1.0)  # rounding to 4 decimals once left the range
 def test_simplex_sampler_never_leaves_the_simplex(seed, lo, width):
     rng = np.random.default_rng(seed)
     for _ in range(20):
