@@ -464,11 +464,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     parents = check_finetune_inputs(cfg)  # models, data, shapes, weights, output path: before Ray starts
     from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.distributed.train import finished_finetune, run_finetune
+    from rcat_ray.distributed.train import run_finetune
 
     identity = parents.identity(cfg)
     print(f"fine-tune {identity.run_name(cfg)} (identity {identity.digest})")
-    if cfg.num_workers > 0 and finished_finetune(cfg, identity) is None:
+    if cfg.num_workers > 0 and parents.finished is None:  # a fine-tune found at its output path needs no Ray
         ensure_ray(ComputeConfig(address=cfg.address))
     outcome = run_finetune(cfg, parents=parents)
     last = outcome.history[-1] if outcome.history else {}

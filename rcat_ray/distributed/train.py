@@ -556,6 +556,7 @@ class Parents:
     input_shape: tuple[int, int, int]
     samples: SampleSets | None = None
     inputs: IdentityInputs | None = None
+    finished: FinetuneOutcome | None = None  # the checked config's fine-tune, already at its output path
 
     def identity(self, cfg: FinetuneConfig) -> FinetuneIdentity:
         """The identity of fine-tuning ``cfg`` from these parents and data."""
@@ -627,7 +628,7 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     Path(cfg.out).expanduser().mkdir(parents=True, exist_ok=True)
     inputs = identity_inputs(old, new, train_set, cached)
     parents = Parents(old, new, train_set.info.shape, SampleSets(train_set.uri, val_set.uri), inputs)
-    finished_finetune(cfg, parents.identity(cfg))  # RunIdentityError: another fine-tune under this name
+    parents.finished = finished_finetune(cfg, parents.identity(cfg))  # RunIdentityError: another fine-tune there
     return parents
 
 
