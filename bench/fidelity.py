@@ -47,6 +47,9 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# 2 cores carry the trial driver, its 2 training workers and the evaluation actors: give a worker group more
+# than Ray's 60 s to start on a loaded machine
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 import pandas as pd
 import yaml

@@ -29,7 +29,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rcat_ray.config import DataConfig, parse_config
-from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.flips import METRIC_LABELS, METRICS
 from rcat_ray.core.samples import INFO_FILE as SAMPLES_INFO_FILE
 from rcat_ray.core.samples import SampleSet, open_samples, samples_location
@@ -129,7 +128,7 @@ class _Context:
     # per-model predictions by sample id: (clean_pred, adv_pred or None); empty when unreadable
     preds_old: dict[int, tuple[int, int | None]] = field(default_factory=dict)
     preds_new: dict[int, tuple[int, int | None]] = field(default_factory=dict)
-    split: Split | SampleSet | None = None  # the evaluated samples: the store's sample set, or a decoded split
+    split: SampleSet | None = None  # the evaluated samples: the store's sample set
     image_note: str | None = None  # why images are unavailable (None when they are)
 
     @property
@@ -171,8 +170,7 @@ def _load_context(store: ResultStore, key: str) -> _Context:
     ctx.split, ctx.image_note = _load_clean_images(store, old_manifest, manifest)
     if ctx.split is not None:
         # summaries made without class names only carry the indices; the dataset knows the real names
-        names = ctx.split.info.class_names if isinstance(ctx.split, SampleSet) else ctx.split.class_names
-        for cls, name in enumerate(names):
+        for cls, name in enumerate(ctx.split.info.class_names):
             if ctx.class_names.get(cls, str(cls)) == str(cls):
                 ctx.class_names[cls] = name
     return ctx
@@ -228,49 +226,35 @@ def _predictions(table: pa.Table | None) -> dict[int, tuple[int, int | None]]:
 
 def _load_clean_images(
     store: ResultStore, table_manifest: Mapping[str, Any] | None, manifest: Mapping[str, Any]
-) -> tuple[Split | SampleSet | None, str | None]:
+) -> tuple[SampleSet | None, str | None]:
     """The evaluated samples, or why they cannot be shown (the report then renders without images).
 
-    The data config stored with the per-model table is preferred (it is the exact selection), and with it
-    the selection's sample set in the store, which the evaluation prepared: the report then reads only the
-    rows of the images it shows (:func:`_clean_images`), never the whole selection, each row group checked
-    against its sha256 (a damaged set stops the report, naming the file). Without a set (a table stored
-    before sets existed) the selection is decoded from its source. Either way the samples must have the
-    fingerprint the table records, or they are not the images that were evaluated (a source file replaced
-    since) and none are shown. Without a config, the whole file the samples came from is loaded: sample ids
-    are row indices of that file, so any selection holding the ids gives the same pixels (not verifiable).
+    Images come from the selection's sample set in the store, which the evaluation prepared, and from
+    nothing else: the report reads only the rows of the images it shows (:func:`_clean_images`), each row
+    group checked against its sha256 (a damaged set stops the report, naming the file), and never decodes
+    the dataset's files in the driver. The set must have the fingerprint the table records, or it does not
+    hold the images that were evaluated and none are shown.
     """
     evaluated = (table_manifest or {}).get("data") or {}
     settings = (table_manifest or {}).get("settings") or {}
-    cfg: DataConfig | None = None
+    if settings.get("data") is None:
+        return None, "the old model's table does not record its data selection, so its sample set cannot be found"
     try:
-        if settings.get("data") is not None:
-            cfg = parse_config(DataConfig, settings["data"])
-        if cfg is None:
-            data = manifest.get("data") or {}
-            if not data.get("dataset"):
-                return None, "the comparison does not record its dataset"
-            split = "test" if data.get("split") == "test" else "train"
-            cfg = parse_config(DataConfig, {"name": data["dataset"], "split": split, "val_size": 0})
-            return load_split(cfg), None
+        cfg = parse_config(DataConfig, settings["data"])
         location = _stored_samples_location(store, cfg)
     except (StoreError, ValueError, KeyError, TypeError, OSError) as err:
         return None, f"the clean images could not be loaded ({_first_line(err)})"
-    if location is not None:
-        samples: Split | SampleSet = open_samples(location)  # damaged set: DataError naming the file, stops here
-        where = location
-    else:
-        try:
-            samples = load_split(cfg)  # no set in this store (an older table): decode the selection
-        except (ValueError, KeyError, TypeError, OSError) as err:
-            return None, f"the clean images could not be loaded ({_first_line(err)})"
-        where = f"the {cfg.name} data the table's config selects"
+    if location is None:
+        return None, (
+            f"the store holds no sample set of the evaluated {cfg.name} selection (it is read from there only); "
+            "`rcat-ray data prepare` with the table's data config and this store puts it there"
+        )
+    samples = open_samples(location)  # damaged set: DataError naming the file, stops here
     expected = evaluated.get("fingerprint")
-    got = samples.describe()["fingerprint"] if isinstance(samples, SampleSet) else samples.fingerprint()
+    got = samples.describe()["fingerprint"]
     if expected and got != expected:
         return None, (
-            f"{where} are not the samples that were evaluated (fingerprint {got}, the table records {expected}: "
-            "the source changed since)"
+            f"{location} are not the samples that were evaluated (fingerprint {got}, the table records {expected})"
         )
     return samples, None
 
@@ -287,18 +271,16 @@ def _first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _clean_images(samples: Split | SampleSet, ids: Sequence[int]) -> dict[int, np.ndarray]:
-    """Clean images of some sample ids (absent ones skipped); from a set, only the row groups holding them are
-    read (its id column locates them)."""
-    all_ids = samples.sample_ids.numpy() if isinstance(samples, Split) else sample_ids(samples)
+def _clean_images(samples: SampleSet, ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """Clean images of some sample ids (absent ones skipped): only the row groups holding them are read (the
+    set's id column locates them)."""
+    all_ids = sample_ids(samples)
     wanted = np.asarray(sorted(set(int(i) for i in ids)), dtype=np.int64)
     if not len(all_ids) or not len(wanted):
         return {}
     pos = np.minimum(np.searchsorted(all_ids, wanted), len(all_ids) - 1)  # ids are strictly increasing
     found = all_ids[pos] == wanted
     wanted, pos = wanted[found], pos[found]
-    if isinstance(samples, Split):
-        return {int(sid): samples.images[p].numpy() for sid, p in zip(wanted, pos, strict=True)}
     out: dict[int, np.ndarray] = {}
     if len(pos):
         images, _, got = next(samples.iter_batches(len(pos), positions=pos))

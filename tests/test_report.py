@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ import torch
 from rcat_ray import report
 from rcat_ray.comparison import Comparison, compare_stored
 from rcat_ray.config import AttackConfig, BootstrapConfig, DataConfig, EvaluationSettings, ModelConfig
-from rcat_ray.core.data import DataError, Split, load_split
+from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.flips import METRIC_LABELS
 from rcat_ray.core.models import LoadedModel, from_module, load_model
+from rcat_ray.core.samples import samples_in_store, samples_location
 from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
 from rcat_ray.report import CLEAN_GRID_PNG, PER_CLASS_PNG, REPORT_NAME, ROBUST_GRID_PNG, write_report
 from rcat_ray.store import ResultStore
@@ -68,6 +70,7 @@ def _build_store(root: Path) -> tuple[ResultStore, Comparison]:
             run_chunk(plan, chunk, store, device=torch.device("cpu"), keep_adversarial=True)
         assemble(plan, store, settings)
         keys.append(plan.key)
+    samples_in_store(str(root), DATA, rows_per_group=20)  # the set evaluate prepares: the report's only image source
     comparison = compare_stored(store, keys[0], keys[1], BootstrapConfig(n_resamples=100))
     return store, comparison
 
@@ -140,18 +143,16 @@ def test_failure_keeps_previous_report(
     assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
 
 
-def test_renders_without_images(
-    stored: tuple[ResultStore, Comparison], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_renders_without_images(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    """Images come from the store's sample set only: a store without it gives a report that says so (and how
+    to put the set there) instead of decoding the dataset in the driver."""
     store, comparison = stored
-
-    def missing(_cfg: DataConfig) -> Split:
-        raise DataError("digits is not where it should be")
-
-    monkeypatch.setattr(report, "load_split", missing)
-    path = write_report(store, comparison.key, tmp_path / "rep")
+    root = tmp_path / "store"
+    shutil.copytree(store.root, root)
+    shutil.rmtree(samples_location(str(root), DATA))
+    path = write_report(ResultStore(root), comparison.key, tmp_path / "rep")
     text = path.read_text(encoding="utf-8")
-    assert "Images are not shown" in text and "digits is not where it should be" in text
+    assert "Images are not shown" in text and "holds no sample set" in text and "data prepare" in text
     assert not (path.parent / ROBUST_GRID_PNG).exists()
     assert (path.parent / PER_CLASS_PNG).exists()
 

@@ -7,7 +7,6 @@ is moved to the store's quarantine, as ``compare`` and ``evaluate`` do. An intac
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -16,12 +15,11 @@ import torch
 
 from rcat_ray import report
 from rcat_ray.comparison import Comparison
-from rcat_ray.config import DataConfig
-from rcat_ray.core.data import Split, load_split
+from rcat_ray.core.samples import prepare_samples, samples_location
 from rcat_ray.report import REPORT_NAME, ROBUST_GRID_PNG, write_report
 from rcat_ray.store import ResultStore, StoreError
 
-from .test_report import _build_store
+from .test_report import DATA, _build_store
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +111,15 @@ def test_a_damaged_artifact_stops_the_report_naming_the_file(
     assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
 
 
-def test_samples_that_are_not_the_evaluated_ones_are_not_shown(
-    copy: tuple[Path, Comparison], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The images are decoded from the source the table's config names; when that source no longer gives the
-    samples the table records (same ids, other pixels), the report says so instead of showing them."""
+def test_samples_that_are_not_the_evaluated_ones_are_not_shown(copy: tuple[Path, Comparison], tmp_path: Path) -> None:
+    """A sound set that holds other samples than the table records (another selection moved into its place)
+    is not shown: the report says so instead."""
     root, comparison = copy
-    real = load_split
-
-    def replaced(cfg: DataConfig) -> Split:
-        split = real(cfg)
-        return dataclasses.replace(split, images=1.0 - split.images)
-
-    monkeypatch.setattr(report, "load_split", replaced)
+    location = Path(samples_location(str(root), DATA))
+    other = tmp_path / "other"
+    prepare_samples(DATA.model_copy(update={"offset": 1}), other, rows_per_group=20)
+    shutil.rmtree(location)
+    shutil.move(other, location)
     text = write_report(ResultStore(root), comparison.key, tmp_path / "rep").read_text(encoding="utf-8")
     assert "Images are not shown" in text and "are not the samples that were evaluated" in text
     assert not (tmp_path / "rep" / ROBUST_GRID_PNG).exists()

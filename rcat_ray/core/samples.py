@@ -2,7 +2,8 @@
 
 ``load_split`` decodes a whole selection into float32 in the caller's memory; ImageNet val at 224 px is 30 GB
 that way, and a driver that ships it to workers sends it over the network once per worker. A *sample set*
-is the same selection decoded once (JPEG decode, resize, crop), stored as compact uint8 pixels in a folder
+is the same selection read from the dataset's files a row group at a time (:mod:`rcat_ray.core.sources`:
+JPEG decode, resize and crop for ImageNet), stored as compact uint8 pixels in a folder
 that every node can read (a local path, or a URI pyarrow's filesystems understand: ``file://``, ``s3://``,
 ``gs://``), laid out in row groups so that a worker reads the rows of its own chunk and nothing else.
 
@@ -25,7 +26,7 @@ Integrity. ``fingerprint`` is the sha256 of the rows' packed records (``<i8`` sa
 image bytes) in position order, computed while writing; each row group's records have their own sha256 in
 dataset.json, so a worker that reads one chunk checks exactly the bytes it read (one hash over bytes it
 decodes anyway), and :meth:`SampleSet.verify` checks the whole set. ``split_fingerprint`` is
-``Split.fingerprint()`` of the same samples (computed by reading the written set back), so
+``Split.fingerprint()`` of the same samples (computed while the source streams them), so
 :meth:`SampleSet.describe` equals ``load_split(cfg).describe()`` without decoding anything.
 
 Writes are atomic and a set is never overwritten: on a local filesystem the set is written into a hidden
@@ -62,7 +63,8 @@ import pyarrow.parquet as pq
 import torch
 
 from rcat_ray.config import DataConfig
-from rcat_ray.core.data import DEFAULT_VAL_SIZE, DataError, Split, default_root, load_split
+from rcat_ray.core.data import DEFAULT_VAL_SIZE, DataError, Split, default_root
+from rcat_ray.core.sources import IMAGENET_PREPROCESSING, RawSource, open_source, select, to_float  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,6 @@ INFO_FILE = "dataset.json"
 #: Uncompressed pixel bytes a part file aims at: a few hundred MB files suit object stores and give Ray Data
 #: one read task per file without a single file holding a whole large set.
 TARGET_PART_BYTES = 128 * 2**20
-#: RobustBench's ImageNet preprocessing, recorded so a set says how its pixels were made.
-IMAGENET_PREPROCESSING = {"resize": 256, "center_crop": 224}
-#: uint8 scale per dataset: a float pixel is ``stored / scale``. digits has 17 grey levels (0..16).
-UINT8_SCALE = {"digits": 16.0}
 SCHEMA = pa.schema([("position", pa.int64()), ("sample_id", pa.int64()), ("label", pa.int32()), ("image", pa.binary())])
 _INT32 = np.iinfo(np.int32)
 #: (images float32 [n, C, H, W] in [0, 1], labels int64 [n], sample_ids int64 [n])
@@ -279,132 +277,70 @@ def _selection(cfg: DataConfig) -> dict[str, Any]:
 
 @dataclass
 class _Source:
-    """A selection ready to be written: static description plus a generator of row groups."""
+    """A selection ready to be written: its static description, and a generator of its row groups that also
+    computes ``Split.fingerprint()`` of what it yields (set once the generator is exhausted)."""
 
     info: SampleSetInfo
     groups: Any  # callable(rows_per_group) -> Iterator[(ids int64, labels int64, pixels [n,C,H,W] of dtype)]
-    split_fingerprint: str | None = None  # known up front for in-memory sources
+    split_fingerprint: str | None = None
 
 
-def _memory_source(cfg: DataConfig, selection: dict[str, Any]) -> _Source:
-    """The small in-memory sources (digits, Fashion-MNIST, CIFAR, tensors files), through ``load_split`` itself.
-
-    Going through ``load_split`` keeps one definition of the selection (splits, offset, limit, error messages)
-    and makes bit-identity checkable: the pixels are stored as uint8 only if ``uint8 / scale`` reproduces
-    ``load_split``'s float32 tensor bit for bit, else as float32.
-    """
-    split = load_split(cfg)
-    scale = UINT8_SCALE.get(cfg.name, 255.0)
-    dtype = "uint8" if _uint8_exact(split.images, scale) else "float32"
-    if dtype == "float32":
-        scale = 1.0
-    info = SampleSetInfo(
-        dataset=split.dataset,
-        split=split.split,
-        shape=split.input_shape,
-        dtype=dtype,
-        scale=scale,
-        num_classes=split.num_classes,
-        class_names=tuple(split.class_names),
-        preprocessing=None,
-        selection=selection,
-    )
-
-    def groups(rows_per_group: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        for lo in range(0, len(split), rows_per_group):
-            x = split.images[lo : lo + rows_per_group]
-            if dtype == "uint8":
-                pixels = torch.round(x * scale).to(torch.uint8).numpy()
-            else:
-                pixels = x.numpy()
-            sl = slice(lo, lo + rows_per_group)
-            yield split.sample_ids[sl].numpy(), split.labels[sl].numpy(), pixels
-
-    return _Source(info=info, groups=groups, split_fingerprint=split.fingerprint())
-
-
-def _uint8_exact(images: torch.Tensor, scale: float, block: int = 4096) -> bool:
-    """Whether every pixel is some k/scale (k in 0..255) exactly as float32 computes it, bit for bit.
-
-    Checked in blocks so a 50k-image source does not get a second full-size float copy.
-    """
-    for lo in range(0, images.shape[0], block):
-        x = images[lo : lo + block]
-        q = torch.round(x * scale)
+def _uint8_exact(raw: RawSource, start: int, stop: int) -> bool:
+    """Whether every float pixel of rows [start, stop) is some k/255 (k in 0..255) exactly as float32
+    computes it, bit for bit, so that uint8 stores it losslessly. One streaming pass, about 1 MB at a time."""
+    block = max(1, _FLOAT_SLICE_BYTES // (4 * int(np.prod(raw.shape))))
+    for lo in range(start, stop, block):
+        x = raw.rows(lo, min(stop, lo + block))
+        q = np.round(x * np.float32(255.0))
         if not bool(((q >= 0) & (q <= 255)).all()):  # NaN fails here too
             return False
-        back = _to_float(q.to(torch.uint8).numpy(), "uint8", scale)
-        if not np.array_equal(back.view(np.int32), x.contiguous().numpy().view(np.int32)):  # bits: -0.0 != 0.0
-            return False
+        if not np.array_equal(to_float(q.astype(np.uint8), "uint8", 255.0).view(np.int32), x.view(np.int32)):
+            return False  # compared as bits: -0.0 != 0.0
     return True
 
 
-def _imagenet_source(cfg: DataConfig, selection: dict[str, Any]) -> _Source:
-    """ImageNet from an ImageFolder, decoded one image at a time (the set never sits in memory).
+def _open_source(cfg: DataConfig, selection: dict[str, Any]) -> _Source:
+    """The selection as a stream of row groups read from the dataset's own files (:mod:`.sources`): at most
+    one row group of pixels is held, whatever the size of the selection.
 
-    The same ImageFolder order, the same PIL loader (RGB conversion) and the same Resize(256)/CenterCrop(224)
-    objects as ``_load_imagenet``; ToTensor's float is ``uint8 / 255``, so storing the cropped uint8 pixels
-    loses nothing. The selection arithmetic mirrors ``_load_imagenet`` line for line.
+    Float pixels that are all exact multiples of 1/255 are stored as uint8 (decided by one streaming pass);
+    other float pixels as float32. Either way a stored row decodes bit for bit to what ``load_split`` gives.
     """
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
-
-    root = Path(cfg.root).expanduser() if cfg.root else default_root()
-    folder = root / ("val" if cfg.split == "test" else "train")
-    if not folder.is_dir():
-        raise DataError(f"ImageNet is not in {root}: place the class folders at {folder}/<wnid>/*.JPEG")
-    crop = IMAGENET_PREPROCESSING["center_crop"]
-    ds = ImageFolder(str(folder), transform=transforms.Compose(
-        [transforms.Resize(IMAGENET_PREPROCESSING["resize"]), transforms.CenterCrop(crop)]
-    ))  # fmt: skip
-    n = len(ds)
-    val_size = cfg.val_size if cfg.val_size is not None else 0
-    lo, hi = {"test": (0, n), "train": (0, n - val_size), "val": (n - val_size, n)}[cfg.split]
-    start = lo + cfg.offset
-    stop = hi if cfg.limit is None else min(hi, start + cfg.limit)
-    if val_size >= n and cfg.split != "test":
-        raise DataError(f"data.val_size={val_size} is not below the {n} images of {folder}")
-    if stop <= start:
-        raise DataError(
-            f"the selection is empty: imagenet split '{cfg.split}' has {hi - lo} images and data.offset is {cfg.offset}"
-        )
-    shape = (3, crop, crop)
+    raw = open_source(cfg)
+    start, stop = select(cfg, len(raw), raw.where)
+    dtype, scale = raw.dtype, raw.scale
+    if dtype == "float32" and _uint8_exact(raw, start, stop):
+        dtype, scale = "uint8", 255.0
     info = SampleSetInfo(
-        dataset="imagenet",
+        dataset=raw.dataset,
         split=cfg.split,
-        shape=shape,
-        dtype="uint8",
-        scale=255.0,
-        num_classes=len(ds.classes),
-        class_names=tuple(ds.classes),
-        preprocessing=dict(IMAGENET_PREPROCESSING),
+        shape=raw.shape,
+        dtype=dtype,
+        scale=scale,
+        num_classes=len(raw.class_names),
+        class_names=raw.class_names,
+        preprocessing=raw.preprocessing,
         selection=selection,
     )
+    source = _Source(info=info, groups=None)
 
     def groups(rows_per_group: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        h = hashlib.sha256()  # Split.fingerprint(): ids, then labels, then the float images, streamed
+        h.update(np.ascontiguousarray(raw.ids[start:stop], dtype=np.int64))
+        h.update(np.ascontiguousarray(raw.labels[start:stop], dtype=np.int64))
         for g0 in range(start, stop, rows_per_group):
             g1 = min(stop, g0 + rows_per_group)
-            pixels = np.empty((g1 - g0, *shape), dtype=np.uint8)  # one row group: the only images held
-            labels = np.empty(g1 - g0, dtype=np.int64)
-            for j, i in enumerate(range(g0, g1)):
-                path = ds.samples[i][0]
-                try:
-                    img, labels[j] = ds[i]
-                except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for unreadable image files
-                    raise DataError(f"cannot decode ImageNet image {path}: {err}") from None
-                hwc = np.asarray(img, dtype=np.uint8)
-                if hwc.shape != (crop, crop, 3):
-                    raise DataError(f"ImageNet image {path} gave pixels of shape {hwc.shape}, not {(crop, crop, 3)}")
-                pixels[j] = hwc.transpose(2, 0, 1)
-            yield np.arange(g0, g1, dtype=np.int64), labels, pixels
+            pixels = raw.rows(g0, g1)
+            step = max(1, _FLOAT_SLICE_BYTES // (4 * pixels[0].size)) if len(pixels) else 1
+            for lo in range(0, len(pixels), step):  # bounded float copies (a 224 px row group is 154 MB of floats)
+                h.update(to_float(pixels[lo : lo + step], raw.dtype, raw.scale))
+            if dtype != raw.dtype:  # float source proven k/255 exact
+                pixels = np.round(pixels * np.float32(255.0)).astype(np.uint8)
+            yield raw.ids[g0:g1], raw.labels[g0:g1], pixels
+        source.split_fingerprint = h.hexdigest()[:16]
 
-    return _Source(info=info, groups=groups)
-
-
-def _open_source(cfg: DataConfig, selection: dict[str, Any]) -> _Source:
-    if cfg.name == "imagenet":
-        return _imagenet_source(cfg, selection)
-    return _memory_source(cfg, selection)
+    source.groups = groups
+    return source
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -676,18 +612,15 @@ def _existing(fs: pafs.FileSystem, root: str, uri: str, selection: dict[str, Any
 
 
 def _finish(fs: pafs.FileSystem, folder: str, uri: str, info: SampleSetInfo, source: _Source) -> SampleSetInfo:
-    """Add ``Split.fingerprint()`` of the stored samples, computed by reading what was written.
-
-    Reading back is the proof that the stored bytes decode to the tensors ``load_split`` gives: for the
-    in-memory sources the result must equal the fingerprint of ``load_split``'s own tensors.
-    """
-    sf = SampleSet(info, fs, folder, uri).split_fingerprint()
-    if source.split_fingerprint is not None and sf != source.split_fingerprint:
-        raise DataError(
-            f"the stored {info.dataset} samples do not decode to load_split's tensors "
-            f"(fingerprint {sf} != {source.split_fingerprint}); nothing was kept"
-        )
-    return replace(info, split_fingerprint=sf)
+    """Add ``Split.fingerprint()`` of the samples, computed by the source while it streamed them (the float
+    images as ``load_split`` decodes them); every part's row count is checked against what was written."""
+    if source.split_fingerprint is None:
+        raise RuntimeError(f"the {info.dataset} source was not read to its end")
+    sizes = fs.get_file_info([_join(folder, p.name) for p in info.parts])
+    for part, fi in zip(info.parts, sizes, strict=True):
+        if fi.type != pafs.FileType.File or fi.size != part.size:
+            raise DataError(f"{uri}: part {part.name} was not written whole ({fi.size} of {part.size} bytes)")
+    return replace(info, split_fingerprint=source.split_fingerprint)
 
 
 def _info_bytes(info: SampleSetInfo) -> bytes:
@@ -695,18 +628,6 @@ def _info_bytes(info: SampleSetInfo) -> bytes:
 
 
 # -- reading ----------------------------------------------------------------------------------------
-def _to_float(raw: np.ndarray, dtype: str, scale: float) -> np.ndarray:
-    """Stored pixels -> float32 in [0, 1], computed as ``load_split`` does (one float32 IEEE division).
-
-    Done on the CPU on purpose: CUDA divides by a scalar through its reciprocal, which can differ in the
-    last bit, so a worker should decode here and then move the float tensor to its device.
-    """
-    if dtype == "uint8":
-        out = raw.astype(np.float32)
-        return np.divide(out, np.float32(scale), out=out)  # in place: one float copy of the batch, not two
-    return np.array(raw, dtype=np.float32)  # a writable, native-order copy
-
-
 def _binary_values(column: pa.Array | pa.ChunkedArray, row_nbytes: int) -> np.ndarray:
     """The bytes of a binary column of equal-length values as one [n, row_nbytes] uint8 array.
 
@@ -748,7 +669,7 @@ def decode_images(column: Any, info: SampleSetInfo) -> np.ndarray:
             raise DataError(f"image values are not all {info.row_nbytes} bytes long")
         flat = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), info.row_nbytes)
     raw = flat.view(np.dtype(info.dtype).newbyteorder("<")).reshape(len(flat), *info.shape)
-    return _to_float(raw, info.dtype, info.scale)
+    return to_float(raw, info.dtype, info.scale)
 
 
 @dataclass
@@ -916,7 +837,7 @@ class SampleSet:
             flat = np.empty((0, self.info.row_nbytes), np.uint8)
             labels = ids = np.empty(0, np.int64)
         raw = flat.view(np.dtype(self.info.dtype).newbyteorder("<")).reshape(len(flat), *self.info.shape)
-        images = _to_float(raw, self.info.dtype, self.info.scale)
+        images = to_float(raw, self.info.dtype, self.info.scale)
         return (
             torch.from_numpy(images),
             torch.from_numpy(np.array(labels, np.int64)),
@@ -1074,7 +995,7 @@ class SampleSet:
             grp = self._read_groups([g], verify=True)[g]
             raw = grp.flat.view(np.dtype(self.info.dtype).newbyteorder("<")).reshape(len(grp.flat), *self.info.shape)
             for lo in range(0, len(raw), step):
-                h.update(_to_float(raw[lo : lo + step], self.info.dtype, self.info.scale))
+                h.update(to_float(raw[lo : lo + step], self.info.dtype, self.info.scale))
         return h.hexdigest()[:16]
 
     def _check_part_rows(self, k: int, n: int) -> None:

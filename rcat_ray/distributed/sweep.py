@@ -44,9 +44,9 @@ from rcat_ray.config import (
     SweepConfig,
     parse_config,
 )
-from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.identity import IdentityInputs, finetune_identity
 from rcat_ray.core.models import LoadedModel
+from rcat_ray.core.sources import selection_size
 from rcat_ray.core.validation import per_model_table
 from rcat_ray.distributed.train import (
     STATE_FILE,
@@ -399,19 +399,20 @@ def selection_settings(cfg: SweepConfig) -> EvaluationSettings:
                               compute=sel.compute, save_adversarial=False)  # fmt: skip
 
 
-def check_selection_inputs(cfg: SweepConfig) -> Split | None:
+def check_selection_inputs(cfg: SweepConfig) -> int | None:
     """Refuse, before any trial trains, a selection that asks for more validation samples than there are:
-    a smaller N than requested would silently widen every CI the choice rests on."""
+    a smaller N than requested would silently widen every CI the choice rests on. Rows are counted from the
+    files' metadata (no image is decoded); returns the count, None when selection is off."""
     if not cfg.selection.enabled:
         return None
     data = selection_settings(cfg).data
-    split = load_split(data)
-    if len(split) < cfg.selection.samples:
+    n = selection_size(data)
+    if n < cfg.selection.samples:
         raise ConfigError(
-            f"selection.samples is {cfg.selection.samples} but the val split of {data.name} holds {len(split)} "
+            f"selection.samples is {cfg.selection.samples} but the val split of {data.name} holds {n} "
             "samples; lower selection.samples or raise base.data.val_size"
         )
-    return split
+    return n
 
 
 def completed_trials(cfg: SweepConfig, trials: pd.DataFrame) -> pd.Series:
