@@ -5,7 +5,8 @@ What is checked, and why it matters:
 * a windowed epoch order is a permutation made of whole row groups, ``groups_per_window`` of them per window,
   reproducible for (seed, epoch) and different between epochs; a set that fits the cache keeps the full
   permutation (so the small datasets train exactly as before);
-* the global batches are the same for 1 and 2 workers under a window (the 1-vs-N-worker equality holds);
+* the global batches are the same for 1 and 2 workers under a window (the 1-vs-N-worker equality holds), and
+  for 1, 2 and 4 workers reading a stored set, where each worker reads about its share of the row groups;
 * ``SampleSet.iter_batches`` over a windowed order reads every row group once, and never holds more decoded
   groups than ``cache_bytes`` (counted on the live group objects, not on its own bookkeeping), also when the
   order is fully random and groups must be read again; a fine-tune with a small ``read_cache_mib`` asks its
@@ -83,7 +84,51 @@ def test_one_and_two_workers_get_the_same_global_batches_under_a_window():
     for (i, idx, _, _), a, b in zip(one.shares(), *shares, strict=True):
         assert a[0] == b[0] == i
         assert torch.equal(torch.cat([a[1], b[1]]), idx)
-    assert torch.equal(torch.cat([idx for _, idx, _, _ in one.shares()]), epoch_permutation(300, 5, 2, window))
+    perm = epoch_permutation(300, 5, 2, window)
+    batches = [perm[lo : lo + 20].sort().values for lo in range(0, 300, 20)]  # each in storage order
+    assert torch.equal(torch.cat([idx for _, idx, _, _ in one.shares()]), torch.cat(batches))
+
+
+@pytest.fixture(scope="module")
+def wide_set(tmp_path_factory) -> str:
+    """4,096 rows of 64 bytes in 256 row groups of 16: enough groups for shares to be told apart."""
+    root = tmp_path_factory.mktemp("wide")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4096, 1, 8, 8), dtype=np.uint8)
+    np.savez(root / "wide.npz", images=images, labels=rng.integers(0, 10, size=4096))
+    prepare_samples(DataConfig(name="tensors", path=str(root / "wide.npz")), root / "s", rows_per_group=16)
+    return str(root / "s")
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["set-fits-the-cache", "windowed"])
+def test_each_worker_reads_about_its_share_of_the_set(wide_set, fits):
+    """Per epoch a worker reads, decompresses and hashes about 1/W of the set's row groups plus a small constant
+    (measured: 1/W + 0.04..0.09 here), not all of them, while 1, 2 and 4 workers train on the same global batches."""
+    from rcat_ray.core.finetune import StreamedGlobalBatches
+
+    n, rpg, batch = 4096, 16, 256
+    set_bytes = n * 64
+    cache = 2 * set_bytes if fits else set_bytes // 4
+    window = shuffle_window(n, 64, rpg, cache)
+    assert (window is None) == fits
+    batches_of: dict[int, list[list[int]]] = {}
+    for world in (1, 2, 4):
+        shares = []
+        for rank in range(world):
+            samples = open_samples(wide_set)  # a worker's own reader, its own counter
+            sampler = GlobalBatchSampler(n, batch, rank=rank, world_size=world, seed=7, window=window)
+            sampler.set_epoch(1)
+            stream = StreamedGlobalBatches(sampler, samples, cache_bytes=cache, prefetch=0)
+            shares.append([b.ids.tolist() for b in stream])
+            share = stream.bytes_read / set_bytes
+            print(f"W={world} rank {rank}: read {share:.3f} of the set")
+            assert stream.rows_read == sum(map(len, shares[-1]))
+            if world == 1:
+                assert stream.bytes_read == set_bytes  # every group once
+            else:
+                assert share <= 1 / world + 0.12, f"rank {rank} of {world} read {share:.2f} of the set"
+        batches_of[world] = [[i for part in parts for i in part] for parts in zip(*shares, strict=True)]
+    assert batches_of[1] == batches_of[2] == batches_of[4]
 
 
 @pytest.fixture(scope="module")

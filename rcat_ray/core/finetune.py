@@ -15,7 +15,9 @@ DDP averages is the gradient of the global batch. RCAT's ``masked`` terms divide
 counts (:func:`group_sum`), and BatchNorm layers take the global batch's statistics
 (:mod:`rcat_ray.core.batchnorm`), so one worker and N workers train the same model, up to float rounding.
 
-Streaming: a worker reads only its own rows. :class:`StreamedGlobalBatches` asks a prepared sample set
+Streaming: a worker reads only its own rows, and about its share of the row groups: a global batch's rows are
+in storage order, so worker r's share comes from about the r-th 1/W of the row groups its shuffle window
+holds. :class:`StreamedGlobalBatches` asks a prepared sample set
 (:class:`rcat_ray.core.samples.SampleSet`) for exactly the positions of this worker's shares, in order, through
 ``SampleSet.iter_batches`` (row groups decoded once into a bounded LRU cache), one batch ahead of the training
 step in a reader thread; what a worker holds of the set is bounded by that cache, whatever the set's size (a
@@ -293,7 +295,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
         """(global batch index, this worker's sample indices, offset in the global batch, global size)."""
         perm = epoch_permutation(self.num_samples, self.seed, self.epoch, self.window)
         for index in range(len(self)):
-            rows = perm[index * self.batch_size : (index + 1) * self.batch_size]
+            # a global batch's rows in storage order: worker r's share is then the r-th slice of the positions
+            # the batch holds, which across the batches of a shuffle window falls in about the same 1/W of the
+            # window's row groups, so a worker reads about its share of the set, not all of it. The order inside
+            # a global batch changes no gradient (summed over the batch), and it is the same for any W.
+            rows = perm[index * self.batch_size : (index + 1) * self.batch_size].sort().values
             offset, size = share_bounds(rows.numel(), self.rank, self.world_size)
             yield index, rows[offset : offset + size], offset, rows.numel()
 
@@ -366,7 +372,8 @@ class StreamedGlobalBatches:
     row groups holding them (an LRU cache of ``cache_bytes`` keeps the groups a later share will need) and
     decodes exactly the float32 tensors ``load_split`` gives. ``prefetch`` batches are read, decoded and
     augmented ahead in a thread, so storage and the CPU work overlap the training step. ``rows_read``
-    counts the rows the last (or current) epoch has delivered.
+    counts the rows the last (or current) epoch has delivered, ``bytes_read`` the stored bytes of the row
+    groups it read, decompressed and hashed for them (whole groups: what storage traffic costs).
     """
 
     def __init__(
@@ -378,12 +385,18 @@ class StreamedGlobalBatches:
         self.sampler, self.samples, self.augment = sampler, samples, augment
         self.cache_bytes, self.prefetch = cache_bytes, prefetch
         self.rows_read = 0
+        self._bytes_at_start = getattr(samples, "bytes_read", 0)
+
+    @property
+    def bytes_read(self) -> int:
+        return getattr(self.samples, "bytes_read", 0) - self._bytes_at_start
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Batch]:
         self.rows_read = 0
+        self._bytes_at_start = getattr(self.samples, "bytes_read", 0)
         batches = self._read(list(self.sampler.shares()))
         return prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
 

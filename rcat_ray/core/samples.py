@@ -691,7 +691,8 @@ class SampleSet:
     """A prepared sample set opened for reading: positions 0..N-1, read a range or batches at a time.
 
     Pickles as its description plus filesystem (no open files), so it can be sent to Ray workers; each
-    worker then reads its own rows from storage.
+    worker then reads its own rows from storage. ``groups_read`` and ``bytes_read`` count the row groups this
+    object has read and their stored pixel bytes (what was fetched, decompressed and hashed).
     """
 
     def __init__(self, info: SampleSetInfo, fs: pafs.FileSystem, root: str, uri: str):
@@ -701,9 +702,11 @@ class SampleSet:
         self.uri = uri
         self._part_starts = [p.first_row for p in info.parts]
         self._footers: dict[int, pq.FileMetaData] = {}
+        self.groups_read = 0
+        self.bytes_read = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_footers": {}}
+        return {**self.__dict__, "_footers": {}, "groups_read": 0, "bytes_read": 0}
 
     def __len__(self) -> int:
         return self.info.num_rows
@@ -787,6 +790,8 @@ class SampleSet:
                     raise self._damaged(part, f"row group {local} holds unusable values ({err})", ": ") from None
                 if own:
                     out[g].flat = out[g].flat.copy()
+                self.groups_read += 1
+                self.bytes_read += n * self.info.row_nbytes
         return out
 
     def _check_footer(self, k: int, md: pq.FileMetaData) -> None:

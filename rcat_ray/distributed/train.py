@@ -336,12 +336,13 @@ def _global_stats(stats: dict[str, float], world: int, device: torch.device) -> 
     return {**stats, "train_loss": total / max(seen, 1.0), "train_samples": seen}
 
 
-def _worker_identity(rank: int, rows_read: int) -> dict[str, Any]:
-    """Where this rank ran (Ray node id when Ray runs, host, pid) and how many training rows it read this
-    epoch: recorded per epoch in the history, so a run shows its placement and that each rank read only its
-    share."""
+def _worker_identity(rank: int, rows_read: int, bytes_read: int) -> dict[str, Any]:
+    """Where this rank ran (Ray node id when Ray runs, host, pid), how many training rows it was given this
+    epoch and the stored bytes of the row groups it read for them: recorded per epoch in the history, so a run
+    shows its placement and that each rank read about its share of the set."""
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    return {"rank": rank, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(), "rows_read": rows_read}
+    return {"rank": rank, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
+            "rows_read": rows_read, "bytes_read": bytes_read}  # fmt: skip
 
 
 def _gather_workers(info: dict[str, Any], world: int, device: torch.device) -> list[dict[str, Any]]:
@@ -464,7 +465,7 @@ def finetune_loop(
         )
         stats = _global_stats(stats, world, device)
         stats["epoch_seconds"] = time.perf_counter() - t_epoch  # training only, validation excluded
-        workers = _gather_workers(_worker_identity(rank, batches.rows_read), world, device)
+        workers = _gather_workers(_worker_identity(rank, batches.rows_read, batches.bytes_read), world, device)
         metrics = {
             "epoch": epoch,
             "attempt_start_epoch": start_epoch,
