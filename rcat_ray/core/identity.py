@@ -17,7 +17,9 @@ from typing import Any
 
 from rcat_ray.config import FinetuneConfig
 
-IDENTITY_VERSION = 1
+#: Raised whenever the same inputs and settings train other weights than before, so that no earlier fine-tune or
+#: snapshot is reused for them: 2 = the rows of a global batch are taken in storage order (workers read their share).
+IDENTITY_VERSION = 2
 #: FinetuneConfig fields that do not change the trained weights: outputs, labels, placement, fault handling and
 #: the per-epoch validation (reported, never trained on). The parents and the data enter as fingerprints.
 #: The worker count is left out because 1 and N workers train the same model (global batches, global mask
