@@ -7,8 +7,13 @@ tests.multinode``), created with ``connect=False``, and answers one-line command
 each: ``add [cpus]`` (a worker node; its node id), ``remove <node id>`` (killed, not drained: a lost machine),
 ``shutdown``. Tests then drive the cluster through the real CLI (``--address <address>``) in subprocesses.
 
-Isolation. Every process gets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (all Ray listeners on 127.0.0.1) and
-``RAY_AUTH_MODE=disabled``; the GCS, raylet and agent ports are picked free (port 0), so they cannot clash with
+Authentication. The cluster runs with Ray's token authentication on, as a user's cluster does: every process
+of a test (the cluster's and each CLI run) gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` naming one
+random token of this test process (:func:`auth_token_file`, a private temporary file), the way Ray documents for
+every node and client of a cluster; a process without them cannot join.
+
+Isolation. Every process gets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (all Ray listeners on 127.0.0.1); the GCS,
+raylet and agent ports are picked free (port 0), so they cannot clash with
 the session Ray (:meth:`ClusterProcess.gcs_port` lets a test check); the cluster never writes (or deletes)
 /tmp/ray/ray_current_cluster, so ``address="auto"`` users elsewhere on the machine never find it; and
 :meth:`ClusterProcess.shutdown` (call it from a finalizer) stops the cluster, or kills the process group this
@@ -23,23 +28,42 @@ importing it has no side effects).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
+def auth_token_file() -> Path:
+    """This test process's Ray token: a random one in a file only its owner can read, made on first use and
+    removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-token-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
 def ray_env(**extra: str) -> dict[str, str]:
-    """The environment for every process of a multi-node test: loopback only, no token auth, quick Train
-    teardown, the project importable, and no inherited ``RAY_ADDRESS`` (which would attach elsewhere)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    """The environment for every process of a multi-node test: loopback only, token authentication with this
+    test process's token, quick Train teardown, the project importable, and no inherited ``RAY_ADDRESS`` (which
+    would attach elsewhere) or ``RAY_AUTH_TOKEN`` (which would take precedence over the token file)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_AUTH_MODE="disabled",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(auth_token_file()),
         RAY_USAGE_STATS_ENABLED="0",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),

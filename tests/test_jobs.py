@@ -1,5 +1,6 @@
-"""Job entry points on a real Ray cluster: `ray start --head` on loopback, `ray job submit` of the nightly job
-for two nights, and the cluster launcher config validated against Ray's autoscaler schema."""
+"""Job entry points on a real Ray cluster: `ray start --head` on loopback with Ray's default token
+authentication on, `ray job submit` refused without the token and run with it, the nightly job for two nights,
+and the cluster launcher config validated against Ray's autoscaler schema (every node gets the token)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -22,6 +25,10 @@ from rcat_ray.history import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+#: what a submit without the token prints (Ray 2.60's dashboard answers 401; the job CLI raises this)
+MISSING_TOKEN = "AuthenticationError: Authentication required: Unauthorized: Missing authentication token"
+WRONG_TOKEN = "AuthenticationError: Authentication failed: Forbidden: Invalid authentication token"
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def _free_port() -> int:
@@ -30,37 +37,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A real head node on loopback in its own temp dir. Started with --block, so stopping this one process
-    stops exactly this cluster (never `ray stop`, which would kill every Ray on the machine)."""
+    """A real head node on loopback, started as a user starts one: a token made once with
+    `ray get-auth-token --generate` (into ``~/.ray/auth_token`` of a temporary home, never the developer's), then
+    a plain `ray start --head` with no RAY_AUTH_* variable, so token authentication is on because Ray 2.60 turns
+    it on when it finds a token. ``env`` is how a submitting shell is meant to look (``RAY_AUTH_MODE=token``,
+    the README's fix); ``without_token`` is the same shell without it (the newcomer's).
+
+    Own temp dir and every port explicit (the session's own Ray holds the default agent ports); started with
+    --block, so stopping this one process stops exactly this cluster (never `ray stop`, which would kill every
+    Ray on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    # every port explicit: the session's own Ray (other tests) already holds the default agent ports
+    home = Path(temp_dir) / "home"
+    home.mkdir()
+    user = {k: v for k, v in os.environ.items() if k not in (*AUTH_VARIABLES, "RAY_ADDRESS")}
+    user.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+                PATH=f"{VENV_BIN}:{os.environ['PATH']}")  # fmt: skip
+    subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=user, capture_output=True,
+                   check=True, timeout=60)  # fmt: skip
+    assert (home / ".ray" / "auth_token").is_file()
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = (_free_port() for _ in range(7))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    log = Path(temp_dir) / "head.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
+             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=user, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
-    client_env = {**env, "RAY_ADDRESS": address}
-    deadline = time.monotonic() + 90
-    while True:
-        ok = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=client_env, capture_output=True, text=True,
-                            check=False)  # fmt: skip
-        if ok.returncode == 0:
-            break
-        assert head.poll() is None, head.stdout.read()
-        assert time.monotonic() < deadline, f"head did not come up: {ok.stderr}"
-        time.sleep(1)
+    without_token = {**user, "RAY_ADDRESS": address}
+    client_env = {**without_token, "RAY_AUTH_MODE": "token"}
     try:
-        yield client_env
+        deadline = time.monotonic() + 90
+        while True:
+            ok = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=client_env, capture_output=True,
+                                text=True, check=False)  # fmt: skip
+            if ok.returncode == 0:
+                break
+            assert head.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"head did not come up: {ok.stderr}"
+            time.sleep(1)
+        # Ray's own default switched authentication on (nothing in the head's environment asked for it)
+        assert "Token authentication is enabled for this Ray cluster" in log.read_text(), log.read_text()
+        yield SimpleNamespace(env=client_env, without_token=without_token, home=home, address=address)
     finally:
         head.terminate()  # --block: the head takes its raylet, GCS and dashboard down with it
         try:
@@ -71,20 +94,51 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(env: dict, sid: str, config: Path) -> subprocess.CompletedProcess:
+def _job_submit(env: dict, *args: str) -> subprocess.CompletedProcess:
     """A blocking `ray job submit`, retried while the head's job agent is still starting."""
     deadline = time.monotonic() + 90
     while True:
-        done = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--submission-id", sid, "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
-                                              "excludes": [".venv/", "demo-out/"]}),
-             "--", "python", "jobs/nightly.py", "--config", str(config)],
-            env=env, capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
+        done = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", *args], env=env, capture_output=True,
+                              text=True, timeout=600, check=False)  # fmt: skip
         if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
             return done
         time.sleep(2)
+
+
+def _submit(env: dict, sid: str, config: Path) -> subprocess.CompletedProcess:
+    """The nightly job, submitted as jobs/nightly.crontab does."""
+    return _job_submit(
+        env, "--submission-id", sid, "--working-dir", str(ROOT),
+        "--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+                                          "excludes": [".venv/", "demo-out/"]}),
+        "--", "python", "jobs/nightly.py", "--config", str(config),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_submit_needs_the_clusters_token(ray_head, tmp_path):
+    """The README's cluster section as a newcomer meets it: without RAY_AUTH_MODE=token (the token file is
+    right there in ~/.ray) the submit is refused with the authentication error; with another machine's token it
+    is refused as invalid; with the cluster's token the job runs, and its driver joins the cluster."""
+    job = ["--", "python", "-c", "import ray; ray.init(); print('joined', len(ray.nodes()), 'node')"]
+
+    refused = _job_submit(ray_head.without_token, "--submission-id", "no-token", *job)
+    assert refused.returncode != 0
+    assert MISSING_TOKEN in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+
+    other = tmp_path / "laptop-token"
+    other.write_text("0" * 64)  # e.g. the token a laptop's own local runs created
+    wrong = _job_submit({**ray_head.env, "RAY_AUTH_TOKEN_PATH": str(other)}, "--submission-id", "wrong-token", *job)
+    assert wrong.returncode != 0
+    assert WRONG_TOKEN in wrong.stdout + wrong.stderr, wrong.stdout + wrong.stderr
+
+    done = _job_submit(ray_head.env, "--submission-id", "with-token", *job)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "joined 1 node" in done.stdout and "succeeded" in done.stdout, done.stdout
+    listed = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=ray_head.env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    assert "with-token" in listed.stdout  # ... and the refused ones never reached the cluster
+    assert "no-token" not in listed.stdout and "wrong-token" not in listed.stdout
 
 
 @pytest.mark.slow
@@ -112,9 +166,9 @@ def test_nightly_job_two_nights_on_a_real_cluster(ray_head, tmp_path):
     for night in ("2026-11-21", "2026-11-22"):
         config = tmp_path / f"{night}.yaml"
         config.write_text(yaml.safe_dump({**base, "date": night}))
-        done = _submit(ray_head, f"nightly-{night}", config)
+        done = _submit(ray_head.env, f"nightly-{night}", config)
         assert done.returncode == 0, done.stdout + done.stderr
-        status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", f"nightly-{night}"], env=ray_head,
+        status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", f"nightly-{night}"], env=ray_head.env,
                                 capture_output=True, text=True, check=False)  # fmt: skip
         assert "succeeded" in (status.stdout + status.stderr).lower()
     history = read_history(str(tmp_path / "history"))
@@ -122,7 +176,7 @@ def test_nightly_job_two_nights_on_a_real_cluster(ray_head, tmp_path):
     assert history["baseline_chunks_computed"].tolist() == [2, 0]  # night 2 reused the baseline's table
     assert history["candidate_chunks_computed"].tolist() == [2, 0]  # ... and the unchanged candidate's
     # the same submission id twice is refused (a double fire of the cron line)
-    again = _submit(ray_head, "nightly-2026-11-22", tmp_path / "2026-11-22.yaml")
+    again = _submit(ray_head.env, "nightly-2026-11-22", tmp_path / "2026-11-22.yaml")
     assert again.returncode != 0
     assert len(read_history(str(tmp_path / "history"))) == 2
 
@@ -144,3 +198,58 @@ def test_cluster_yaml_validates_against_the_autoscaler_schema():
     typo["max_worker"] = typo.pop("max_workers")
     with pytest.raises(Exception, match="max_worker"):
         validate_config(prepare_config(typo))
+
+
+def test_cluster_yaml_gives_every_node_the_token(tmp_path):
+    """`ray up cluster.yaml` copies the local token (~/.ray/auth_token) to one path on every node, every `ray start`
+    runs with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH naming that path, and shells on the nodes get both.
+    The commands are run as written by bash, with a stand-in `ray` that records what `ray start` would see (from
+    an environment without any RAY_AUTH_* variable, so only the commands themselves can set them)."""
+    text = (ROOT / "cluster.yaml").read_text()
+    config = yaml.safe_load(text)
+    (token_path,) = (remote for remote, local in config["file_mounts"].items() if local == "~/.ray/auth_token")
+    assert token_path.startswith("/"), "an absolute path: `~` is /home/ray inside the container, not /home/ubuntu"
+    assert "RAY_AUTH_TOKEN=" not in text, "the token travels as a file, never inside the config"
+
+    bin_dir, home, seen = tmp_path / "bin", tmp_path / "home", tmp_path / "seen"
+    bin_dir.mkdir()
+    home.mkdir()
+    fake = bin_dir / "ray"
+    fake.write_text('#!/bin/sh\n[ "$1" = start ] && echo "$RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH" >> "$SEEN"\nexit 0\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "SEEN": str(seen), "RAY_HEAD_IP": "10.0.0.1"}
+
+    def run(command: str) -> None:
+        subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, check=False, timeout=30)
+
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if "ray start" in c]  # fmt: skip
+    assert len(starts) == 2
+    for command in starts:
+        run(command)
+    assert seen.read_text().splitlines() == [f"token {token_path}"] * 2
+
+    shell_setup = [c for c in config["setup_commands"] if ".bashrc" in c]
+    assert shell_setup, "no setup command gives the nodes' shells the token"
+    for _ in range(2):  # `ray up` runs setup commands again on every update: the line is added once
+        for command in shell_setup:
+            run(command)
+    assert (home / ".bashrc").read_text().count("RAY_AUTH_MODE") == 1
+    shell = subprocess.run(["bash", "-c", "source ~/.bashrc; echo $RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH"], env=env,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert shell.stdout.split() == ["token", token_path]
+
+
+def test_scheduled_submissions_carry_the_token():
+    """The crontab submits with RAY_AUTH_MODE=token (the token from the cron user's ~/.ray/auth_token or
+    RAY_AUTH_TOKEN_PATH); the KubeRay RayJob and RayCronJob ask the operator for token authentication
+    (``rayClusterSpec.authOptions.mode: token``: KubeRay >= 1.5.1 makes the Secret and gives the token to every
+    Ray container and to the submitter)."""
+    crontab = (ROOT / "jobs" / "nightly.crontab").read_text().splitlines()
+    assert "RAY_AUTH_MODE=token" in crontab
+    assert not any("RAY_AUTH_MODE=disabled" in line for line in crontab if not line.startswith("#"))
+    rayjob = yaml.safe_load((ROOT / "jobs" / "kuberay-rayjob.yaml").read_text())
+    cronjob = yaml.safe_load((ROOT / "jobs" / "kuberay-raycronjob.yaml").read_text())
+    for spec in (rayjob["spec"]["rayClusterSpec"], cronjob["spec"]["jobTemplate"]["rayClusterSpec"]):
+        assert spec["authOptions"] == {"mode": "token"}
+        assert tuple(int(p) for p in spec["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth needs Ray >= 2.52
