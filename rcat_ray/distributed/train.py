@@ -526,7 +526,7 @@ def _maybe_wait_at_gate(epoch: int, rank: int) -> None:
     if not folder or epoch == 0:
         return
     gate = Path(folder)
-    here = _worker_identity(rank, 0)
+    here = _worker_identity(rank, 0, 0)
     (gate / f"arrived-e{epoch}-r{rank}-p{os.getpid()}").write_text(json.dumps(here))
     deadline = time.monotonic() + 600
     while not (gate / f"open-e{epoch}").exists():
