@@ -3,7 +3,9 @@
 Every flag is a shortcut for a config key (shown in ``--help``); flags override the YAML file. Exit codes
 are a contract with scripts and schedulers: 0 done, 1 a nightly gate failed, 2 input that cannot run (one
 clear message, before Ray starts or any attack runs), 3 an incomplete run that the same command continues,
-130 / 143 interrupted by Ctrl+C / SIGTERM (what was kept is said in one line).
+4 a run that failed after its inputs were accepted (a worker crashed, the store could not be written: one line
+with the cause; what finished is kept), 130 / 143 interrupted by Ctrl+C / SIGTERM (what was kept is said in
+one line). ``nightly`` keeps its own contract (0 pass, 1 a gate failed, 2 the night could not run).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from rcat_ray.config import (
 )
 
 EXIT_INCOMPLETE = 3
+#: A run that failed after its inputs were accepted (see :func:`rcat_ray.errors.is_run_failure`).
+EXIT_RUN_FAILED = 4
 
 #: flag -> (dotted config key, type, help). Shared by evaluate and compare.
 _SETTING_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -533,7 +537,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     """Exit codes are the contract with cron/CI: 0 pass, 1 a gate failed, 2 the night could not run."""
     import traceback
 
-    from rcat_ray.errors import USER_ERRORS
+    from rcat_ray.errors import RUN_ERRORS, USER_ERRORS, describe_failure, is_run_failure
     from rcat_ray.nightly import EXIT_COULD_NOT_RUN, NightlyError, run_nightly
 
     try:
@@ -552,7 +556,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     except (*USER_ERRORS, NightlyError) as err:
         print(f"rcat-ray nightly: could not run: {err}", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
-    except Exception:  # noqa: BLE001 - any crash means "could not run" (2), never "gate failed" (1)
+    except Exception as err:  # noqa: BLE001 - any crash means "could not run" (2), never "gate failed" (1)
+        if is_run_failure(err):  # a worker or the store failed: one line with the cause, the traceback in the log
+            _log_failure(args, err)
+            message = describe_failure(err) if not isinstance(err, RUN_ERRORS) else str(err)
+            print(f"rcat-ray nightly: could not run: {_one_line(message)}", file=sys.stderr)
+            return EXIT_COULD_NOT_RUN
         traceback.print_exc()
         print("rcat-ray nightly: could not run (unexpected error above)", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
@@ -600,14 +609,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_log_file(path: str) -> None:
-    """Progress and log lines also go to ``path`` (appended), with timestamps."""
+    """Progress and log lines also go to ``path`` (appended), with timestamps and without colour codes, and so
+    does what the quiet mode holds back from the terminal (lines forwarded from Ray's workers, Ray's own
+    warnings and errors, the traceback behind a one-line failure message)."""
+    from rcat_ray.quiet import PlainFormatter, add_log_handler
+
     file = Path(path).expanduser()
     file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logging.getLogger().addHandler(handler)
     logging.getLogger("rcat_ray.progress").addHandler(handler)
+    add_log_handler(handler)
 
 
 def _configure_output(args: argparse.Namespace) -> None:
@@ -653,13 +667,44 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     return exit_status(interrupt_signal_name(err))
 
 
+def _one_line(text: str) -> str:
+    """A message as one line without colour codes (an exception's text may span lines and carry Ray's colours)."""
+    from rcat_ray.quiet import strip_ansi
+
+    return "; ".join(line.strip() for line in strip_ansi(text).splitlines() if line.strip())
+
+
+def _log_failure(args: argparse.Namespace, err: BaseException) -> None:
+    """The whole traceback of a failed run: in the ``--log-file``, and on stderr with ``--verbose``."""
+    import traceback
+
+    from rcat_ray.quiet import LOG_FILE_ONLY, is_terminal, strip_ansi
+
+    LOG_FILE_ONLY.error("rcat-ray %s: the run failed", args.command, exc_info=err)
+    if getattr(args, "verbose", False):
+        text = "".join(traceback.format_exception(err))
+        sys.stderr.write(text if is_terminal(sys.stderr) else strip_ansi(text))
+
+
+def _run_failed(args: argparse.Namespace, err: BaseException) -> int:
+    """A run that failed after its inputs were accepted: one line with the cause, exit status 4."""
+    from rcat_ray.errors import RUN_ERRORS, describe_failure
+
+    _log_failure(args, err)
+    # our own run errors already name their cause (and say what was kept); anything else is described by
+    # the exception at the bottom of its chain (the OSError in a worker, not Ray's wrapper around it)
+    message = str(err) if isinstance(err, RUN_ERRORS) else describe_failure(err)
+    print(f"rcat-ray {args.command}: run failed: {_one_line(message)}", file=sys.stderr)
+    return EXIT_RUN_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rcat_ray.quiet import configure_quiet
 
     configure_quiet(getattr(args, "verbose", False))
     _configure_output(args)
-    from rcat_ray.errors import USER_ERRORS
+    from rcat_ray.errors import USER_ERRORS, is_run_failure
     from rcat_ray.interrupts import sigterm_as_interrupt
     from rcat_ray.workflows import IncompleteRunError
 
@@ -682,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
     except IncompleteRunError as err:
         print(f"rcat-ray {args.command}: {err}", file=sys.stderr)
         return EXIT_INCOMPLETE
+    except Exception as err:
+        if not is_run_failure(err):  # a bug: its traceback is what helps
+            raise
+        return _run_failed(args, err)
 
 
 def run() -> None:

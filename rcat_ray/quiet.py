@@ -28,6 +28,23 @@ Each kind of noise is silenced where it comes from, never by lowering what goes 
 * Deprecation and future warnings that third-party code raises (torch's ``torch.jit.interface``, timm's
   old module paths, robustbench's ``pkg_resources``, Ray's own): ``warnings`` filters, unless the user
   chose filters with ``-W`` or ``PYTHONWARNINGS``.
+* Lines Ray forwards from its workers (``log_to_driver``) that only concern Ray's own machinery: every line
+  of Ray Train's controller (in quiet mode it logs only errors, and a failed run reaches the caller as an
+  exception, which the CLI reports in one line) and of its placement-group cleaner, Python tracebacks
+  printed by any worker (the failure they belong to is reported the same way), and Ray Train's per-report
+  line. Ray prints forwarded lines itself (``ray._private.worker.print_worker_logs``, which has no public
+  hook): :func:`before_ray_init` wraps it, so each batch of lines is split into what the terminal shows and
+  what is held back, and everything, shown or held back, also goes to the ``--log-file``
+  (:func:`add_log_handler`). Ray Data's log records that announce a failed execution (its exception then
+  reaches the caller) are dropped from its console handler only.
+
+Colour codes never reach a pipe or a file, in either mode. Ray wraps the prefix of each forwarded line
+(``(RayTrainWorker pid=...)``) in ANSI colours whatever its output is; ``RAY_COLOR_PREFIX=0``, Ray's own
+switch, turns that off and is set when stdout or stderr is not a terminal (a user's explicit choice stays).
+What the switch does not reach (the ``[repeated 3x across cluster]`` note of Ray's log deduplication, the
+coloured ``ray::Actor.method()`` header of a remote traceback, the dashboard URL) is stripped: from
+forwarded lines by the wrapper above, from Ray's driver-side console handlers by a filter, from the
+``--log-file`` by its formatter (:class:`PlainFormatter`) and, last, by the stderr filter process.
 
 Library users who never call :func:`configure_quiet` keep every default of Ray and Python.
 """
@@ -38,9 +55,12 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 import warnings
+from typing import Any
 
 #: Lines that C++ code writes to the driver's stderr and that never need the user's attention (regexes).
 HARMLESS_NATIVE_LINES: tuple[str, ...] = (
@@ -77,7 +97,107 @@ _AUTH_NOTICES = _DropMessages(
 _RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 _BARS_OFF_NOTICE = _DropMessages("Progress bars disabled")
 
-_state: dict = {"verbose": None, "native_filter": None}
+#: Ray Data's log records that announce a failed execution; the exception itself reaches the caller (the CLI
+#: says it in one line), so in quiet mode they are dropped from Ray Data's console handler (its file keeps them).
+_RAY_DATA_FAILURE_NOTICES = _DropMessages(
+    "An exception was raised from a task of operator", "Exception occurred in user code",
+    "Exception occurred in Ray Data or Ray Core internal code", "Full stack trace",
+)  # fmt: skip
+
+_state: dict = {
+    "verbose": None, "native_filter": None, "terminal": {}, "log_handlers": [], "worker_logs": None,
+}  # fmt: skip
+
+# -- colour codes --------------------------------------------------------------------------------------------
+#: An ANSI escape sequence (CSI ... final byte, or a two-byte escape): what colours a line in a terminal.
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-_])")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences (colours, bold, resets)."""
+    return ANSI_ESCAPE.sub("", text) if "\x1b" in text else text
+
+
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is shown in a terminal. For stdout and stderr the answer recorded by
+    :func:`configure_quiet` counts: once the stderr filter runs, file descriptor 2 is a pipe even when the
+    user looks at a terminal."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest's capture, a StringIO: not a terminal
+        return False
+    known = _state["terminal"].get(fd)
+    if known is not None:
+        return known
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+class PlainFormatter(logging.Formatter):
+    """A formatter whose output never holds colour codes (for log files: lines from Ray may carry them)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return strip_ansi(super().format(record))
+
+
+class _StripAnsi(logging.Filter):
+    """A handler filter that removes colour codes from a record's message (Ray's console handlers when stderr
+    is not a terminal). The record is changed in place, so later handlers see the plain text too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\x1b" in message:
+            record.msg, record.args = strip_ansi(message), None
+        return True
+
+
+_STRIP_ANSI = _StripAnsi()
+
+
+# -- the --log-file --------------------------------------------------------------------------------------------
+#: Lines Ray forwards from its workers, shown or held back: they reach the log file through this logger (the
+#: terminal gets the shown ones from Ray's own printing). It never propagates: the console has them already.
+WORKER_LOG = logging.getLogger("rcat_ray.workers")
+WORKER_LOG.propagate = False
+WORKER_LOG.setLevel(logging.INFO)
+#: Records for the log file only (the traceback of a failed run whose one-line message the user already got).
+LOG_FILE_ONLY = logging.getLogger("rcat_ray.log_file")
+LOG_FILE_ONLY.propagate = False
+LOG_FILE_ONLY.setLevel(logging.DEBUG)
+for _logger in (WORKER_LOG, LOG_FILE_ONLY):  # without a log file their records go nowhere, never to stderr
+    _logger.addHandler(logging.NullHandler())  # (a logger without any handler falls back to logging.lastResort)
+#: Ray's driver-side loggers do not propagate to the root logger; warnings and errors they log reach the log
+#: file through a handler attached to them once Ray has configured them (their INFO chatter stays out).
+_RAY_LOGGERS = ("ray", "ray.data")
+
+
+class _RayWarningsOnly(logging.Filter):
+    """A log-file handler filter: from Ray's own loggers only warnings and errors; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not (record.name == "ray" or record.name.startswith("ray."))
+
+
+def add_log_handler(handler: logging.Handler) -> None:
+    """Send what the terminal shows and what quiet mode holds back to ``handler`` as well (the CLI's
+    ``--log-file``): forwarded worker lines, the traceback behind a one-line failure message, and Ray's own
+    warnings and errors (attached to Ray's loggers once Ray has configured them, see :func:`after_ray_init`)."""
+    handler.addFilter(_RayWarningsOnly())
+    _state["log_handlers"].append(handler)
+    for logger in (WORKER_LOG, LOG_FILE_ONLY):
+        logger.addHandler(handler)
+    if "ray" in sys.modules:
+        _attach_log_handlers_to_ray()
+
+
+def _attach_log_handlers_to_ray() -> None:
+    for name in _RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in _state["log_handlers"]:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
 
 
 def configure_quiet(verbose: bool) -> None:
@@ -89,6 +209,14 @@ def configure_quiet(verbose: bool) -> None:
     with ``verbose=True`` lifts the logger filter, but warnings filters and a running stderr filter stay.
     """
     _state["verbose"] = bool(verbose)
+    for fd in (1, 2):  # before the stderr filter makes fd 2 a pipe
+        try:
+            _state["terminal"][fd] = os.isatty(fd)
+        except OSError:
+            _state["terminal"][fd] = False
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        # Ray's own switch for the colour of forwarded lines' prefixes (read when it prints; a user's choice stays)
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     for name, notice in ((_AUTH_LOGGER, _AUTH_NOTICES), (_RAY_DATA_PROGRESS_LOGGER, _BARS_OFF_NOTICE)):
         logger = logging.getLogger(name)  # filters set before Ray imports the module that logs: nothing missed
         logger.removeFilter(notice)
@@ -130,12 +258,16 @@ def train_run_options() -> dict:
 
 
 def before_ray_init() -> None:
-    """Start the stderr filter for the C++ lines the driver's core worker writes, when quiet.
+    """Start the stderr filter for the C++ lines the driver's core worker writes, when quiet, and route the
+    lines Ray forwards from its workers (see :func:`route_worker_logs`), when configured.
 
-    Started before ``ray.init`` so the core worker (created there) already writes into it.
+    Started before ``ray.init`` so the core worker (created there) already writes into the filter, and Ray's
+    log thread (started there) already prints through the router.
     """
     if is_quiet():
         _start_native_filter()
+    if is_configured():
+        route_worker_logs()
 
 
 def after_ray_init() -> None:
@@ -157,6 +289,115 @@ def after_ray_init() -> None:
         for handler in logging.getLogger("ray.data").handlers:
             if handler.get_name() == "console":  # its "file" handler (ray-data.log) keeps every level
                 handler.setLevel(logging.WARNING)
+                if _RAY_DATA_FAILURE_NOTICES not in handler.filters:
+                    handler.addFilter(_RAY_DATA_FAILURE_NOTICES)
+    if not is_terminal(sys.stderr):  # Ray's console handlers write to stderr: no colour codes in a pipe or file
+        for name in _RAY_LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                if handler.get_name() != "file" and _STRIP_ANSI not in handler.filters:
+                    handler.addFilter(_STRIP_ANSI)
+    _attach_log_handlers_to_ray()
+
+
+# -- lines forwarded from Ray's workers ------------------------------------------------------------------------
+#: Ray's own actors: what they print concerns Ray (held back when quiet, kept in the log file).
+RAY_INTERNAL_ACTORS: tuple[str, ...] = ("TrainController", "PlacementGroupCleaner")
+#: Single forwarded lines held back when quiet (regexes on the line without its prefix).
+HELD_BACK_LINES: tuple[str, ...] = (r"Reporting training result \d+: TrainingReport",)
+_HELD_BACK = re.compile("|".join(HELD_BACK_LINES))
+#: How a Python traceback goes on after its first line: indented frames, the chaining notes, blank lines, the
+#: exception line (``ValueError: ...``, ``ray.exceptions.GetTimeoutError: ...``).
+_TRACEBACK_START = ("Traceback (most recent call last):", "The above exception was the direct cause",
+                    "During handling of the above exception")  # fmt: skip
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Interrupted|Warning)\b")
+
+
+class WorkerLineRouter:
+    """Decides, line by line, which forwarded lines quiet mode holds back; keeps the state a traceback needs
+    (its lines arrive one per line, possibly in several batches, per worker)."""
+
+    def __init__(self):
+        self._in_traceback: set[tuple[Any, Any]] = set()
+        self._lock = threading.Lock()
+
+    def held_back(self, data: dict, line: str) -> bool:
+        source = data.get("pid")
+        if source in ("autoscaler", "raylet"):  # the cluster's own notices: resources, node failures
+            return False
+        text = strip_ansi(line)
+        key = (data.get("ip"), source)
+        with self._lock:
+            if text.startswith(_TRACEBACK_START):
+                self._in_traceback.add(key)
+                return True
+            if key in self._in_traceback:
+                if not text.strip() or text[:1].isspace() or _EXCEPTION_LINE.match(text):
+                    return True
+                self._in_traceback.discard(key)
+        name = data.get("actor_name") or data.get("task_name") or ""
+        return name.startswith(RAY_INTERNAL_ACTORS) or bool(_HELD_BACK.search(text))
+
+
+class _ForwardedLines:
+    """Where Ray's ``print_worker_logs`` writes one run of lines: the console stream (``None`` for lines held
+    back), without colour codes unless that stream is a terminal, and the log file, always without them."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            self.stream.write(text if is_terminal(self.stream) else strip_ansi(text))
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            WORKER_LOG.info(strip_ansi(line))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+
+def route_worker_logs() -> bool:
+    """Wrap Ray's printer of forwarded worker lines (once per process): held-back lines go to the log file
+    only (to the terminal too with ``--verbose``), shown lines to both, colour codes only to a terminal.
+
+    Ray 2.60 prints every batch of forwarded lines, and the last ones when it shuts down, through
+    ``ray._private.worker.print_worker_logs(data, print_file, ignore_prefix)``; wrapping that one function
+    keeps Ray's own formatting, deduplication and tqdm handling. Returns False (and leaves Ray as it is)
+    where that function is missing: ``RAY_COLOR_PREFIX`` and the stderr filter still apply then.
+    """
+    if _state["worker_logs"] is not None:
+        return True
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return False
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if not callable(original):
+        return False
+    router = WorkerLineRouter()
+
+    def print_worker_logs(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
+        lines = list(data.get("lines") or ())
+        runs: list[tuple[bool, list[str]]] = []  # consecutive lines with the same fate, in order
+        for line in lines:
+            held = is_quiet() and router.held_back(data, line)
+            if runs and runs[-1][0] == held:
+                runs[-1][1].append(line)
+            else:
+                runs.append((held, [line]))
+        if not runs:  # nothing to print: Ray's own bookkeeping (its tqdm bars) all the same
+            original(data, print_file, ignore_prefix)
+        for held, group in runs:
+            original(dict(data, lines=group), _ForwardedLines(None if held else print_file), ignore_prefix)
+
+    print_worker_logs.__wrapped__ = original  # type: ignore[attr-defined]
+    ray_worker.print_worker_logs = print_worker_logs
+    _state["worker_logs"] = (ray_worker, original)
+    return True
 
 
 # -- the filter of file descriptor 2 ---------------------------------------------------------------------
@@ -166,6 +407,8 @@ _FILTER_PROGRAM = r"""
 import os, re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 pattern = re.compile("|".join(sys.argv[1:]).encode())
+plain = not os.isatty(1)  # colour codes only into a terminal
+ansi = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-_])")
 writable = True
 def put(data):
     global writable
@@ -182,9 +425,9 @@ while True:
     *lines, pending = (pending + data).split(b"\n")
     kept = b"".join(line + b"\n" for line in lines if not pattern.search(line))
     if kept:
-        put(kept)
+        put(ansi.sub(b"", kept) if plain else kept)
 if pending and not pattern.search(pending):
-    put(pending)
+    put(ansi.sub(b"", pending) if plain else pending)
 """
 
 

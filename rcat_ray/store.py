@@ -30,6 +30,7 @@ scratch, a comparison from its two tables). Nothing is deleted, so a false alarm
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -190,9 +191,14 @@ class ResultStore:
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, final)
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, final)
+        except BaseException:  # a full disk, a folder that went away: no half-written file stays behind
+            with contextlib.suppress(Exception):
+                self.fs.delete_file(tmp)
+            raise
 
     def put_bytes(self, rel: str, data: bytes) -> bool:
         """Write an artifact unless it already exists (content addressing makes it identical)."""

@@ -54,6 +54,7 @@ from rcat_ray.evaluation import (
     resolve_device,
     run_chunk,
 )
+from rcat_ray.failures import describe_failure
 from rcat_ray.interrupts import EvaluationInterrupted, interrupt_signal_name
 from rcat_ray.progress import Progress
 from rcat_ray.progress import log as progress_log
@@ -359,7 +360,8 @@ def _run_chunks_on_ray(
     except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM as Terminated: release the pool, then say what is kept
         interrupted = interrupt_signal_name(err)
     except Exception as err:  # noqa: BLE001 - re-raised below, once the pipeline can be released
-        failure = f"{type(err).__name__}: {err}"
+        # one line naming the cause (the OSError in the worker), not Ray's traceback text around it
+        failure = describe_failure(err)
     if failure is not None or interrupted is not None:
         # The exception's traceback holds the pipeline, whose actors keep their CPUs/GPUs for as long as it
         # lives (a caller that keeps the error would starve later Ray work): drop every reference to it,
@@ -377,7 +379,7 @@ def _run_chunks_on_ray(
         raise EvaluationInterrupted(stored, total, interrupted) from None
     if failure is not None:
         raise EvaluationRunError(
-            f"the evaluation stopped: {failure}\nfinished chunks are stored; run again to compute the rest"
+            f"the evaluation stopped: {failure}; finished chunks are stored; run again to compute the rest"
         )
     progress.close()
     log.info("computed %d chunks", len(finished))
