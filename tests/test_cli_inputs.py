@@ -131,7 +131,7 @@ def test_finetune_checks_inputs_before_ray(digits_checkpoints, tmp_path, no_comp
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: digits, split: train, val_size: 1297}\n")
     assert main([*base, "--new", str(digits_checkpoints["new"]), "--config", str(cfg)]) == 2
-    assert "val_size=1297 is not below the training file's 1297 samples" in capsys.readouterr().err
+    assert "val_size=1297 is not below the 1297 samples of scikit-learn's digits" in capsys.readouterr().err
     assert not (tmp_path / "rr").exists() and not (tmp_path / "ft").exists()
 
 
