@@ -4,7 +4,7 @@ Two mechanisms make a worker's share of a global batch act as part of the whole:
 the global batch's mask counts (:func:`rcat_ray.core.finetune.group_sum`), and BatchNorm takes the global batch's
 statistics (:mod:`rcat_ray.core.batchnorm`: torch's SyncBatchNorm on CUDA, an all-reduce on CPU, where torch has
 none). Each is checked against one process here, in real ``torch.distributed`` process groups, and end to end on
-Ray Train (1 vs 2 workers, a BatchNorm ResNet, RCAT masked).
+Ray Train (1 vs 2 and 4 workers, a BatchNorm ResNet, RCAT masked, over three steps: see SHORT_RUN_TOLERANCE).
 """
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ from rcat_ray.core.models import build_architecture
 
 #: What "the same" means for one BatchNorm step: float32 rounding of sums taken in another order (below 1e-6).
 TOLERANCE = 1e-5
-#: ...and for a trained model. Rounding differences of 1e-7 in the BatchNorm sums can flip a discrete decision
-#: (the sign of an FGSM gradient component, an argmax mask), which the following steps carry on: measured 6e-7 to
-#: 4.5e-4 depending on the parents, against 0.125 with per-worker statistics and 0.21 with per-share mask counts.
-TRAINED_TOLERANCE = 2e-3
+#: ...and for a few training steps. Data-parallel float32 adds the workers' gradients in another order than one
+#: process does (5e-7 on a first conv layer's gradient at step 0), and training carries such differences on. Over
+#: a few steps they stay at that size; over an epoch one of them can push a BatchNorm output that lies within 1e-7
+#: of zero across a ReLU, after which the steps differ by 1e-3 and FGSM signs flip: the same digits ResNet fine-tuned
+#: in one process from weights perturbed by 1e-8 (relative) ends 0.024-0.037 away in 3 of 8 seeds, and 1 vs 4
+#: workers measured 0.037 over an epoch for exactly that reason (one element at -1.25e-7 against +3.4e-7; shifting
+#: that element alone brings them to 5.7e-7). So the end-to-end check runs three steps, where rounding is what it
+#: is, and checks the arithmetic, not the luck of a long run; the epoch-long equality holds "up to float rounding
+#: and its amplification", as the README says.
+SHORT_RUN_TOLERANCE = 1e-5
 
 
 def test_masked_rcat_over_shares_with_global_counts_is_the_global_batch_loss():
@@ -196,28 +202,34 @@ def _state(path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_one_and_two_ray_workers_train_the_same_batchnorm_resnet_with_masked_rcat(ray_session, tmp_path,
-                                                                                   resnet_parents):  # fmt: skip
-    """RCAT with ``masked`` normalisation on a BatchNorm ResNet: one process and 2 Ray Train workers end at the
-    same weights and BatchNorm running statistics (within TRAINED_TOLERANCE); 1097 digits at batch 64 leave a last
-    global batch of 9, split 5 + 4. With per-worker statistics (``batchnorm: per-worker``) they do not."""
-    one = _finetune(tmp_path / "one", resnet_parents, 0)
-    two = _finetune(tmp_path / "two", resnet_parents, 2)
-    w1, w2, start = _state(one.checkpoint), _state(two.checkpoint), _state(resnet_parents["new"])
+def test_one_two_and_four_ray_workers_train_the_same_batchnorm_resnet_with_masked_rcat(ray_session, tmp_path,
+                                                                                       resnet_parents):  # fmt: skip
+    """RCAT with ``masked`` normalisation on a BatchNorm ResNet: one process, 2 and 4 Ray Train workers end at the
+    same weights and BatchNorm running statistics (within SHORT_RUN_TOLERANCE) after three steps on 137 digits at
+    batch 64, whose last global batch of 9 splits 5 + 4 and 3 + 2 + 2 + 2. With per-worker statistics
+    (``batchnorm: per-worker``) they do not. Each of the 4 workers reads part of the set, not all of it."""
+    short = {"data": {"name": "digits", "split": "train", "limit": 137}}
+    one = _finetune(tmp_path / "one", resnet_parents, 0, **short)
+    two = _finetune(tmp_path / "two", resnet_parents, 2, **short)
+    four = _finetune(tmp_path / "four", resnet_parents, 4, cpus_per_worker=0.5, **short)  # 4 workers on 2 CPUs
+    w1, start = _state(one.checkpoint), _state(resnet_parents["new"])
     assert any(k.endswith("running_var") for k in w1)
-    worst = 0.0
-    for key in w1:
-        if w1[key].is_floating_point():
-            assert not torch.equal(w1[key], start[key]), f"{key} did not train"
-            worst = max(worst, float((w1[key] - w2[key]).abs().max()))
-        else:
-            assert torch.equal(w1[key], w2[key]), key  # num_batches_tracked
-    print(f"1 vs 2 workers, RCAT masked, BatchNorm ResNet: largest difference {worst:.3g}")
-    assert worst <= TRAINED_TOLERANCE, f"largest weight difference {worst:.3g}"
+    for n, other in ((2, two), (4, four)):
+        wn, worst = _state(other.checkpoint), 0.0
+        for key in w1:
+            if w1[key].is_floating_point():
+                assert not torch.equal(w1[key], start[key]), f"{key} did not train"
+                worst = max(worst, float((w1[key] - wn[key]).abs().max()))
+            else:
+                assert torch.equal(w1[key], wn[key]), key  # num_batches_tracked
+        print(f"1 vs {n} workers, RCAT masked, BatchNorm ResNet, 3 steps: largest difference {worst:.3g}")
+        assert worst <= SHORT_RUN_TOLERANCE, f"1 vs {n} workers: largest weight difference {worst:.3g}"
     manifest = two.manifest.read_text()
     assert '"statistics": "global"' in manifest and '"model_has_batchnorm": true' in manifest
-    apart = _finetune(tmp_path / "apart", resnet_parents, 2, batchnorm="per-worker")
+    read = [w["bytes_read"] for w in four.history[0]["workers"]]
+    assert len(read) == 4 and all(r > 0 for r in read), read
+    apart = _finetune(tmp_path / "apart", resnet_parents, 2, batchnorm="per-worker", **short)
     w3 = _state(apart.checkpoint)
     per_worker = max(float((w1[k] - w3[k]).abs().max()) for k in w1 if w1[k].is_floating_point())
     print(f"1 vs 2 workers with per-worker BatchNorm statistics: largest difference {per_worker:.3g}")
-    assert per_worker > 10 * TRAINED_TOLERANCE
+    assert per_worker > 10 * SHORT_RUN_TOLERANCE
