@@ -355,7 +355,9 @@ class RowSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def iter_batches(self, batch_size: int, positions: Any = None, *, cache_bytes: int = ...) -> Iterator[Any]: ...
+    def iter_batches(
+        self, batch_size: int, positions: Any = None, *, cache_bytes: int = ..., batch_sizes: Any = None
+    ) -> Iterator[Any]: ...
 
 
 #: Stored (uint8) bytes of decoded row groups a worker keeps between batches (default of ``read_cache_mib``).
@@ -401,22 +403,18 @@ class StreamedGlobalBatches:
         return prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
 
     def _read(self, shares: list[tuple[int, torch.Tensor, int, int]]) -> Iterator[Batch]:
-        # iter_batches takes one batch size: consecutive shares of equal size are read in one call (usually
-        # every share but the last global batch's), so the LRU cache serves the whole run
+        # one pass over the epoch's positions with one cache, each share a batch of its own size (the last global
+        # batch's share is usually smaller: a second pass would start with an empty cache and read groups again)
+        if not shares:
+            return
         s = self.sampler
-        start = 0
-        while start < len(shares):
-            size = shares[start][1].numel()
-            stop = start
-            while stop < len(shares) and shares[stop][1].numel() == size:
-                stop += 1
-            run = shares[start:stop]
-            positions = torch.cat([idx for _, idx, _, _ in run]).numpy()
-            reader = self.samples.iter_batches(size, positions=positions, cache_bytes=self.cache_bytes)
-            for (index, _, offset, global_size), (x, y, ids) in zip(run, reader, strict=True):
-                self.rows_read += int(y.shape[0])
-                yield _share_batch(s, index, x, y, ids, offset, global_size, self.augment)
-            start = stop
+        positions = torch.cat([idx for _, idx, _, _ in shares]).numpy()
+        sizes = [idx.numel() for _, idx, _, _ in shares]
+        reader = self.samples.iter_batches(sizes[0], positions=positions, cache_bytes=self.cache_bytes,
+                                           batch_sizes=sizes)  # fmt: skip
+        for (index, _, offset, global_size), (x, y, ids) in zip(shares, reader, strict=True):
+            self.rows_read += int(y.shape[0])
+            yield _share_batch(s, index, x, y, ids, offset, global_size, self.augment)
 
 
 T = TypeVar("T")

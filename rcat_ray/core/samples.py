@@ -876,6 +876,7 @@ class SampleSet:
         drop_last: bool = False,
         cache_bytes: int = 256 * 2**20,
         verify: bool = True,
+        batch_sizes: Sequence[int] | None = None,
     ) -> Iterator[Batch]:
         """Batches of (images, labels, sample_ids) over ``positions`` (default: all, in order) for training.
 
@@ -887,24 +888,36 @@ class SampleSet:
         within windows of row groups smaller than the cache (``rcat_ray.core.finetune.ShuffleWindow``), reads
         every group once whatever the set's size. A fully random order over a set far larger than the cache
         reads about one group per row. Only a single batch whose groups exceed the cache makes it overflow.
+        ``batch_sizes`` (summing to the number of positions) gives each batch its own size instead, in one pass
+        with one cache (a fine-tune's last global batch is often smaller than the others).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         pos = np.arange(len(self)) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
         if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
             raise IndexError(f"positions outside the set's {len(self)} rows ({self.uri})")
+        if batch_sizes is None:
+            bounds = np.arange(0, len(pos) + batch_size, batch_size).clip(max=len(pos))
+            bounds = bounds[: int(np.searchsorted(bounds, len(pos))) + 1]
+        else:
+            bounds = np.concatenate([[0], np.cumsum(np.asarray(batch_sizes, dtype=np.int64))])
+            if bounds[-1] != len(pos) or (np.diff(bounds) < 1).any():
+                raise ValueError(f"batch_sizes must be positive and add up to the {len(pos)} positions")
         rpg = self.info.rows_per_group
         groups_of = pos // rpg
-        # the batch after which each group is needed no more (first occurrence in the reversed order)
+        # the batch after which each group is needed no more (its last occurrence: first in the reversed order)
         uniq, first_from_end = np.unique(groups_of[::-1], return_index=True)
-        last_batch = dict(zip(uniq.tolist(), ((len(pos) - 1 - first_from_end) // batch_size).tolist(), strict=True))
+        last_row = len(pos) - 1 - first_from_end
+        last_batch = dict(zip(uniq.tolist(), (np.searchsorted(bounds, last_row, side="right") - 1).tolist(),
+                              strict=True))  # fmt: skip
         cache: OrderedDict[int, _Group] = OrderedDict()
         held = 0
-        for b, lo in enumerate(range(0, len(pos), batch_size)):
-            batch = pos[lo : lo + batch_size]
-            if drop_last and len(batch) < batch_size:
+        for b in range(len(bounds) - 1):
+            lo, hi = int(bounds[b]), int(bounds[b + 1])
+            batch = pos[lo:hi]
+            if drop_last and batch_sizes is None and len(batch) < batch_size:
                 return
-            gids = groups_of[lo : lo + batch_size]
+            gids = groups_of[lo:hi]
             needed = dict.fromkeys(gids.tolist())
             missing = [g for g in needed if g not in cache]
             if missing:
