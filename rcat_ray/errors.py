@@ -14,7 +14,7 @@ from rcat_ray.core.identity import RunIdentityError
 from rcat_ray.core.losses import LossConfigError
 from rcat_ray.core.models import ModelError
 from rcat_ray.evaluation import EvaluationInputError, EvaluationRunError
-from rcat_ray.failures import _from_ray, describe_failure
+from rcat_ray.failures import RayStartError, _from_ray, describe_failure
 from rcat_ray.selection import SelectionError, SweepFailedError
 from rcat_ray.store import StoreError
 
@@ -25,7 +25,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 
 #: Our own errors of a run that failed after its inputs were accepted; their message names the cause and says
 #: what was kept (a chunk that failed on a worker, every trial of a sweep failed).
-RUN_ERRORS: tuple[type[Exception], ...] = (EvaluationRunError, SweepFailedError)
+RUN_ERRORS: tuple[type[Exception], ...] = (EvaluationRunError, SweepFailedError, RayStartError)
 
 __all__ = ["RUN_ERRORS", "USER_ERRORS", "describe_failure", "is_run_failure"]
 

@@ -16,6 +16,12 @@ import re
 
 from rcat_ray.quiet import strip_ansi
 
+
+class RayStartError(RuntimeError):
+    """Ray could not be started or joined (a local instance that timed out on a loaded machine, a cluster that
+    cannot be reached): a run failure, reported in one line, not a bug."""
+
+
 #: The longest description returned (a Ray error's text can hold a whole actor state dump).
 MAX_CHARS = 600
 

@@ -111,6 +111,30 @@ def test_run_failures_and_input_errors_are_told_apart():
     assert len({0, 1, 2, EXIT_INCOMPLETE, EXIT_RUN_FAILED, 130, 143}) == 7
 
 
+def test_ray_that_cannot_start_is_a_run_failure_in_one_line(monkeypatch):
+    """On a loaded machine a local Ray can time out at startup (Ray raises a bare ``Exception``: seen by the
+    rehearsal bench, where ``compare`` then printed 30 lines of traceback and exited 1): it is a run failure."""
+    import ray
+
+    from rcat_ray.config import ComputeConfig
+    from rcat_ray.distributed.cluster import ensure_ray
+    from rcat_ray.errors import is_run_failure
+    from rcat_ray.failures import RayStartError
+
+    def timed_out(*a, **k):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")  # fmt: skip
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    with pytest.raises(RayStartError) as err:
+        ensure_ray(ComputeConfig())
+    assert is_run_failure(err.value)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("could not start or join a local Ray instance: ")
+    assert "timed out during startup" in str(err.value)
+
+
 _EVALUATE = ["evaluate", "--data", "digits", "--eps", "0.1", "--model", "builtin:mlp"]
 
 

@@ -17,6 +17,7 @@ import ray
 
 from rcat_ray import quiet
 from rcat_ray.config import ComputeConfig
+from rcat_ray.failures import RayStartError, describe_failure
 from rcat_ray.interrupts import reclaim_sigterm
 
 
@@ -30,6 +31,16 @@ def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
         return
     address = compute.address or os.environ.get("RAY_ADDRESS")
     quiet.before_ray_init()
+    try:
+        _init(compute, address, dashboard)
+    except Exception as err:  # Ray raises a bare Exception when its local node times out at startup
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise RayStartError(f"could not start or join {where}: {describe_failure(err)}") from err
+    quiet.after_ray_init()
+    reclaim_sigterm()  # ray.init replaced the SIGTERM handler; an interrupted evaluation must still clean up
+
+
+def _init(compute: ComputeConfig, address: str | None, dashboard: bool) -> None:
     if address:
         # log_to_driver: on a cluster, workers' progress lines (fine-tuning epochs) reach the user only this way
         ray.init(address=address if compute.address else None, log_to_driver=True, **quiet.ray_init_options())
@@ -39,5 +50,3 @@ def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
             address="local", num_cpus=compute.local_cpus, include_dashboard=dashboard, log_to_driver=True,
             **quiet.ray_init_options(),
         )  # fmt: skip
-    quiet.after_ray_init()
-    reclaim_sigterm()  # ray.init replaced the SIGTERM handler; an interrupted evaluation must still clean up
