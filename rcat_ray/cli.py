@@ -17,12 +17,13 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from rcat_ray.config import (
     CompareConfig,
     ComputeConfig,
     ConfigError,
+    DatasetName,
     EvaluateConfig,
     FinetuneConfig,
     NightlyConfig,
@@ -39,7 +40,7 @@ EXIT_RUN_FAILED = 4
 
 #: flag -> (dotted config key, type, help). Shared by evaluate and compare.
 _SETTING_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--data": ("data.name", str, "dataset: fashion_mnist, digits, cifar10, cifar100, tensors"),
+    "--data": ("data.name", str, f"dataset: {', '.join(get_args(DatasetName))}"),
     "--data-root": ("data.root", str, "dataset folder"),
     "--data-path": ("data.path", str, "file of a 'tensors' dataset"),
     "--split": ("data.split", str, "train, val or test"),
@@ -75,7 +76,7 @@ _FINETUNE_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--epochs": ("epochs", int, "epochs"),
     "--batch-size": ("batch_size", int, "global batch size (split over the workers)"),
     "--lr": ("optimizer.lr", float, "learning rate"),
-    "--data": ("data.name", str, "training data: fashion_mnist, digits, cifar10, cifar100, imagenet, tensors"),
+    "--data": ("data.name", str, f"training data: {', '.join(get_args(DatasetName))}"),
     "--data-root": ("data.root", str, "dataset folder"),
     "--data-path": ("data.path", str, "file of a 'tensors' dataset"),
     "--limit": ("data.limit", int, "train on the first N samples of the train split"),
