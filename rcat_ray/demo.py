@@ -62,7 +62,7 @@ class DemoConfig(_Strict):
     methods: tuple[LossConfig, ...] = (
         LossConfig(kind="at"),
         LossConfig(kind="pct", alpha=1, beta=1),
-        LossConfig(kind="pcat", alpha=1, beta=2),
+        LossConfig(kind="pcat", alpha=1, beta=10),
         LossConfig(kind="rcat", alpha=0.75, beta=0.2),
     )
     methods_source: str = Field(
