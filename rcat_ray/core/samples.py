@@ -63,8 +63,16 @@ import pyarrow.parquet as pq
 import torch
 
 from rcat_ray.config import DataConfig
-from rcat_ray.core.data import DEFAULT_VAL_SIZE, DataError, Split, default_root
-from rcat_ray.core.sources import IMAGENET_PREPROCESSING, RawSource, open_source, select, to_float  # noqa: F401
+from rcat_ray.core.data import DataError, Split
+from rcat_ray.core.sources import (  # noqa: F401 - IMAGENET_PREPROCESSING: re-exported
+    IMAGENET_PREPROCESSING,
+    RawSource,
+    data_root,
+    open_source,
+    select,
+    to_float,
+    val_size_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +266,7 @@ def _selection(cfg: DataConfig) -> dict[str, Any]:
     """
     sel: dict[str, Any] = {"dataset": cfg.name, "split": cfg.split, "offset": cfg.offset, "limit": cfg.limit}
     if cfg.split != "test":
-        default = 0 if cfg.name in ("imagenet", "tensors") else DEFAULT_VAL_SIZE.get(cfg.name, 0)
-        sel["val_size"] = cfg.val_size if cfg.val_size is not None else default
+        sel["val_size"] = val_size_of(cfg)
     if cfg.name == "tensors":
         path = Path(cfg.path or "").expanduser()
         if not path.is_file():
@@ -270,8 +277,7 @@ def _selection(cfg: DataConfig) -> dict[str, Any]:
                 h.update(block)
         sel["source"] = {"path": str(path.resolve()), "sha256": h.hexdigest()}
     elif cfg.name != "digits":  # digits ships inside scikit-learn's wheel
-        root = Path(cfg.root).expanduser() if cfg.root else default_root()
-        sel["source"] = {"root": str(root.resolve())}
+        sel["source"] = {"root": str(data_root(cfg).resolve())}
     return sel
 
 
