@@ -39,12 +39,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
 import torch
 
-from rcat_ray.config import AttackConfig, CompareConfig, ComputeConfig, DataConfig, EvaluateConfig, ModelConfig
+from rcat_ray.config import AttackConfig, ComputeConfig, DataConfig, ModelConfig
 from rcat_ray.core.attacks import chunk_seed, evaluate_chunk
 from rcat_ray.core.models import load_reference
 from rcat_ray.demo import train_or_load
-from rcat_ray.pretrain import TrainRecipe
-from rcat_ray.workflows import prepare, run_compare, run_evaluate
+from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig
+from rcat_ray.evaluate.run import prepare, run_compare, run_evaluate
+from rcat_ray.finetune.pretrain import TrainRecipe
 
 OUT = Path(__file__).parent / "out"
 

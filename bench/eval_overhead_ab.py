@@ -40,9 +40,10 @@ def child(samples: int) -> None:
     import ray
     import torch
 
-    from rcat_ray.config import AttackConfig, ComputeConfig, DataConfig, EvaluateConfig, ModelConfig
+    from rcat_ray.config import AttackConfig, ComputeConfig, DataConfig, ModelConfig
     from rcat_ray.core.attacks import chunk_seed, evaluate_chunk
-    from rcat_ray.workflows import prepare, run_evaluate
+    from rcat_ray.evaluate.config import EvaluateConfig
+    from rcat_ray.evaluate.run import prepare, run_evaluate
 
     checkpoints = sorted((HERE / "out" / "models").glob("bench-new-*.pt"))
     if not checkpoints:

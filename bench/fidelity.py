@@ -16,7 +16,7 @@ the paper chooses them?
 3. Each chosen configuration fine-tuned again with ``--seeds`` seeds (0, 1, ...) on Ray Train, and every
    model attacked on Ray Data on ``--test-samples`` test images (APGD-CE + APGD-DLR, 50 iterations, eps 0.1).
 4. Per method: R-NFR, S-NFR, NFR, robust and clean error, mean and range over seeds. Paired differences
-   RCAT minus AT, PCAT, PCT and new are computed **per seed** (:mod:`rcat_ray.paper_table`: a paired
+   RCAT minus AT, PCAT, PCT and new are computed **per seed** (:mod:`rcat_ray.evaluate.paper_table`: a paired
    bootstrap over the test samples, both models of a seed resampled together) and summarised by their mean
    over seeds and the number of seeds whose 95% CI excludes 0; they are not pooled across seeds.
 
@@ -58,20 +58,18 @@ from rcat_ray.config import (
     AttackConfig,
     ComputeConfig,
     DataConfig,
-    FinetuneConfig,
     LossConfig,
     ModelConfig,
-    SweepConfig,
-    TableConfig,
-    TableEntry,
-    TablePair,
     TrainAttackConfig,
-    ValidationConfig,
     stable_hash,
 )
 from rcat_ray.demo import DemoConfig, train_or_load
-from rcat_ray.pretrain import TrainRecipe, train_checkpoint
-from rcat_ray.selection import SelectionError, select_per_kind, trial_label
+from rcat_ray.errors import SelectionError
+from rcat_ray.evaluate.config import TableConfig, TableEntry, TablePair
+from rcat_ray.finetune.config import FinetuneConfig, ValidationConfig
+from rcat_ray.finetune.pretrain import TrainRecipe, train_checkpoint
+from rcat_ray.sweep.choice import select_per_kind, trial_label
+from rcat_ray.sweep.config import SweepConfig
 
 HERE = Path(__file__).parent
 #: The order of the paper's table rows (and of the demo's methods).
@@ -208,18 +206,18 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or HERE / "out" / ("fidelity-quick" if args.quick else "fidelity")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    progress = logging.getLogger("rcat_ray.progress")
+    progress = logging.getLogger("rcat_ray.core.progress")
     progress.setLevel(logging.INFO)
     progress.addHandler(logging.StreamHandler(sys.stderr))
 
     import ray.tune
     import torch
 
-    from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.distributed.sweep import finish_sweep, sweep_trials
-    from rcat_ray.distributed.train import check_finetune_inputs, run_finetune
-    from rcat_ray.paper_table import to_markdown, to_records
-    from rcat_ray.workflows import run_table
+    from rcat_ray.evaluate.paper_table import to_markdown, to_records
+    from rcat_ray.evaluate.run import run_table
+    from rcat_ray.finetune.ray_train import check_finetune_inputs, run_finetune
+    from rcat_ray.runtime.cluster import ensure_ray
+    from rcat_ray.sweep.ray_tune import finish_sweep, sweep_trials
 
     torch.set_num_threads(2)
     s = settings(args)
@@ -345,7 +343,7 @@ def main() -> None:
                       "trials with val robust accuracy >= new's - tolerance; none: lowest val S-NFR, flagged"},
         "test": {"samples": s["test_samples"], "attack": test_attack.model_dump(mode="json")},
         "seeds": s["seeds"],
-        "differences": "per seed: paired bootstrap over the test samples (rcat_ray.paper_table), mean over seeds; "
+        "differences": "per seed: paired bootstrap over the test samples (evaluate.paper_table), mean over seeds; "
                        "not pooled",
     }  # fmt: skip
     result = {"protocol": protocol, "timings_s": times, "sweep_overall_choice": overall_text, "chosen": chosen,

@@ -22,10 +22,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
 
-from rcat_ray.config import SweepConfig, parse_config
+from rcat_ray.config import parse_config
 from rcat_ray.demo import train_or_load
-from rcat_ray.distributed.sweep import run_sweep
-from rcat_ray.pretrain import TrainRecipe
+from rcat_ray.finetune.pretrain import TrainRecipe
+from rcat_ray.sweep.config import SweepConfig
+from rcat_ray.sweep.ray_tune import run_sweep
 
 OUT = Path(__file__).parent / "out"
 

@@ -30,11 +30,12 @@ import ray
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from rcat_ray.config import DataConfig, FinetuneConfig, LossConfig, TrainAttackConfig, parse_config
+from rcat_ray.config import DataConfig, LossConfig, TrainAttackConfig, parse_config
 from rcat_ray.core.data import load_split
-from rcat_ray.core.finetune import batch_loss, finetune_epoch, frozen_copy, make_optimizer
+from rcat_ray.core.finetune_epoch import batch_loss, finetune_epoch, frozen_copy, make_optimizer
 from rcat_ray.core.models import build_architecture, save_checkpoint
-from rcat_ray.distributed.train import run_finetune
+from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.finetune.ray_train import run_finetune
 
 
 def step_ratio(split, batch: int, steps: int) -> tuple[float, float, float]:

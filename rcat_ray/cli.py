@@ -19,23 +19,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, get_args
 
-from rcat_ray.config import (
-    CompareConfig,
-    ComputeConfig,
-    ConfigError,
-    DatasetName,
-    EvaluateConfig,
-    FinetuneConfig,
-    NightlyConfig,
-    SweepConfig,
-    TableConfig,
-    deep_merge,
-    load_yaml,
-    parse_config,
-)
+from rcat_ray.config import ComputeConfig, DatasetName, deep_merge, load_yaml, parse_config
+from rcat_ray.errors import ConfigError
+from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
+from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.sweep.config import SweepConfig
 
 EXIT_INCOMPLETE = 3
-#: A run that failed after its inputs were accepted (see :func:`rcat_ray.errors.is_run_failure`).
+#: A run that failed after its inputs were accepted (see :func:`rcat_ray.runtime.failures.is_run_failure`).
 EXIT_RUN_FAILED = 4
 
 #: flag -> (dotted config key, type, help). Shared by evaluate and compare.
@@ -301,7 +293,7 @@ def _outcome_json(outcome: Any) -> dict[str, Any]:
 
 
 def _raise_if_incomplete(outcomes: list) -> None:
-    from rcat_ray.workflows import raise_if_incomplete
+    from rcat_ray.evaluate.run import raise_if_incomplete
 
     raise_if_incomplete(outcomes)
 
@@ -312,7 +304,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raw["models"] = [parse_model_spec(s) for s in args.model]
     cfg = parse_config(EvaluateConfig, raw, flags=_flag_map(_SETTING_FLAGS, models="--model"))
     _prepare_local_ray_env(cfg.compute.address)
-    from rcat_ray.workflows import run_evaluate
+    from rcat_ray.evaluate.run import run_evaluate
 
     outcomes, _ = run_evaluate(cfg)
     for o in outcomes:
@@ -336,7 +328,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = parse_config(CompareConfig, raw, flags=flags | {"bootstrap.n_resamples": "--bootstrap"})
     _prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.core.flips import format_summary
-    from rcat_ray.workflows import run_compare
+    from rcat_ray.evaluate.run import run_compare
 
     outcomes, comparison, prepared = run_compare(cfg)
     for o in outcomes:
@@ -347,7 +339,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _say(args, f"comparison {comparison.key} stored in {prepared.store.path(comparison.folder)}")
     report = None
     if cfg.report:
-        from rcat_ray.report import write_report
+        from rcat_ray.report.flip_report import write_report
 
         report = write_report(prepared.store, comparison.key, cfg.report)
         _say(args, f"report: {report}")
@@ -361,9 +353,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rcat_ray.inventory import resolve_key
-    from rcat_ray.report import write_report
-    from rcat_ray.store import ResultStore
+    from rcat_ray.report.flip_report import write_report
+    from rcat_ray.report.inventory import resolve_key
+    from rcat_ray.store.result_store import ResultStore
 
     store = ResultStore(args.store)
     key = resolve_key(store, Path(args.comparison.rstrip("/")).name, kind="comparison")
@@ -372,8 +364,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from rcat_ray.inventory import describe_entry, list_entries, resolve_key, verify_store
-    from rcat_ray.store import ResultStore
+    from rcat_ray.report.inventory import describe_entry, list_entries, resolve_key, verify_store
+    from rcat_ray.store.result_store import ResultStore
 
     store = ResultStore(args.store)
     if args.store_command == "ls":
@@ -465,11 +457,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _set_dotted(raw, "data.split", "train")
     cfg = parse_config(FinetuneConfig, raw, flags=_flag_map(_FINETUNE_FLAGS))
     _prepare_local_ray_env(cfg.address)
-    from rcat_ray.distributed.train import check_finetune_inputs
+    from rcat_ray.finetune.ray_train import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg)  # models, data, shapes, weights, output path: before Ray starts
-    from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.distributed.train import run_finetune
+    from rcat_ray.finetune.ray_train import run_finetune
+    from rcat_ray.runtime.cluster import ensure_ray
 
     identity = parents.identity(cfg)
     print(f"fine-tune {identity.run_name(cfg)} (identity {identity.digest})")
@@ -490,8 +482,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         raw["out"] = args.out
     cfg = parse_config(TableConfig, raw, flags=_flag_map(_SETTING_FLAGS, out="--out"))
     _prepare_local_ray_env(cfg.compute.address)
-    from rcat_ray.paper_table import to_markdown, to_records
-    from rcat_ray.workflows import run_table
+    from rcat_ray.evaluate.paper_table import to_markdown, to_records
+    from rcat_ray.evaluate.run import run_table
 
     tables = run_table(cfg)
     _say(args, to_markdown(tables))
@@ -509,11 +501,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     flags = {"mode": "--mode", "num_samples": "--num-samples", "out": "--out", "address": "--address"}
     cfg = parse_config(SweepConfig, raw, flags=flags)
     _prepare_local_ray_env(cfg.address)
-    from rcat_ray.distributed.train import check_finetune_inputs
+    from rcat_ray.finetune.ray_train import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg.base)  # before Ray starts
-    from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.distributed.sweep import SweepInterruptedError, run_sweep
+    from rcat_ray.errors import SweepInterruptedError
+    from rcat_ray.runtime.cluster import ensure_ray
+    from rcat_ray.sweep.ray_tune import run_sweep
 
     # a TorchTrainer per trial (pattern B) needs the dashboard's state API when ASHA stops a trial
     ensure_ray(ComputeConfig(address=cfg.address), dashboard=cfg.base.num_workers > 1)
@@ -538,8 +531,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     """Exit codes are the contract with cron/CI: 0 pass, 1 a gate failed, 2 the night could not run."""
     import traceback
 
-    from rcat_ray.errors import RUN_ERRORS, USER_ERRORS, describe_failure, is_run_failure
-    from rcat_ray.nightly import EXIT_COULD_NOT_RUN, NightlyError, run_nightly
+    from rcat_ray.errors import InputError, RunError
+    from rcat_ray.nightly.run import EXIT_COULD_NOT_RUN, run_nightly
+    from rcat_ray.runtime.failures import describe_failure, is_run_failure
 
     try:
         raw = _settings_dict(args)
@@ -554,13 +548,13 @@ def cmd_nightly(args: argparse.Namespace) -> int:
         cfg = parse_config(NightlyConfig, raw, flags=flags)
         _prepare_local_ray_env(cfg.compute.address)
         outcome = run_nightly(cfg)
-    except (*USER_ERRORS, NightlyError) as err:
+    except InputError as err:
         print(f"rcat-ray nightly: could not run: {err}", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
     except Exception as err:  # noqa: BLE001 - any crash means "could not run" (2), never "gate failed" (1)
         if is_run_failure(err):  # a worker or the store failed: one line with the cause, the traceback in the log
             _log_failure(args, err)
-            message = describe_failure(err) if not isinstance(err, RUN_ERRORS) else str(err)
+            message = describe_failure(err) if not isinstance(err, RunError) else str(err)
             print(f"rcat-ray nightly: could not run: {_one_line(message)}", file=sys.stderr)
             return EXIT_COULD_NOT_RUN
         traceback.print_exc()
@@ -574,7 +568,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from rcat_ray.config import DataConfig
-    from rcat_ray.pretrain import TrainRecipe, train_checkpoint
+    from rcat_ray.finetune.pretrain import TrainRecipe, train_checkpoint
 
     raw = load_yaml(args.config) if args.config else {}
     for key, _t, _h in _TRAIN_FLAGS.values():
@@ -613,7 +607,7 @@ def _add_log_file(path: str) -> None:
     """Progress and log lines also go to ``path`` (appended), with timestamps and without colour codes, and so
     does what the quiet mode holds back from the terminal (lines forwarded from Ray's workers, Ray's own
     warnings and errors, the traceback behind a one-line failure message)."""
-    from rcat_ray.quiet import PlainFormatter, add_log_handler
+    from rcat_ray.runtime.quiet import PlainFormatter, add_log_handler
 
     file = Path(path).expanduser()
     file.parent.mkdir(parents=True, exist_ok=True)
@@ -621,7 +615,7 @@ def _add_log_file(path: str) -> None:
     handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     logging.getLogger().addHandler(handler)
-    logging.getLogger("rcat_ray.progress").addHandler(handler)
+    logging.getLogger("rcat_ray.core.progress").addHandler(handler)
     add_log_handler(handler)
 
 
@@ -631,7 +625,7 @@ def _configure_output(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    progress = logging.getLogger("rcat_ray.progress")
+    progress = logging.getLogger("rcat_ray.core.progress")
     progress.setLevel(logging.INFO)
     progress.propagate = False
     console = logging.StreamHandler(sys.stderr)
@@ -653,7 +647,7 @@ _INTERRUPT_NOTES = {
 
 def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     """One line saying what was kept, Ray shut down, and the exit status a shell expects (130 / 143)."""
-    from rcat_ray.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
+    from rcat_ray.runtime.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
 
     if isinstance(err, EvaluationInterrupted) and args.command != "sweep":
         note = str(err)
@@ -670,7 +664,7 @@ def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
 
 def _one_line(text: str) -> str:
     """A message as one line without colour codes (an exception's text may span lines and carry Ray's colours)."""
-    from rcat_ray.quiet import strip_ansi
+    from rcat_ray.runtime.quiet import strip_ansi
 
     return "; ".join(line.strip() for line in strip_ansi(text).splitlines() if line.strip())
 
@@ -679,7 +673,7 @@ def _log_failure(args: argparse.Namespace, err: BaseException) -> None:
     """The whole traceback of a failed run: in the ``--log-file``, and on stderr with ``--verbose``."""
     import traceback
 
-    from rcat_ray.quiet import LOG_FILE_ONLY, is_terminal, strip_ansi
+    from rcat_ray.runtime.quiet import LOG_FILE_ONLY, is_terminal, strip_ansi
 
     LOG_FILE_ONLY.error("rcat-ray %s: the run failed", args.command, exc_info=err)
     if getattr(args, "verbose", False):
@@ -689,25 +683,26 @@ def _log_failure(args: argparse.Namespace, err: BaseException) -> None:
 
 def _run_failed(args: argparse.Namespace, err: BaseException) -> int:
     """A run that failed after its inputs were accepted: one line with the cause, exit status 4."""
-    from rcat_ray.errors import RUN_ERRORS, describe_failure
+    from rcat_ray.errors import RunError
+    from rcat_ray.runtime.failures import describe_failure
 
     _log_failure(args, err)
     # our own run errors already name their cause (and say what was kept); anything else is described by
     # the exception at the bottom of its chain (the OSError in a worker, not Ray's wrapper around it)
-    message = str(err) if isinstance(err, RUN_ERRORS) else describe_failure(err)
+    message = str(err) if isinstance(err, RunError) else describe_failure(err)
     print(f"rcat-ray {args.command}: run failed: {_one_line(message)}", file=sys.stderr)
     return EXIT_RUN_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rcat_ray.quiet import configure_quiet
+    from rcat_ray.runtime.quiet import configure_quiet
 
     configure_quiet(getattr(args, "verbose", False))
     _configure_output(args)
-    from rcat_ray.errors import USER_ERRORS, is_run_failure
-    from rcat_ray.interrupts import sigterm_as_interrupt
-    from rcat_ray.workflows import IncompleteRunError
+    from rcat_ray.errors import IncompleteRunError, InputError
+    from rcat_ray.runtime.failures import is_run_failure
+    from rcat_ray.runtime.interrupts import sigterm_as_interrupt
 
     handlers = {
         "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "store": cmd_store, "data": cmd_data,
@@ -722,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `rcat-ray ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except USER_ERRORS as err:
+    except InputError as err:
         print(f"rcat-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
     except IncompleteRunError as err:

@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from rcat_ray.errors import ConfigError
+
 DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagenet", "tensors"]
 SplitName = Literal["train", "val", "test"]
 ModelSourceKind = Literal["robustbench", "checkpoint", "builtin"]
@@ -35,10 +37,6 @@ Device = Literal["auto", "cpu", "cuda"]
 
 #: The components AutoAttack's "standard" version runs, in its order.
 STANDARD_CASCADE: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the offending field."""
 
 
 def is_uri(value: str) -> bool:
@@ -64,13 +62,13 @@ def resolve_local_path(value: str | None) -> str | None:
 LocalPath = Annotated[str, AfterValidator(resolve_local_path)]
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
     """Base for all configs: unknown keys are errors (a misspelt key must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictConfig):
     """Which samples to evaluate or train on.
 
     Sample ids are the row index in the dataset's own file (train file or test file), so they stay
@@ -94,7 +92,7 @@ class DataConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     """Where a model comes from. ``name`` is the RobustBench name, or the architecture for builtins; for a
     checkpoint it is optional and defaults to the file's stem (what tables and reports show)."""
 
@@ -132,7 +130,7 @@ class ModelConfig(_Strict):
         return self.label or self.name or ""
 
 
-class AttackConfig(_Strict):
+class AttackConfig(StrictConfig):
     """The threat model and the evaluation attack cascade (pyautoattack components).
 
     Attacks run as a cascade: each one only sees the samples still robust after the previous ones.
@@ -176,7 +174,7 @@ class AttackConfig(_Strict):
         return STANDARD_CASCADE if self.attacks == ("standard",) else tuple(self.attacks)
 
 
-class ComputeConfig(_Strict):
+class ComputeConfig(StrictConfig):
     """How the work is spread over Ray. None of this changes the results (only where they are computed)."""
 
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
@@ -196,7 +194,7 @@ class ComputeConfig(_Strict):
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
-class BootstrapConfig(_Strict):
+class BootstrapConfig(StrictConfig):
     """Paired bootstrap for the confidence intervals of every flip metric."""
 
     n_resamples: int = Field(1000, ge=10)
@@ -204,7 +202,7 @@ class BootstrapConfig(_Strict):
     seed: int = 0
 
 
-class EvaluationSettings(_Strict):
+class EvaluationSettings(StrictConfig):
     """What identifies an evaluation apart from the model: data, attack and chunking."""
 
     data: DataConfig = DataConfig()
@@ -216,21 +214,6 @@ class EvaluationSettings(_Strict):
         None, ge=1, description="stop after computing this many new chunks (time-boxed runs)"
     )
     save_adversarial: bool = Field(True, description="keep adversarial images for reports")
-
-
-class EvaluateConfig(EvaluationSettings):
-    """``rcat-ray evaluate``: attack each model once and store its per-model table."""
-
-    models: tuple[ModelConfig, ...] = Field(..., min_length=1)
-
-
-class CompareConfig(EvaluationSettings):
-    """``rcat-ray compare``: evaluate what is not cached, then compute flips of old -> new."""
-
-    old: ModelConfig
-    new: ModelConfig
-    bootstrap: BootstrapConfig = BootstrapConfig()
-    report: LocalPath | None = Field(None, description="also write the HTML report into this folder")
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -333,7 +316,7 @@ LossKind = Literal["rcat", "pct", "pcat", "at"]
 TrainAttackKind = Literal["fgsm-rs", "pgd", "paper"]
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictConfig):
     """Which fine-tuning loss, with its weights (DESIGN §1.2). Weights are checked against the loss kind."""
 
     kind: LossKind = "rcat"
@@ -365,7 +348,7 @@ class LossConfig(_Strict):
         return f"{self.kind.upper()}({self.alpha:g},{self.beta:g})"
 
 
-class TrainAttackConfig(_Strict):
+class TrainAttackConfig(StrictConfig):
     """The attack crafted against the model being trained, inside every step (DESIGN §1.3)."""
 
     kind: TrainAttackKind = "fgsm-rs"
@@ -374,7 +357,7 @@ class TrainAttackConfig(_Strict):
     step_size: float | None = Field(None, gt=0, description="PGD step; default 2.5*eps/steps")
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictConfig):
     """SGD (the paper: lr 1e-3, momentum 0.9, no weight decay) or AdamW, with an optional schedule."""
 
     name: Literal["sgd", "adamw"] = "sgd"
@@ -382,252 +365,3 @@ class OptimizerConfig(_Strict):
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"
-
-
-class ValidationConfig(_Strict):
-    """Per-epoch validation flips of the model being trained against the old model (cheap attack)."""
-
-    data: DataConfig | None = Field(None, description="default: the val split of the training data")
-    samples: int = Field(1000, ge=1)
-    attack: AttackConfig | None = Field(None, description="default: APGD-CE, 10 iterations at the training eps")
-
-
-class FinetuneConfig(_Strict):
-    """``rcat-ray finetune``: fine-tune ``new`` towards ``old``-congruence on Ray Train."""
-
-    old: ModelConfig
-    new: ModelConfig
-    data: DataConfig = DataConfig(split="train")
-    loss: LossConfig = LossConfig()
-    train_attack: TrainAttackConfig
-    optimizer: OptimizerConfig = OptimizerConfig()
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(128, ge=1, description="global batch, split evenly over the workers")
-    seed: int = 0
-    mixed_precision: bool = Field(True, description="autocast + grad scaling on GPU (ignored on CPU)")
-    augment: bool = Field(
-        False,
-        description="standard augmentation on the CPU side: random crop (padding 4) + horizontal flip for images "
-        "up to 64 px; random resized crop + flip for larger (ImageNet) ones",
-    )
-    read_cache_mib: float = Field(
-        256.0,  # a float, as a parsed value is: the run name hashes the dumped config on the driver and workers
-        gt=0,
-        description="MiB of stored row groups a worker keeps decoded between batches; a training set larger than "
-        "this is shuffled within windows of row groups that fill half of it (rcat_ray.core.finetune.ShuffleWindow)",
-    )
-    batchnorm: Literal["global", "per-worker"] = Field(
-        "global",
-        description="BatchNorm statistics when several workers train: 'global' takes them over the global batch "
-        "(SyncBatchNorm on CUDA, an all-reduce on CPU), so any worker count trains the same model; 'per-worker' "
-        "keeps each worker's own (faster, but the model then depends on the worker count)",
-    )
-    validation: ValidationConfig = ValidationConfig()
-    cached_old_table: str | None = Field(
-        None, description="store key of the old model's table on the training split (mask_source: cached)"
-    )
-    out: LocalPath = Field(
-        "finetuned", validate_default=True, description="folder for the final checkpoint and its manifest"
-    )
-    name: str | None = Field(
-        None,
-        description="label of the output files, <out>/<name>-<identity>.pt: the identity (a hash of the parents' "
-        "weights, the training data and every training setting) keeps runs with other settings apart; default "
-        "finetune-<loss>-<identity>",
-    )
-    output: LocalPath | None = Field(
-        None,
-        description="exact path of the final checkpoint (.pt; its manifest beside it as .json), instead of <out>/...; "
-        "a different fine-tune already there stops the command (exit 2), the same one is reused",
-    )
-    storage: LocalPath = Field(
-        "ray_results", validate_default=True, description="Ray Train storage path (shared storage on a cluster)"
-    )
-    store: LocalPath = Field("results", validate_default=True, description="result store (cached masks, evaluations)")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process local mode)")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    threads_per_worker: int | None = Field(None, ge=1)
-    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint")
-    address: str | None = None
-    fail_once_at_epoch: int | None = Field(
-        None, ge=0, description="testing aid: rank 1 (or 0) raises once at the start of this epoch"
-    )
-
-    @model_validator(mode="after")
-    def _cached_needs_table(self) -> FinetuneConfig:
-        if self.output is not None and not self.output.endswith((".pt", ".pth")):
-            raise ValueError(f"output must be a checkpoint path ending in .pt, got {self.output}")
-        if self.loss.mask_source == "cached" and not self.cached_old_table:
-            raise ValueError("loss.mask_source 'cached' needs cached_old_table (the old model's table key)")
-        if self.num_workers > 1 and self.batch_size % self.num_workers:
-            raise ValueError(
-                f"batch_size {self.batch_size} (the global batch) does not split evenly over "
-                f"{self.num_workers} workers; use a multiple of {self.num_workers}"
-            )
-        return self
-
-
-class TableEntry(_Strict):
-    """One row of a pair's table: a label (e.g. ``RCAT(0.5,0.4)``) and the model to evaluate."""
-
-    label: str | None = Field(None, min_length=1, description="row label (default: the model's display name)")
-    model: ModelConfig
-
-    @property
-    def display_name(self) -> str:
-        return self.label or self.model.display_name
-
-
-class TablePair(_Strict):
-    """An old -> new update and the fine-tuned versions of ``new`` to compare against ``old``."""
-
-    name: str = Field(..., min_length=1)
-    old: ModelConfig
-    new: ModelConfig
-    finetuned: tuple[TableEntry, ...] = ()
-    reference: str | None = Field(None, description="row whose paired differences are shown (default: RCAT)")
-
-
-class TableConfig(EvaluationSettings):
-    """``rcat-ray table``: the paper-style table of one or more pairs (every model evaluated once, cached)."""
-
-    pairs: tuple[TablePair, ...] = Field(..., min_length=1)
-    bootstrap: BootstrapConfig = BootstrapConfig()
-    out: LocalPath = Field("table", validate_default=True, description="folder for table.md, table.tex, table.csv")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sweeps (Ray Tune)
-
-
-class SweepSpace(_Strict):
-    """What a sweep varies. ``grid`` mode uses the paper's grids for ``losses``; ``search`` mode samples."""
-
-    losses: tuple[LossKind, ...] = Field(("rcat",), min_length=1)
-    alpha_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT alpha range (search mode)")
-    beta_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT beta range (search mode)")
-    pct_beta_range: tuple[float, float] = Field((0.5, 10.0), description="PCT/PCAT beta range, alpha = 1")
-    train_eps: tuple[float, ...] = Field((), description="training eps choices (default: the base's)")
-    lr: tuple[float, ...] = Field((), description="learning-rate choices (default: the base's)")
-    epochs: tuple[int, ...] = Field((), description="epoch choices (default: the base's)")
-
-
-class AshaConfig(_Strict):
-    """Early stopping of trials on the per-epoch validation S-NFR."""
-
-    enabled: bool = True
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: int = Field(2, ge=2)
-
-
-class SelectionValidationConfig(_Strict):
-    """How the finished trials are judged for the selection rule: the test-strength attack on a validation set
-    large enough for confidence intervals. The cheap per-epoch validation only drives progress and ASHA: a weak
-    attack rewarded a model that the strong test attack then broke."""
-
-    enabled: bool = True
-    samples: int = Field(2000, ge=1, description="validation samples (the val split's head)")
-    attack: AttackConfig | None = Field(
-        None,
-        description="default: APGD-CE + APGD-DLR, 50 iterations, at the test eps when the sweep has test settings, "
-        "else at the base's training eps",
-    )
-    chunk_size: int = Field(250, ge=1)
-    compute: ComputeConfig = ComputeConfig()
-
-
-class SweepConfig(_Strict):
-    """``rcat-ray sweep``: search the constraint weights (and eps, lr, epochs) of fine-tuning with Ray Tune."""
-
-    base: FinetuneConfig
-    mode: Literal["grid", "search"] = "grid"
-    algorithm: Literal["random", "optuna"] = "random"
-    num_samples: int = Field(8, ge=1, description="trials in search mode")
-    seed: int = 0
-    space: SweepSpace = SweepSpace()
-    asha: AshaConfig = AshaConfig()
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources allow")
-    tolerance: float = Field(0.02, ge=0, description="selection: allowed drop of validation robust accuracy")
-    selection: SelectionValidationConfig = SelectionValidationConfig()
-    name: str = Field("sweep", min_length=1)
-    storage: LocalPath = Field("ray_results", validate_default=True, description="Ray Tune storage path")
-    out: LocalPath = Field(
-        "sweep-out", validate_default=True, description="folder for trials.parquet, best.yaml, plots and the report"
-    )
-    address: str | None = Field(None, description="Ray address (default: a local Ray)")
-    test: EvaluationSettings | None = Field(None, description="evaluate the chosen model on this (test) data")
-    bootstrap: BootstrapConfig = BootstrapConfig()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Nightly regression gate
-
-
-class ClassGate(_Strict):
-    """Gates for one class (by index), judged on that class's per-class metrics."""
-
-    class_index: int = Field(..., ge=0, alias="class")
-    max_nfr: float | None = Field(None, ge=0, le=1)
-    max_r_nfr: float | None = Field(None, ge=0, le=1)
-    max_s_nfr: float | None = Field(None, ge=0, le=1)
-    min_acc: float | None = Field(None, ge=0, le=1)
-    min_rob_acc: float | None = Field(None, ge=0, le=1)
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class GatesConfig(_Strict):
-    """Thresholds (fractions, not %) a candidate must meet. A max gate fails only when the lower CI bound is
-    above it, a min gate only when the upper CI bound is below it (``judge_on: ci``): a gate fails when the
-    evidence says so. ``judge_on: value`` compares the point estimate instead."""
-
-    max_nfr: float | None = Field(None, ge=0, le=1)
-    max_r_nfr: float | None = Field(None, ge=0, le=1)
-    max_s_nfr: float | None = Field(None, ge=0, le=1)
-    min_acc: float | None = Field(None, ge=0, le=1)
-    min_rob_acc: float | None = Field(None, ge=0, le=1)
-    judge_on: Literal["ci", "value"] = "ci"
-    per_class: tuple[ClassGate, ...] = ()
-
-
-class NotifyConfig(_Strict):
-    """Where the verdict goes besides the exit code and the verdict file."""
-
-    kind: Literal["stdout", "file", "webhook"] = "stdout"
-    path: LocalPath | None = Field(None, description="file notifier: append one JSON line per night")
-    url: str | None = Field(None, description="webhook notifier: POST the verdict as JSON")
-    timeout_s: float = Field(10.0, gt=0)
-
-    @model_validator(mode="after")
-    def _target(self) -> NotifyConfig:
-        if self.kind == "file" and not self.path:
-            raise ValueError("notify.path is required for the file notifier")
-        if self.kind == "webhook" and not self.url:
-            raise ValueError("notify.url is required for the webhook notifier")
-        return self
-
-
-class NightlyConfig(EvaluationSettings):
-    """``rcat-ray nightly``: gate tonight's candidate against the production (baseline) model."""
-
-    pair: str = Field("production-vs-candidate", min_length=1, description="name of the gated pair")
-    baseline: ModelConfig
-    candidate: ModelConfig | None = None
-    candidate_dir: LocalPath | None = Field(None, description="take the newest *.pt checkpoint in this folder")
-    gates: GatesConfig = GatesConfig()
-    bootstrap: BootstrapConfig = BootstrapConfig()
-    history: LocalPath = Field("history", validate_default=True, description="Parquet dataset of nights, by date")
-    out: LocalPath = Field(
-        "nightly-out", validate_default=True, description="folder for verdict.json and the report of each night"
-    )
-    notify: NotifyConfig = NotifyConfig()
-    date: str | None = Field(None, description="the night's date (YYYY-MM-DD); default today (UTC)")
-
-    @model_validator(mode="after")
-    def _one_candidate(self) -> NightlyConfig:
-        if (self.candidate is None) == (self.candidate_dir is None):
-            raise ValueError("give exactly one of candidate (a model source) and candidate_dir")
-        return self

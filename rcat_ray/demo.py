@@ -20,24 +20,21 @@ from rcat_ray.config import (
     BootstrapConfig,
     ComputeConfig,
     DataConfig,
-    FinetuneConfig,
     LocalPath,
     LossConfig,
     ModelConfig,
     OptimizerConfig,
-    TableConfig,
-    TableEntry,
-    TablePair,
+    StrictConfig,
     TrainAttackConfig,
-    ValidationConfig,
-    _Strict,
     stable_hash,
 )
-from rcat_ray.pretrain import TrainRecipe, train_checkpoint
-from rcat_ray.store import ResultStore
+from rcat_ray.evaluate.config import TableConfig, TableEntry, TablePair
+from rcat_ray.finetune.config import FinetuneConfig, ValidationConfig
+from rcat_ray.finetune.pretrain import TrainRecipe, train_checkpoint
+from rcat_ray.store.result_store import ResultStore
 
 
-class DemoConfig(_Strict):
+class DemoConfig(StrictConfig):
     """The demo's settings; every key can be overridden from a YAML file (``rcat-ray demo --config``)."""
 
     out: LocalPath = Field("demo-out", validate_default=True)
@@ -90,7 +87,7 @@ def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, 
 
 def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[str, Path]]:
     """Fine-tune the new model with every method on Ray Train (each reused if already done)."""
-    from rcat_ray.distributed.train import run_finetune
+    from rcat_ray.finetune.ray_train import run_finetune
 
     out = []
     for loss in cfg.methods:
@@ -123,10 +120,10 @@ def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[
 
 def run_demo(cfg: DemoConfig) -> None:
     """Train (or reuse) old and new, fine-tune new with each method, evaluate and compare everything."""
-    from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.paper_table import to_markdown
-    from rcat_ray.report import write_report
-    from rcat_ray.workflows import run_table
+    from rcat_ray.evaluate.paper_table import to_markdown
+    from rcat_ray.evaluate.run import run_table
+    from rcat_ray.report.flip_report import write_report
+    from rcat_ray.runtime.cluster import ensure_ray
 
     torch.set_num_threads(cfg.train_threads)
     out = Path(cfg.out)

@@ -100,8 +100,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_compute(monkeypatch):
     """Any attempt to start Ray or attack a chunk fails the test (bad input must be refused before either)."""
-    from rcat_ray import evaluation
-    from rcat_ray.distributed import cluster
+    from rcat_ray.evaluate import plan as evaluation
+    from rcat_ray.runtime import cluster
 
     def boom(*a, **k):
         raise AssertionError("compute started on bad input")

@@ -101,8 +101,8 @@ def test_core_and_cli_import_no_ray():
 
     code = (
         "import sys, rcat_ray.cli, rcat_ray.errors, rcat_ray.core.data, rcat_ray.core.models, rcat_ray.core.attacks, "
-        "rcat_ray.core.flips, rcat_ray.core.losses, rcat_ray.core.finetune, rcat_ray.core.validation, "
-        "rcat_ray.evaluation, rcat_ray.store; assert 'ray' not in sys.modules, 'ray was imported'"
+        "rcat_ray.core.flips, rcat_ray.core.losses, rcat_ray.core.finetune_epoch, rcat_ray.core.validation, "
+        "rcat_ray.evaluate.plan, rcat_ray.store.result_store; assert 'ray' not in sys.modules, 'ray was imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

@@ -13,16 +13,11 @@ import pandas as pd
 import pytest
 
 from rcat_ray.cli import main
-from rcat_ray.config import (
-    ConfigError,
-    DataConfig,
-    FinetuneConfig,
-    ModelConfig,
-    NightlyConfig,
-    SweepConfig,
-    load_yaml,
-    parse_config,
-)
+from rcat_ray.config import DataConfig, ModelConfig, load_yaml, parse_config
+from rcat_ray.errors import ConfigError
+from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.sweep.config import SweepConfig
 
 from .conftest import snapshot
 
@@ -141,8 +136,8 @@ def test_empty_selection_states_the_split_size(no_compute, capsys):
 
 
 def test_a_sweep_whose_trials_all_failed_says_why_in_one_message():
-    from rcat_ray.distributed.sweep import _raise_if_all_failed
-    from rcat_ray.selection import SweepFailedError
+    from rcat_ray.errors import SweepFailedError
+    from rcat_ray.sweep.ray_tune import _raise_if_all_failed
 
     trials = pd.DataFrame({
         "trial_id": ["a_00000", "a_00001"], "val_s_nfr": [None, None],

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rcat_ray.config import DataConfig
-from rcat_ray.core.data import DIGITS_TRAIN_SIZE, DataError, load_split, prepare_fashion_mnist
+from rcat_ray.core.data import DIGITS_TRAIN_SIZE, load_split, prepare_fashion_mnist
+from rcat_ray.errors import DataError
 
 
 def test_digits_splits_are_disjoint_and_stable():

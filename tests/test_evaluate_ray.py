@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rcat_ray.config import AttackConfig, ComputeConfig, DataConfig, EvaluateConfig
-from rcat_ray.workflows import run_evaluate
+from rcat_ray.config import AttackConfig, ComputeConfig, DataConfig
+from rcat_ray.evaluate.config import EvaluateConfig
+from rcat_ray.evaluate.run import run_evaluate
 
 pytestmark = pytest.mark.ray
 
@@ -137,10 +138,10 @@ def test_the_sample_set_keeps_every_cache_key(tmp_path, digits_models, monkeypat
     selection (the set's own preparation reads it once), and nothing of the split on a second run."""
     import pickle
 
-    from rcat_ray import workflows
     from rcat_ray.core.data import load_split
-    from rcat_ray.evaluation import EvaluationPlan
-    from rcat_ray.workflows import prepare
+    from rcat_ray.evaluate import run as workflows
+    from rcat_ray.evaluate.plan import EvaluationPlan
+    from rcat_ray.evaluate.run import prepare
 
     _, new = digits_models
     cfg = _cfg(tmp_path / "store")
@@ -183,8 +184,9 @@ def test_model_cache_loads_each_model_once_and_checks_its_fingerprint(tmp_path, 
     import copy
 
     from rcat_ray.config import ModelConfig
-    from rcat_ray.core.models import ModelFingerprintError, from_module, load_model, model_reference, save_checkpoint
-    from rcat_ray.evaluation import ModelCache
+    from rcat_ray.core.models import from_module, load_model, model_reference, save_checkpoint
+    from rcat_ray.errors import ModelFingerprintError
+    from rcat_ray.evaluate.plan import ModelCache
 
     old, new = digits_models
     refs = {}
@@ -215,9 +217,9 @@ def test_a_checkpoint_replaced_during_a_run_is_refused_by_the_workers(ray_sessio
                                                                       digits_checkpoints):  # fmt: skip
     from rcat_ray.config import ModelConfig
     from rcat_ray.core.models import save_checkpoint
-    from rcat_ray.distributed.evaluate import evaluate_plans
-    from rcat_ray.evaluation import EvaluationRunError
-    from rcat_ray.workflows import prepare
+    from rcat_ray.errors import EvaluationRunError
+    from rcat_ray.evaluate.ray_evaluate import evaluate_plans
+    from rcat_ray.evaluate.run import prepare
 
     _, new = digits_models
     cfg = _cfg(tmp_path / "store").model_copy(

@@ -9,10 +9,15 @@ import torch
 from pydantic import BaseModel
 
 import rcat_ray.config as config_mod
-import rcat_ray.distributed.train as train_mod
+import rcat_ray.evaluate.config
+import rcat_ray.finetune.config
+import rcat_ray.finetune.ray_train as train_mod
+import rcat_ray.nightly.config
+import rcat_ray.sweep.config
 from rcat_ray.cli import main
-from rcat_ray.config import FinetuneConfig, ModelConfig, parse_config
+from rcat_ray.config import ModelConfig, parse_config
 from rcat_ray.core.models import build_architecture, load_model, save_checkpoint
+from rcat_ray.finetune.config import FinetuneConfig
 
 
 @pytest.fixture
@@ -83,13 +88,18 @@ def test_workers_rebuild_the_config_with_the_same_identity(tmp_path, parents):
     of the dump and the inputs' fingerprints): the driver's and the workers' must agree. A float field whose
     default was the int 256 dumped as 256 on the driver and 256.0 on the workers, and the workers wrote to
     another run's folder."""
-    from rcat_ray.core.identity import finetune_identity
+    from rcat_ray.finetune.identity import finetune_identity
 
     cfg = _cfg(tmp_path, parents)
     inputs = train_mod.check_finetune_inputs(cfg).inputs
     again = parse_config(FinetuneConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))
     assert finetune_identity(again, inputs) == finetune_identity(cfg, inputs)
-    for model in (m for m in vars(config_mod).values() if isinstance(m, type) and issubclass(m, BaseModel)):
+    modules = (
+        config_mod, rcat_ray.evaluate.config, rcat_ray.finetune.config, rcat_ray.sweep.config,
+        rcat_ray.nightly.config,
+    )
+    models = {m for mod in modules for m in vars(mod).values() if isinstance(m, type) and issubclass(m, BaseModel)}
+    for model in models:
         for name, field in model.model_fields.items():
             if field.annotation is float:
                 assert not isinstance(field.default, int), f"{model.__name__}.{name}: default must be a float"
@@ -141,8 +151,8 @@ def _old_table_on_train(tmp_path, parents, **attack) -> str:
     """Evaluate the old model on the digits training split into a store; returns the table's key."""
     from rcat_ray.config import AttackConfig, DataConfig, EvaluationSettings
     from rcat_ray.core.data import load_split
-    from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
-    from rcat_ray.store import ResultStore
+    from rcat_ray.evaluate.plan import EvaluationPlan, assemble, run_chunk
+    from rcat_ray.store.result_store import ResultStore
 
     store = ResultStore(tmp_path / "store")
     split = load_split(DataConfig(name="digits", split="train"))
@@ -174,7 +184,7 @@ def test_cached_masks_from_a_stored_table(tmp_path, parents):
 def test_cached_masks_refuse_a_table_with_unattacked_training_samples(tmp_path, parents, no_training):
     """A null robust flag means "never attacked", not "not robust": such a table is refused before training,
     with the count of training samples it does not cover, instead of silently masking them out."""
-    from rcat_ray.core.finetune import FinetuneInputError
+    from rcat_ray.errors import FinetuneInputError
 
     key = _old_table_on_train(tmp_path, parents, robust_samples=200)  # 1097 - 200 samples never attacked
     cfg = _cfg(
@@ -203,7 +213,8 @@ def test_cached_masks_refuse_a_table_with_unattacked_training_samples(tmp_path, 
 
 
 def test_cached_mask_lookup_and_check():
-    from rcat_ray.core.finetune import CachedMask, FinetuneInputError
+    from rcat_ray.core.finetune_epoch import CachedMask
+    from rcat_ray.errors import FinetuneInputError
 
     mask = CachedMask(torch.tensor([0, 1, 2, 5]), torch.tensor([1, 0, -1, 1]))
     assert mask(torch.tensor([5, 0, 1])).tolist() == [True, True, False]
@@ -219,7 +230,7 @@ def test_cached_mask_lookup_and_check():
 def test_global_batches_split_the_one_worker_batches():
     """Each rank's shares, concatenated over the ranks, are the 1-worker global batches (same order, same
     random-start rows), and every rank takes the same number of steps."""
-    from rcat_ray.core.finetune import GlobalBatches, GlobalBatchSampler, global_batch_start
+    from rcat_ray.core.finetune_epoch import GlobalBatches, GlobalBatchSampler, global_batch_start
 
     n, batch = 203, 16  # last global batch: 11 -> shares 4, 4, 3 on 3 workers
     images, labels, ids = torch.rand(n, 1, 2, 2), torch.arange(n) % 10, torch.arange(n) + 1000
@@ -255,7 +266,7 @@ def test_finetune_epoch_attacks_in_full_precision_under_autocast(digits_models, 
     import copy
 
     from rcat_ray.config import LossConfig, TrainAttackConfig
-    from rcat_ray.core.finetune import GlobalBatches, GlobalBatchSampler, finetune_epoch, frozen_copy
+    from rcat_ray.core.finetune_epoch import GlobalBatches, GlobalBatchSampler, finetune_epoch, frozen_copy
 
     old, new = digits_models
     model = copy.deepcopy(new.module).train()

@@ -17,12 +17,14 @@ import pytest
 import torch
 import yaml
 
-import rcat_ray.distributed.train as train_mod
+import rcat_ray.finetune.ray_train as train_mod
 from rcat_ray.cli import main
-from rcat_ray.config import FinetuneConfig, ModelConfig, parse_config
-from rcat_ray.core.identity import IdentityInputs, RunIdentityError, finetune_identity
-from rcat_ray.core.models import ModelFingerprintError, load_model, save_checkpoint
+from rcat_ray.config import ModelConfig, parse_config
+from rcat_ray.core.models import load_model, save_checkpoint
 from rcat_ray.core.samples import samples_in_store
+from rcat_ray.errors import ModelFingerprintError, RunIdentityError
+from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.finetune.identity import IdentityInputs, finetune_identity
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -262,7 +264,7 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
     import sys
     import time
 
-    from rcat_ray.distributed.train import TEST_GATE_ENV
+    from rcat_ray.finetune.ray_train import TEST_GATE_ENV
     from tests.multinode import ray_env
     from tests.test_progress_interrupt import sigint_delivered
 

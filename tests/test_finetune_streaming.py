@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-import rcat_ray.distributed.train as train_mod
-from rcat_ray.config import DataConfig, FinetuneConfig, ModelConfig, parse_config
+import rcat_ray.finetune.ray_train as train_mod
+from rcat_ray.config import DataConfig, ModelConfig, parse_config
 from rcat_ray.core import augment as aug
 from rcat_ray.core.data import load_split
-from rcat_ray.core.finetune import (
+from rcat_ray.core.finetune_epoch import (
     GlobalBatches,
     GlobalBatchSampler,
     StreamedGlobalBatches,
@@ -36,6 +36,7 @@ from rcat_ray.core.finetune import (
 )
 from rcat_ray.core.models import load_model
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
+from rcat_ray.finetune.config import FinetuneConfig
 
 N_TRAIN = 1097  # digits' train split
 

@@ -17,12 +17,12 @@ from rcat_ray.core.flips import (
     FLIP_SCHEMA,
     METRICS,
     ROBUST_METRICS,
-    FlipInputError,
     flip_table,
     format_summary,
     paired_difference,
     summarize,
 )
+from rcat_ray.errors import FlipInputError
 
 RATES = tuple(m for m in METRICS if m != "relative_nfr")
 

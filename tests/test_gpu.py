@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from rcat_ray.config import AttackConfig, DataConfig, FinetuneConfig, TrainAttackConfig, parse_config
+from rcat_ray.config import AttackConfig, DataConfig, TrainAttackConfig, parse_config
 from rcat_ray.core.attacks import evaluate_chunk
 from rcat_ray.core.data import load_split
+from rcat_ray.finetune.config import FinetuneConfig
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,7 +35,7 @@ def cuda() -> torch.device:
 def test_training_attack_under_float16_autocast_takes_its_gradient_step(digits_models, digits_train, cuda):
     """On a GPU, float16 autocast makes the input gradient of a confident model underflow to exactly 0; the
     training attack runs in float32, so x* moves beyond its random start wherever it does in float32."""
-    from rcat_ray.core.finetune import craft
+    from rcat_ray.core.finetune_epoch import craft
 
     model = copy.deepcopy(digits_models[1].module).to(cuda).eval()
     with torch.no_grad():  # confident: other classes' probabilities below float16's range, not float32's
@@ -79,7 +80,7 @@ class _CudaSession:
 
 def test_one_finetuning_epoch_on_cuda_with_mixed_precision(tmp_path, digits_checkpoints):
     """The fine-tuning loop on the GPU: the training forward in float16 (GradScaler), x* in float32."""
-    from rcat_ray.distributed.train import finetune_loop
+    from rcat_ray.finetune.ray_train import finetune_loop
 
     cfg = parse_config(
         FinetuneConfig,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rcat_ray import report as report_mod
-from rcat_ray.config import NightlyConfig
-from rcat_ray.history import append_night, read_history, read_history_checked
-from rcat_ray.nightly_report import missing_nights_html, write_nightly_report
-from rcat_ray.store import ResultStore
+from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.nightly.history import append_night, read_history, read_history_checked
+from rcat_ray.nightly.report import missing_nights_html, write_nightly_report
+from rcat_ray.report import flip_report as report_mod
+from rcat_ray.store.result_store import ResultStore
 
 NIGHTS = ("2026-11-20", "2026-11-21", "2026-11-22", "2026-11-23")
 
@@ -84,6 +84,6 @@ def test_the_nightly_report_shows_the_missing_nights(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", ["date=2026-11-20/a.parquet", "a.parquet"])
 def test_night_date_from_its_folder(path):
-    from rcat_ray.history import _night_date
+    from rcat_ray.nightly.history import _night_date
 
     assert _night_date(f"/h/{path}") == ("2026-11-20" if "date=" in path else "?")

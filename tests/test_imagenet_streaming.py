@@ -24,9 +24,10 @@ import pytest
 import torch
 
 from rcat_ray.cli import main
-from rcat_ray.config import AttackConfig, CompareConfig, ComputeConfig, DataConfig, ModelConfig
+from rcat_ray.config import AttackConfig, ComputeConfig, DataConfig, ModelConfig
 from rcat_ray.core.data import load_split
 from rcat_ray.core.samples import IMAGENET_PREPROCESSING, open_samples, samples_location
+from rcat_ray.evaluate.config import CompareConfig
 
 pytestmark = pytest.mark.ray
 
@@ -112,8 +113,8 @@ def test_prepare_and_evaluate_an_imagefolder_as_load_split_would(
 
     # 3. the same table as an in-memory evaluation of load_split's tensors
     from rcat_ray.core.models import load_model
-    from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
-    from rcat_ray.store import ResultStore
+    from rcat_ray.evaluate.plan import EvaluationPlan, assemble, run_chunk
+    from rcat_ray.store.result_store import ResultStore
 
     split = load_split(_data(imagenet_root))  # RobustBench's preprocessing, decoded in this process
     assert open_samples(location).describe() == split.describe()
@@ -139,9 +140,9 @@ def test_prepare_and_evaluate_an_imagefolder_as_load_split_would(
 def test_a_comparison_report_reads_its_images_from_the_set(ray_session, imagenet_root, tmp_path, no_load_split):
     """First use of a store: the driver reads two images from the source (``load_split`` with limit 2 is the only
     call it makes), prepares the set after the models pass, and the report reads the images it shows from it."""
-    from rcat_ray import workflows
-    from rcat_ray.report import CLEAN_GRID_PNG, ROBUST_GRID_PNG, write_report
-    from rcat_ray.workflows import run_compare
+    from rcat_ray.evaluate import run as workflows
+    from rcat_ray.evaluate.run import run_compare
+    from rcat_ray.report.flip_report import CLEAN_GRID_PNG, ROBUST_GRID_PNG, write_report
 
     probes = []
 
@@ -170,10 +171,11 @@ def test_a_comparison_report_reads_its_images_from_the_set(ray_session, imagenet
 
 
 def test_one_epoch_fine_tune_streams_from_a_prepared_set(imagenet_root, tmp_path, no_load_split):
-    """The other half of the data plane (rcat_ray.distributed.train): a fine-tune reads its rows from the set."""
-    from rcat_ray.config import FinetuneConfig, parse_config
+    """The other half of the data plane (rcat_ray.finetune.ray_train): a fine-tune reads its rows from the set."""
+    from rcat_ray.config import parse_config
     from rcat_ray.core.models import build_architecture, save_checkpoint
-    from rcat_ray.distributed import train
+    from rcat_ray.finetune import ray_train as train
+    from rcat_ray.finetune.config import FinetuneConfig
 
     parents = {}
     for name, seed in (("old", 0), ("new", 1)):

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from rcat_ray.core.models import build_architecture, save_checkpoint
-from rcat_ray.history import read_history
+from rcat_ray.nightly.history import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcat_ray.config import ConfigError, LossConfig, parse_config
-from rcat_ray.core.losses import LossConfigError, at_loss, kl_distance, logit_distance, pct_loss, rcat_loss
+from rcat_ray.config import LossConfig, parse_config
+from rcat_ray.core.losses import at_loss, kl_distance, logit_distance, pct_loss, rcat_loss
+from rcat_ray.errors import ConfigError, LossConfigError
 
 # two samples, K = 2 classes
 Z = torch.tensor([[2.0, 0.0], [0.0, 1.0]])

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from rcat_ray.config import ModelConfig
-from rcat_ray.core.models import (
-    ModelError,
-    build_architecture,
-    fingerprint_module,
-    load_model,
-    save_checkpoint,
-)
+from rcat_ray.core.models import build_architecture, fingerprint_module, load_model, save_checkpoint
+from rcat_ray.errors import ModelError
 
 SHAPE = (1, 8, 8)
 

@@ -9,7 +9,7 @@ Scenarios:
 (a) an evaluation spreads its chunks over both worker nodes, and its tables hold the same rows as a one-node run;
 (c) the nightly gate runs on the cluster (both tables, the verdict and the report with its images);
 (b) a worker node is killed while its actor holds a chunk (the actors wait at a gate, a testing aid of
-    ``rcat_ray.distributed.evaluate``, so "in the middle of a chunk" is a fact, not a race): the run finishes on
+    ``rcat_ray.evaluate.ray_evaluate``, so "in the middle of a chunk" is a fact, not a race): the run finishes on
     the remaining node, or stops saying to run again and the re-run computes only the missing chunks; the
     tables equal the one-node run's either way. It runs last: it leaves the cluster with one worker node.
 """
@@ -32,7 +32,7 @@ from tests.multinode import ClusterProcess, ray_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"  # rcat_ray.distributed.evaluate.TEST_GATE_ENV
+GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"  # rcat_ray.evaluate.ray_evaluate.TEST_GATE_ENV
 N_SAMPLES, CHUNK = 400, 50  # 8 chunks per model
 
 
@@ -102,8 +102,9 @@ def _chunk_manifests(store: Path) -> dict[tuple[str, int], dict]:
 
 def _assert_same_as_one_node(tmp_path: Path, checkpoints: dict[str, Path], store: Path, keys: list[str]) -> None:
     """The same evaluation on the session Ray of this process (one node): the same tables, row for row."""
-    from rcat_ray.config import EvaluateConfig, parse_config
-    from rcat_ray.workflows import run_evaluate
+    from rcat_ray.config import parse_config
+    from rcat_ray.evaluate.config import EvaluateConfig
+    from rcat_ray.evaluate.run import run_evaluate
 
     raw = _evaluate_raw(tmp_path, checkpoints, store="one-node")
     raw["compute"] = {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": 1}

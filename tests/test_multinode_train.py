@@ -34,7 +34,7 @@ import yaml
 
 from tests.multinode import ROOT, ClusterProcess, ray_env
 
-GATE_ENV = "RCAT_RAY_TEST_EPOCH_GATE"  # rcat_ray.distributed.train's epoch gate (a testing aid)
+GATE_ENV = "RCAT_RAY_TEST_EPOCH_GATE"  # rcat_ray.finetune.ray_train's epoch gate (a testing aid)
 N_TRAIN = 1097  # digits' train split
 
 pytestmark = [pytest.mark.slow]
@@ -98,8 +98,9 @@ def _finish(proc: subprocess.Popen, tmp_path: Path, name: str, timeout: float = 
 
 def _local_weights(tmp_path: Path, parents: dict[str, Path], **kw) -> dict[str, torch.Tensor]:
     """The same fine-tune in this process with one worker (Train's local mode): the reference weights."""
-    from rcat_ray.config import FinetuneConfig, parse_config
-    from rcat_ray.distributed.train import run_finetune
+    from rcat_ray.config import parse_config
+    from rcat_ray.finetune.config import FinetuneConfig
+    from rcat_ray.finetune.ray_train import run_finetune
 
     # its own Ray Train storage: it has the cluster run's identity (the worker count is not part of it), and in the
     # same storage it would resume that run's finished snapshot instead of training

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 import yaml
 
 from rcat_ray.cli import main
-from rcat_ray.config import GatesConfig, NotifyConfig, parse_config
+from rcat_ray.config import parse_config
 from rcat_ray.core.models import build_architecture, save_checkpoint
-from rcat_ray.gates import judge
-from rcat_ray.history import append_night, read_history
-from rcat_ray.notify import WebhookNotifier, deliver, make_notifier
+from rcat_ray.nightly.config import GatesConfig, NotifyConfig
+from rcat_ray.nightly.gates import judge
+from rcat_ray.nightly.history import append_night, read_history
+from rcat_ray.nightly.notify import WebhookNotifier, deliver, make_notifier
 
 from .conftest import snapshot
 
@@ -125,7 +126,7 @@ def test_webhook_notifier_on_loopback(capsys):
 
 
 def test_notify_config_needs_a_target():
-    from rcat_ray.config import ConfigError
+    from rcat_ray.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"notify\.url|url is required"):
         parse_config(NotifyConfig, {"kind": "webhook"})
@@ -226,7 +227,7 @@ def test_missing_candidate_exits_2_and_leaves_history(ray_session, nightly_model
 def test_newest_checkpoint_is_the_candidate(tmp_path, nightly_models):
     import os
 
-    from rcat_ray.nightly import newest_checkpoint
+    from rcat_ray.nightly.run import newest_checkpoint
 
     folder = tmp_path / "candidates"
     folder.mkdir()

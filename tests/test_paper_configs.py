@@ -15,19 +15,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from rcat_ray.config import (
-    AttackConfig,
-    CompareConfig,
-    DataConfig,
-    EvaluateConfig,
-    FinetuneConfig,
-    ModelConfig,
-    SweepConfig,
-    TableConfig,
-    load_yaml,
-    parse_config,
-)
+from rcat_ray.config import AttackConfig, DataConfig, ModelConfig, load_yaml, parse_config
 from rcat_ray.core.models import robustbench_checkpoint_path
+from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
+from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.sweep.config import SweepConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 

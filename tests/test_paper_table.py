@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rcat_ray.core.flips import flip_table, summarize
-from rcat_ray.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
+from rcat_ray.evaluate.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
 
 from .test_flips import model_table
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from rcat_ray.interrupts import (
+from rcat_ray.runtime.interrupts import (
     EvaluationInterrupted,
     Terminated,
     interrupt_signal_name,
@@ -171,7 +171,8 @@ def test_verbose_shows_ray_logs_and_still_the_progress_lines(tmp_path):
 
 
 _IMPORT_MODEL_LIBRARIES = (
-    "import sys; from rcat_ray.quiet import configure_quiet; configure_quiet(verbose=sys.argv[1] == 'verbose'); "
+    "import sys; from rcat_ray.runtime.quiet import configure_quiet; "
+    "configure_quiet(verbose=sys.argv[1] == 'verbose'); "
     "from rcat_ray.core.models import register_autoattack_alias; register_autoattack_alias(); "
     "import robustbench.utils, timm"
 )

@@ -1,4 +1,4 @@
-"""Tests of rcat_ray.report on a small real store (digits, two trained MLPs, real attacks), without Ray."""
+"""Tests of rcat_ray.report.flip_report on a small real store (digits, two trained MLPs, real attacks), without Ray."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from rcat_ray import report
-from rcat_ray.comparison import Comparison, compare_stored
 from rcat_ray.config import AttackConfig, BootstrapConfig, DataConfig, EvaluationSettings, ModelConfig
 from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.flips import METRIC_LABELS
 from rcat_ray.core.models import LoadedModel, from_module, load_model
 from rcat_ray.core.samples import samples_in_store, samples_location
-from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
-from rcat_ray.report import CLEAN_GRID_PNG, PER_CLASS_PNG, REPORT_NAME, ROBUST_GRID_PNG, write_report
-from rcat_ray.store import ResultStore
+from rcat_ray.evaluate.comparison import Comparison, compare_stored
+from rcat_ray.evaluate.plan import EvaluationPlan, assemble, run_chunk
+from rcat_ray.report import flip_report as report
+from rcat_ray.report.flip_report import CLEAN_GRID_PNG, PER_CLASS_PNG, REPORT_NAME, ROBUST_GRID_PNG, write_report
+from rcat_ray.store.result_store import ResultStore
 
 from .conftest import fit
 
@@ -193,5 +193,5 @@ def test_summary_values_are_percentages(stored: tuple[ResultStore, Comparison], 
 
 def test_report_module_does_not_import_ray() -> None:
     """The report is part of the Ray-free side: it must be usable where Ray is not installed."""
-    code = "import sys, rcat_ray.report; sys.exit(1 if 'ray' in sys.modules else 0)"
+    code = "import sys, rcat_ray.report.flip_report; sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcat_ray import report
-from rcat_ray.comparison import Comparison
 from rcat_ray.core.samples import prepare_samples, samples_location
-from rcat_ray.report import REPORT_NAME, ROBUST_GRID_PNG, write_report
-from rcat_ray.store import ResultStore, StoreError
+from rcat_ray.errors import StoreError
+from rcat_ray.evaluate.comparison import Comparison
+from rcat_ray.report import flip_report as report
+from rcat_ray.report.flip_report import REPORT_NAME, ROBUST_GRID_PNG, write_report
+from rcat_ray.store.result_store import ResultStore
 
 from .test_report import DATA, _build_store
 

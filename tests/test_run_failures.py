@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 
 from rcat_ray.cli import EXIT_INCOMPLETE, EXIT_RUN_FAILED, main
-from rcat_ray.failures import describe_failure
-from rcat_ray.quiet import PlainFormatter, strip_ansi
+from rcat_ray.runtime.failures import describe_failure
+from rcat_ray.runtime.quiet import PlainFormatter, strip_ansi
 
 ESC = "\x1b"
 RCAT_RAY = str(Path(sys.executable).parent / "rcat-ray")
-CHUNK_GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"  # rcat_ray.distributed.evaluate.TEST_GATE_ENV
+CHUNK_GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"  # rcat_ray.evaluate.ray_evaluate.TEST_GATE_ENV
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -95,11 +95,8 @@ def test_a_worker_failure_is_described_by_its_cause_not_by_rays_wrapper():
 def test_run_failures_and_input_errors_are_told_apart():
     from ray.exceptions import RayTaskError
 
-    from rcat_ray.config import ConfigError
-    from rcat_ray.core.data import DataError
-    from rcat_ray.errors import is_run_failure
-    from rcat_ray.evaluation import EvaluationRunError
-    from rcat_ray.selection import SweepFailedError
+    from rcat_ray.errors import ConfigError, DataError, EvaluationRunError, SweepFailedError
+    from rcat_ray.runtime.failures import is_run_failure
 
     assert is_run_failure(EvaluationRunError("the evaluation stopped: ..."))
     assert is_run_failure(SweepFailedError("all 2 trials failed"))
@@ -117,9 +114,9 @@ def test_ray_that_cannot_start_is_a_run_failure_in_one_line(monkeypatch):
     import ray
 
     from rcat_ray.config import ComputeConfig
-    from rcat_ray.distributed.cluster import ensure_ray
-    from rcat_ray.errors import is_run_failure
-    from rcat_ray.failures import RayStartError
+    from rcat_ray.errors import RayStartError
+    from rcat_ray.runtime.cluster import ensure_ray
+    from rcat_ray.runtime.failures import is_run_failure
 
     def timed_out(*a, **k):
         raise Exception("The current node timed out during startup. This could happen because some of the raylet "
@@ -149,8 +146,8 @@ _EVALUATE = ["evaluate", "--data", "digits", "--eps", "0.1", "--model", "builtin
     ids=["OSError", "EvaluationRunError"],
 )  # fmt: skip
 def test_the_cli_says_a_run_failure_in_one_line_and_exits_4(tmp_path, monkeypatch, capsys, error, said):
-    from rcat_ray import workflows
-    from rcat_ray.evaluation import EvaluationRunError
+    from rcat_ray.errors import EvaluationRunError
+    from rcat_ray.evaluate import run as workflows
 
     if error == "EvaluationRunError":  # a message that spans lines, as older errors did, still comes out whole
         error = EvaluationRunError(
@@ -176,7 +173,7 @@ def test_the_cli_says_a_run_failure_in_one_line_and_exits_4(tmp_path, monkeypatc
 
 _FAILING_EVALUATE = r"""
 import sys
-from rcat_ray import workflows
+from rcat_ray.evaluate import run as workflows
 
 def failing(cfg, *args, **kwargs):  # the store's disk filled up during the run
     raise OSError(28, "No space left on device", "/s/tables/k/chunks/chunk-000003.parquet")
@@ -209,7 +206,7 @@ def test_a_run_failure_is_one_line_on_the_real_stderr_its_traceback_in_the_log_o
 
 _FORWARD = r"""
 import io, logging, sys
-from rcat_ray import quiet
+from rcat_ray.runtime import quiet
 quiet.configure_quiet(verbose=sys.argv[1] == "verbose")
 log = io.StringIO()
 handler = logging.StreamHandler(log)

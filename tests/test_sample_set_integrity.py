@@ -20,16 +20,10 @@ import pytest
 from rcat_ray.cli import main
 from rcat_ray.config import DataConfig
 from rcat_ray.core import samples as samples_mod
-from rcat_ray.core.samples import (
-    INFO_FILE,
-    DamagedSetError,
-    open_samples,
-    prepare_samples,
-    samples_in_store,
-    samples_location,
-)
-from rcat_ray.inventory import verify_store
-from rcat_ray.store import QUARANTINE_DIR
+from rcat_ray.core.samples import INFO_FILE, open_samples, prepare_samples, samples_in_store, samples_location
+from rcat_ray.errors import DamagedSetError
+from rcat_ray.report.inventory import verify_store
+from rcat_ray.store.result_store import QUARANTINE_DIR
 
 from .conftest import snapshot
 

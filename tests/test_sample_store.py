@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rcat_ray.config import DataConfig
-from rcat_ray.core.data import DataError, Split, load_split, prepare_fashion_mnist
+from rcat_ray.core.data import Split, load_split, prepare_fashion_mnist
 from rcat_ray.core.samples import (
     INFO_FILE,
     SampleSet,
@@ -27,6 +27,7 @@ from rcat_ray.core.samples import (
     open_samples,
     prepare_samples,
 )
+from rcat_ray.errors import DataError
 
 
 def assert_same(samples: SampleSet, split: Split, start: int = 0, stop: int | None = None) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from rcat_ray.config import DataConfig
 from rcat_ray.core.data import load_split
-from rcat_ray.core.finetune import GlobalBatchSampler, ShuffleWindow, epoch_permutation, shuffle_window
+from rcat_ray.core.finetune_epoch import GlobalBatchSampler, ShuffleWindow, epoch_permutation, shuffle_window
 from rcat_ray.core.samples import SampleSet, open_samples, prepare_samples
 
 
@@ -104,7 +104,7 @@ def wide_set(tmp_path_factory) -> str:
 def test_each_worker_reads_about_its_share_of_the_set(wide_set, fits):
     """Per epoch a worker reads, decompresses and hashes about 1/W of the set's row groups plus a small constant
     (measured: 1/W + 0.04..0.09 here), not all of them, while 1, 2 and 4 workers train on the same global batches."""
-    from rcat_ray.core.finetune import StreamedGlobalBatches
+    from rcat_ray.core.finetune_epoch import StreamedGlobalBatches
 
     n, rpg, batch = 4096, 16, 250  # a short last global batch of 96: still one pass, one cache
     set_bytes = n * 64

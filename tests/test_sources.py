@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from rcat_ray.config import DataConfig
-from rcat_ray.core.data import DataError, load_split, prepare_fashion_mnist
+from rcat_ray.core.data import load_split, prepare_fashion_mnist
 from rcat_ray.core.samples import open_samples, prepare_samples
 from rcat_ray.core.sources import selection_size
+from rcat_ray.errors import DataError
 
 
 def _peak(fn) -> tuple[object, int]:

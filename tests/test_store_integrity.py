@@ -21,16 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from rcat_ray import evaluation
-from rcat_ray.comparison import compare_stored
-from rcat_ray.config import AttackConfig, BootstrapConfig, CompareConfig, ComputeConfig, DataConfig, EvaluateConfig
+from rcat_ray.config import AttackConfig, BootstrapConfig, ComputeConfig, DataConfig
 from rcat_ray.core.data import load_split
 from rcat_ray.core.flips import METRICS
 from rcat_ray.core.models import from_module, save_checkpoint
-from rcat_ray.evaluation import EvaluationInputError, EvaluationPlan, NonFiniteOutputError, run_chunk
-from rcat_ray.inventory import describe_entry, list_entries, resolve_key, verify_store
-from rcat_ray.store import ResultStore, StoreError
-from rcat_ray.workflows import run_compare, run_evaluate
+from rcat_ray.errors import EvaluationInputError, NonFiniteOutputError, StoreError
+from rcat_ray.evaluate import plan as evaluation
+from rcat_ray.evaluate.comparison import compare_stored
+from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig
+from rcat_ray.evaluate.plan import EvaluationPlan, run_chunk
+from rcat_ray.evaluate.run import run_compare, run_evaluate
+from rcat_ray.report.inventory import describe_entry, list_entries, resolve_key, verify_store
+from rcat_ray.store.result_store import ResultStore
 
 from .conftest import snapshot
 
@@ -362,8 +364,8 @@ def test_altered_samples_stop_the_run_naming_the_file(clean, store, digits_model
 @pytest.fixture
 def no_compute(monkeypatch):
     """Any attempt to start Ray work or attack a chunk fails the test."""
-    from rcat_ray.distributed import cluster
-    from rcat_ray.distributed import evaluate as distributed_evaluate
+    from rcat_ray.evaluate import ray_evaluate as distributed_evaluate
+    from rcat_ray.runtime import cluster
 
     def boom(*a, **k):
         raise AssertionError("compute started on bad input")

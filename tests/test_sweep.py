@@ -21,9 +21,18 @@ import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from rcat_ray.config import ConfigError, SweepConfig, parse_config
-from rcat_ray.search_space import PAPER_PCT_BETAS, PAPER_RCAT_GRID, expand, paper_grid, random_trials, sample_simplex
-from rcat_ray.selection import SelectionError, pareto_front, select_per_kind, select_trial
+from rcat_ray.config import parse_config
+from rcat_ray.errors import ConfigError, SelectionError
+from rcat_ray.sweep.choice import pareto_front, select_per_kind, select_trial
+from rcat_ray.sweep.config import SweepConfig
+from rcat_ray.sweep.search_space import (
+    PAPER_PCT_BETAS,
+    PAPER_RCAT_GRID,
+    expand,
+    paper_grid,
+    random_trials,
+    sample_simplex,
+)
 
 
 @given(seed=st.integers(0, 2**31 - 1), lo=st.floats(0, 0.5), width=st.floats(0.3, 1.0))
@@ -107,7 +116,7 @@ def test_per_kind_choice_applies_the_rule_to_each_kind_and_flags_a_kind_below_th
 
 
 def test_a_selection_asking_for_more_validation_samples_than_the_split_holds_is_refused():
-    from rcat_ray.distributed.sweep import check_selection_inputs, selection_settings
+    from rcat_ray.sweep.ray_tune import check_selection_inputs, selection_settings
 
     raw = {"base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
                     "data": {"name": "digits", "split": "train"}, "train_attack": {"eps": 0.1}}}  # fmt: skip
@@ -170,8 +179,8 @@ def sweep_yaml(tmp_path, digits_checkpoints):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, sweep_yaml, tmp_path):
-    from rcat_ray.distributed.sweep import run_sweep
-    from rcat_ray.store import ResultStore
+    from rcat_ray.store.result_store import ResultStore
+    from rcat_ray.sweep.ray_tune import run_sweep
 
     test = {"data": {"name": "digits", "split": "test", "limit": 100}, "attack": {"eps": 0.1, "n_iter": 3},
             "chunk_size": 50, "store": str(tmp_path / "store"),
@@ -240,7 +249,7 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
 @pytest.mark.ray
 @pytest.mark.slow
 def test_selection_switched_off_chooses_on_the_last_per_epoch_validation(ray_session, sweep_yaml, tmp_path):
-    from rcat_ray.distributed.sweep import run_sweep
+    from rcat_ray.sweep.ray_tune import run_sweep
 
     config = sweep_yaml(space={"losses": ["at", "pcat"]}, selection={"enabled": False}, asha={"enabled": False})
     raw = yaml.safe_load(config.read_text())
@@ -270,8 +279,8 @@ def test_trials_on_two_workers_train_the_one_process_model_and_never_stand_in_fo
     runs them): the AT trial's model equals the same fine-tune in one process. A finished fine-tune of the same
     identity in the same storage (the one-process reference, run first) does not stand in for the trial: it
     trains and reports its epochs."""
-    from rcat_ray.distributed.sweep import run_sweep
-    from rcat_ray.distributed.train import run_finetune
+    from rcat_ray.finetune.ray_train import run_finetune
+    from rcat_ray.sweep.ray_tune import run_sweep
 
     config = sweep_yaml(space={"losses": ["at"]}, asha={"enabled": False}, selection={"enabled": False})
     raw = yaml.safe_load(config.read_text())
@@ -280,7 +289,7 @@ def test_trials_on_two_workers_train_the_one_process_model_and_never_stand_in_fo
         run_sweep(parse_config(SweepConfig, raw))
     raw["base"]["cpus_per_worker"] = 0.99
     cfg = parse_config(SweepConfig, raw)
-    from rcat_ray.distributed.sweep import _max_concurrent
+    from rcat_ray.sweep.ray_tune import _max_concurrent
 
     assert _max_concurrent(cfg) == 1  # Tune would start every trial at once for their 0.01 CPU each
     reference = run_finetune(cfg.base.model_copy(update={"num_workers": 0}))
@@ -313,7 +322,7 @@ def _finished_trials(tune_dir: Path, epochs: int) -> dict[Path, tuple[float, int
 @pytest.mark.ray
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session, sweep_yaml, tmp_path):
-    from rcat_ray.distributed.sweep import run_sweep
+    from rcat_ray.sweep.ray_tune import run_sweep
 
     config = sweep_yaml(asha={"enabled": False}, max_concurrent=1)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -349,7 +358,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
 def testoptuna_space_stays_on_the_simplex():
     import optuna
 
-    from rcat_ray.distributed.sweep import optuna_space, trial_settings
+    from rcat_ray.sweep.ray_tune import optuna_space, trial_settings
 
     cfg = parse_config(SweepConfig, {
         "base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},

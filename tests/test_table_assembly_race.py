@@ -13,13 +13,13 @@ import threading
 import pyarrow.parquet as pq
 import torch
 
-from rcat_ray import evaluation
 from rcat_ray.config import AttackConfig, DataConfig
 from rcat_ray.core.data import load_split
 from rcat_ray.core.models import from_module
-from rcat_ray.evaluation import EvaluationPlan, assemble, run_chunk
-from rcat_ray.inventory import verify_store
-from rcat_ray.store import QUARANTINE_DIR, ResultStore, table_metadata
+from rcat_ray.evaluate import plan as evaluation
+from rcat_ray.evaluate.plan import EvaluationPlan, assemble, run_chunk
+from rcat_ray.report.inventory import verify_store
+from rcat_ray.store.result_store import QUARANTINE_DIR, ResultStore, table_metadata
 
 
 def _plans(tmp_path):

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from rcat_ray.config import ConfigError, parse_config
+from rcat_ray.config import parse_config
 from rcat_ray.core.models import build_architecture
 from rcat_ray.core.training import adversarial_train, make_schedule
 from rcat_ray.core.training_attacks import fgsm_rs
-from rcat_ray.pretrain import TrainRecipe
+from rcat_ray.errors import ConfigError
+from rcat_ray.finetune.pretrain import TrainRecipe
 
 
 def _mlp(seed: int = 0) -> torch.nn.Module:
@@ -63,14 +64,14 @@ def test_constant_schedule_is_the_previous_training(digits_train):
 
 
 def test_onecycle_training_logs_progress_lines(digits_train, caplog):
-    """Progress goes to the rcat_ray.progress logger as plain lines (done/total batches, ETA), plus one line
+    """Progress goes to the rcat_ray.core.progress logger as plain lines (done/total batches, ETA), plus one line
     per finished epoch, so a piped log shows how far training is."""
     x, y = digits_train.images[:512], digits_train.labels[:512]
     model = _mlp()
     before = [p.detach().clone() for p in model.parameters()]
-    with caplog.at_level(logging.INFO, logger="rcat_ray.progress"):
+    with caplog.at_level(logging.INFO, logger="rcat_ray.core.progress"):
         losses = adversarial_train(model, x, y, epochs=2, eps=0.1, batch_size=128, lr=2e-3, desc="old", interval_s=0)
-    lines = [r.getMessage() for r in caplog.records if r.name == "rcat_ray.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "rcat_ray.core.progress"]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert any(line.startswith("[train old] 3/8 batches") and "ETA" in line for line in lines)
     assert any(line.startswith("[train old] 8/8 batches (100%)") for line in lines)
@@ -82,7 +83,7 @@ def test_onecycle_training_logs_progress_lines(digits_train, caplog):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     caplog.clear()
     adversarial_train(_mlp(), x, y, epochs=1, eps=0.1, progress=False)
-    assert not [r for r in caplog.records if r.name == "rcat_ray.progress"]
+    assert not [r for r in caplog.records if r.name == "rcat_ray.core.progress"]
 
 
 def test_recipe_defaults_are_the_measured_recipe_and_validated():

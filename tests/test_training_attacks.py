@@ -70,7 +70,7 @@ def test_training_attack_ignores_a_16_bit_autocast(digits_models, digits_train, 
     be the random start alone. The training attack runs in full precision: the same x* as in float32,
     with its sign step on every sample where float32 has one."""
     from rcat_ray.config import TrainAttackConfig
-    from rcat_ray.core.finetune import craft
+    from rcat_ray.core.finetune_epoch import craft
 
     model = _confident(digits_models[1].module)
     x, y = digits_train.images[:256], digits_train.labels[:256]

@@ -1,7 +1,7 @@
 """1 and N workers train the same model for every loss and normalisation, with and without BatchNorm.
 
 Two mechanisms make a worker's share of a global batch act as part of the whole: RCAT's ``masked`` terms divide by
-the global batch's mask counts (:func:`rcat_ray.core.finetune.group_sum`), and BatchNorm takes the global batch's
+the global batch's mask counts (:func:`rcat_ray.core.finetune_epoch.group_sum`), and BatchNorm takes the global batch's
 statistics (:mod:`rcat_ray.core.batchnorm`: torch's SyncBatchNorm on CUDA, an all-reduce on CPU, where torch has
 none). Each is checked against one process here, in real ``torch.distributed`` process groups, and end to end on
 Ray Train (1 vs 2 and 4 workers, a BatchNorm ResNet, RCAT masked, over three steps: see SHORT_RUN_TOLERANCE).
@@ -171,8 +171,9 @@ def resnet_parents(tmp_path, digits_train, digits_checkpoints):
 
 
 def _finetune(tmp_path, parents, workers: int, **kw):
-    from rcat_ray.config import FinetuneConfig, parse_config
-    from rcat_ray.distributed.train import run_finetune
+    from rcat_ray.config import parse_config
+    from rcat_ray.finetune.config import FinetuneConfig
+    from rcat_ray.finetune.ray_train import run_finetune
 
     raw = {
         "old": {"source": "checkpoint", "path": str(parents["old"])},

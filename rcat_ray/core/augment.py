@@ -10,7 +10,7 @@ Two recipes, chosen by image size as the usual training recipes do:
   ``RandomResizedCrop`` algorithm, including its fallback to a centre crop), then the flip.
 
 Why the random parameters belong to the *global* batch: fine-tuning splits each global batch over the
-workers (:class:`rcat_ray.core.finetune.GlobalBatchSampler`) and must train the same model on 1 and N workers.
+workers (:class:`rcat_ray.core.finetune_epoch.GlobalBatchSampler`) and must train the same model on 1 and N workers.
 So the crop boxes and flips of a global batch are drawn for all of its rows at once from a generator seeded
 with (seed, epoch, batch index), and a worker applies the rows of its own share: the augmented global batch
 is then the same whatever the number of workers, and a run resumed at an epoch boundary draws the same

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rcat_ray.errors import FlipInputError
+
 __all__ = [
     "FLIP_SCHEMA",
     "METRICS",
@@ -138,14 +140,6 @@ _INDICATORS: Final[dict[str, np.ndarray]] = {
     "nfr_robust_subset": _NEG,
 }
 _INDICATORS = {key: mask.astype(np.float64) for key, mask in _INDICATORS.items()}
-
-
-class FlipInputError(ValueError):
-    """Two tables cannot be compared (different samples, labels, missing columns, ...).
-
-    A ValueError subclass so callers that only care about "bad input" need not import it, while the
-    CLI can still tell a data mismatch apart from a bug.
-    """
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,12 +13,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from rcat_ray.errors import LossConfigError
+
 Normalisation = Literal["masked", "batch"]
 Divergence = Literal["mse", "kl"]
-
-
-class LossConfigError(ValueError):
-    """Loss weights outside their valid range."""
 
 
 def logit_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,9 @@ from torch import nn
 
 from rcat_ray.config import ModelConfig
 from rcat_ray.core.atomic import write_file_atomic
+from rcat_ray.errors import ModelError, ModelFingerprintError
 
 CHECKPOINT_FORMAT = "rcat_ray.checkpoint/1"
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded or does not fit the data; the message says what to fix."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,10 +421,6 @@ def robustbench_checkpoint_path(name: str, *, model_dir: Path, dataset: str, thr
 
 # ----------------------------------------------------------------------------------------------------
 # Models by reference: what evaluation workers receive instead of weights.
-
-
-class ModelFingerprintError(ModelError):
-    """A worker loaded other weights than the driver planned with: storing rows under the planned key would lie."""
 
 
 @dataclass(frozen=True)

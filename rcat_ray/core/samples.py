@@ -63,7 +63,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rcat_ray.config import DataConfig
-from rcat_ray.core.data import DataError, Split
+from rcat_ray.core.data import Split
 from rcat_ray.core.sources import (  # noqa: F401 - IMAGENET_PREPROCESSING: re-exported
     IMAGENET_PREPROCESSING,
     RawSource,
@@ -73,6 +73,7 @@ from rcat_ray.core.sources import (  # noqa: F401 - IMAGENET_PREPROCESSING: re-e
     to_float,
     val_size_of,
 )
+from rcat_ray.errors import DamagedSetError, DataError, NotASetError
 
 log = logging.getLogger(__name__)
 
@@ -91,29 +92,10 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 #: Float32 bytes converted at once when the set's Split fingerprint is computed (a 224 px row group is 154 MB).
 _FLOAT_SLICE_BYTES = 2**20
 #: What to do about a damaged or foreign set: sets are never overwritten, so the folder must go first.
-_REDO = (
-    "move the folder aside and prepare the set again (a set in a result store: `rcat-ray store verify --repair` "
-    "moves it to the store's quarantine and the next run prepares it)"
-)
-#: The result store's folder for damaged artifacts (``rcat_ray.store.QUARANTINE_DIR``: the core does not import
+_REDO = DamagedSetError.REDO
+#: The result store's folder for damaged artifacts (``store.result_store.QUARANTINE_DIR``: the core does not import
 #: the store, which sits above it).
 QUARANTINE_FOLDER = "quarantine"
-
-
-class DamagedSetError(DataError):
-    """A file of a set does not match its dataset.json (missing, truncated, altered, undecodable), or dataset.json
-    itself is unreadable: the set cannot be trusted. ``name`` is the file (relative to the set's folder) and
-    ``problem`` the short reason, so a checker can report each file without parsing messages."""
-
-    def __init__(self, uri: str, name: str, problem: str, sep: str = " "):
-        self.name = name
-        self.problem = problem
-        super().__init__(f"{uri.rstrip('/')}/{name}{sep}{problem}; {_REDO}")
-
-
-class NotASetError(DataError):
-    """A non-empty folder without dataset.json where a set should be: someone else's folder, or (inside a
-    result store's ``samples/``, where every folder is ours) a set that lost its dataset.json."""
 
 
 # -- metadata ---------------------------------------------------------------------------------------
@@ -689,7 +671,7 @@ class _Group:
     @property
     def nbytes(self) -> int:
         """The stored pixel bytes: what a read cache counts (``iter_batches``' ``cache_bytes``, and the window
-        size of ``rcat_ray.core.finetune.shuffle_window``); ids and labels, 16 bytes a row, are left out."""
+        size of ``rcat_ray.core.finetune_epoch.shuffle_window``); ids and labels, 16 bytes a row, are left out."""
         return self.flat.nbytes
 
 
@@ -891,7 +873,7 @@ class SampleSet:
         is known up front, a group is dropped right after the last batch that needs it, and when a batch needs
         room, the least recently used groups it does not need go first, before anything is read. A set that
         fits (Fashion-MNIST: 47 MB) is therefore read once per pass; a sequential pass, or an order shuffled
-        within windows of row groups smaller than the cache (``rcat_ray.core.finetune.ShuffleWindow``), reads
+        within windows of row groups smaller than the cache (``rcat_ray.core.finetune_epoch.ShuffleWindow``), reads
         every group once whatever the set's size. A fully random order over a set far larger than the cache
         reads about one group per row. Only a single batch whose groups exceed the cache makes it overflow.
         ``batch_sizes`` (summing to the number of positions) gives each batch its own size instead, in one pass

@@ -26,13 +26,10 @@ import numpy as np
 import torch
 
 from rcat_ray.config import DataConfig
+from rcat_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 _WARNED_WHOLE_FILE: set[str] = set()
-
-
-class DataError(ValueError):
-    """Data that cannot be loaded; the message says what to place where."""
 
 
 #: Default size of the validation tail of each training file (CIFAR-10: 40k train / 10k val).

@@ -5,7 +5,7 @@ Deterministic for a seed: the data order and the attack's random starts come fro
 The default schedule is one-cycle (warm-up to the maximum learning rate, then annealing to about 0):
 the paper fine-tunes *converged* models, and a model left at a constant learning rate is not converged,
 so any fine-tuning (plain AT included) would keep improving it and blur the comparison of the methods.
-Progress is logged as plain lines (:class:`rcat_ray.progress.Progress`), which read the same in a
+Progress is logged as plain lines (:class:`rcat_ray.core.progress.Progress`), which read the same in a
 terminal and in ``make demo | tee log``.
 """
 
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rcat_ray.core.progress import Progress
 from rcat_ray.core.training_attacks import fgsm_rs
-from rcat_ray.progress import Progress
 
-log = logging.getLogger("rcat_ray.progress")
+log = logging.getLogger("rcat_ray.core.progress")
 
 Schedule = Literal["onecycle", "constant"]
 

@@ -2,7 +2,7 @@
 
 A trial that fits on one device trains inside the trial process (RAY_NOTES pattern A, the cheap one); a
 trial configured with several workers runs a TorchTrainer and forwards its metrics to Tune (pattern B).
-Both run the same loop (:func:`rcat_ray.distributed.train.finetune_loop`), which reports validation flips
+Both run the same loop (:func:`rcat_ray.finetune.ray_train.finetune_loop`), which reports validation flips
 against the old model every epoch (a cheap attack on a small subset), so ASHA can stop trials early and
 the user sees progress.
 
@@ -11,7 +11,7 @@ breaks. Once Tune is done, every trial that ran all its epochs is written as a c
 ``<out>/trials/`` and, with old and new, evaluated through the flip engine (Ray Data, the result store) with
 the test-strength attack on the head of the validation split (``SweepConfig.selection``: APGD-CE +
 APGD-DLR, 50 iterations, 2,000 samples by default). Old and new are attacked once and cached by
-fingerprint like any other table. The selection rule (:mod:`rcat_ray.selection`) then reads those strong
+fingerprint like any other table. The selection rule (:mod:`rcat_ray.sweep.choice`) then reads those strong
 metrics, with their bootstrap CIs and N; the chosen model is, when test settings are given, evaluated on
 them into the paper-style table. ``selection.enabled: false`` restores the choice on the last per-epoch
 validation.
@@ -34,21 +34,16 @@ import ray.tune
 import torch
 import yaml
 
-from rcat_ray.config import (
-    AttackConfig,
-    ConfigError,
-    EvaluateConfig,
-    EvaluationSettings,
-    FinetuneConfig,
-    ModelConfig,
-    SweepConfig,
-    parse_config,
-)
-from rcat_ray.core.identity import IdentityInputs, finetune_identity
+from rcat_ray.config import AttackConfig, EvaluationSettings, ModelConfig, parse_config
 from rcat_ray.core.models import LoadedModel
 from rcat_ray.core.sources import selection_size
 from rcat_ray.core.validation import per_model_table
-from rcat_ray.distributed.train import (
+from rcat_ray.errors import ConfigError, SweepFailedError, SweepInterruptedError
+from rcat_ray.evaluate.config import EvaluateConfig
+from rcat_ray.evaluate.paper_table import TableRow
+from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.finetune.identity import IdentityInputs, finetune_identity
+from rcat_ray.finetune.ray_train import (
     STATE_FILE,
     Parents,
     _write_final,
@@ -57,10 +52,10 @@ from rcat_ray.distributed.train import (
     train_run,
     validation_setup,
 )
-from rcat_ray.paper_table import TableRow
-from rcat_ray.search_space import expand, paper_grid, random_trials
-from rcat_ray.selection import SweepFailedError, pareto_front, select_trial
-from rcat_ray.store import write_file_atomic
+from rcat_ray.store.result_store import write_file_atomic
+from rcat_ray.sweep.choice import pareto_front, select_trial
+from rcat_ray.sweep.config import SweepConfig
+from rcat_ray.sweep.search_space import expand, paper_grid, random_trials
 
 TRIAL_KEYS = ("kind", "alpha", "beta", "train_eps", "lr", "epochs")
 
@@ -68,11 +63,7 @@ TRIAL_KEYS = ("kind", "alpha", "beta", "train_eps", "lr", "epochs")
 #: each with ``_ci_low``, ``_ci_high`` and ``_n``).
 SELECTION_METRICS = ("s_nfr", "r_nfr", "nfr", "rob_acc", "acc")
 
-progress_log = logging.getLogger("rcat_ray.progress")
-
-
-class SweepInterruptedError(RuntimeError):
-    """The sweep was stopped (Ctrl+C, SIGINT) before every trial finished; it can be resumed."""
+progress_log = logging.getLogger("rcat_ray.core.progress")
 
 
 class TuneSession:
@@ -464,9 +455,9 @@ def judge_on_selection(
     """Write every completed trial's model under ``<out>/trials/`` and evaluate old, new and each of them with
     the selection settings through the flip engine (Ray Data, the result store: old and new are attacked
     once and reused by fingerprint); each trial gets its comparison against the old model as ``val_*``."""
-    from rcat_ray.comparison import compare_stored
-    from rcat_ray.selection import trial_label
-    from rcat_ray.workflows import raise_if_incomplete, run_evaluate
+    from rcat_ray.evaluate.comparison import compare_stored
+    from rcat_ray.evaluate.run import raise_if_incomplete, run_evaluate
+    from rcat_ray.sweep.choice import trial_label
 
     done = completed_trials(cfg, trials)
     if not done.any():
@@ -619,9 +610,9 @@ def _entry(row: pd.Series, metric: str) -> dict[str, Any]:
 def finish_sweep(cfg: SweepConfig, st: SweepTrials) -> SweepOutcome:
     """Choose by the rule on the selection metrics, write best.yaml, the validation table, the plots and
     the report, and (with test settings) test the chosen model through the flip engine."""
-    from rcat_ray.paper_table import build_pair_table, to_csv, to_markdown
-    from rcat_ray.selection import trial_label
-    from rcat_ray.sweep_report import write_sweep_outputs
+    from rcat_ray.evaluate.paper_table import build_pair_table, to_csv, to_markdown
+    from rcat_ray.sweep.choice import trial_label
+    from rcat_ray.sweep.report import write_sweep_outputs
 
     trials, val, out = st.trials, st.validation, st.out
     chosen = select_trial(trials, new_rob_acc=val.new_rob_acc, tolerance=cfg.tolerance)
@@ -677,8 +668,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, parents: Parents | None
 
 def _evaluate_on_test(cfg: SweepConfig, chosen_cfg: FinetuneConfig, checkpoint: Path, out: Path) -> Any:
     """The chosen model through the flip engine on the test settings, in the paper-style table."""
-    from rcat_ray.config import TableConfig, TableEntry, TablePair
-    from rcat_ray.workflows import run_table
+    from rcat_ray.evaluate.config import TableConfig, TableEntry, TablePair
+    from rcat_ray.evaluate.run import run_table
 
     label = chosen_cfg.loss.tag
     entry = TableEntry(

@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from typing import Any, Protocol
 
-from rcat_ray.config import NotifyConfig
+from rcat_ray.nightly.config import NotifyConfig
 
 
 class Notifier(Protocol):

@@ -2,7 +2,7 @@
 
 What travels. The dataset handed to Ray Data holds only chunk descriptors (plan index, chunk id, start, stop);
 it is built with ``from_items`` so there is no read task for the actors to starve on a small node (RAY_NOTES
-gotcha 6). Each actor receives the plans as :class:`rcat_ray.evaluation.PlanSpec` (table key, model reference,
+gotcha 6). Each actor receives the plans as :class:`rcat_ray.evaluate.plan.PlanSpec` (table key, model reference,
 sample-set location, attack: a few hundred bytes each), never images or weights. A model that exists only in
 the driver's memory (the Python API) is the exception: its module is put in the object store once and fetched
 by the actors that attack it.
@@ -10,7 +10,7 @@ by the actors that attack it.
 What an actor reads and holds. It opens each sample set once (cached per location) and reads the rows of the
 chunk it is given, ``read_rows(start, stop)``: storage to worker, checked against the set's row-group hashes.
 It loads each model from its source the first time a chunk of it arrives and keeps the last two in an LRU
-(:class:`rcat_ray.evaluation.ModelCache`), refusing weights whose fingerprint differs from the planned one.
+(:class:`rcat_ray.evaluate.plan.ModelCache`), refusing weights whose fingerprint differs from the planned one.
 The descriptors are ordered by plan, so the pool attacks one model's chunks before the next model's and an
 actor loads each model once. With ``compute.chunks_in_flight`` k > 1 an actor has k chunks in flight and runs
 them in k threads: each thread reads its rows first, then takes the actor's attack lock, so the next chunk is
@@ -39,14 +39,14 @@ import ray
 import torch
 
 from rcat_ray.config import ComputeConfig, EvaluationSettings
-from rcat_ray.core.allocator import retain_freed_heap
 from rcat_ray.core.models import register_autoattack_alias
+from rcat_ray.core.progress import Progress
+from rcat_ray.core.progress import log as progress_log
 from rcat_ray.core.samples import SampleSet, open_samples
-from rcat_ray.distributed import cluster
-from rcat_ray.evaluation import (
+from rcat_ray.errors import EvaluationRunError
+from rcat_ray.evaluate.plan import (
     Chunk,
     EvaluationPlan,
-    EvaluationRunError,
     ModelCache,
     PlanSpec,
     assemble,
@@ -54,11 +54,11 @@ from rcat_ray.evaluation import (
     resolve_device,
     run_chunk,
 )
-from rcat_ray.failures import describe_failure
-from rcat_ray.interrupts import EvaluationInterrupted, interrupt_signal_name
-from rcat_ray.progress import Progress
-from rcat_ray.progress import log as progress_log
-from rcat_ray.store import ResultStore
+from rcat_ray.runtime import cluster
+from rcat_ray.runtime.allocator import retain_freed_heap
+from rcat_ray.runtime.failures import describe_failure
+from rcat_ray.runtime.interrupts import EvaluationInterrupted, interrupt_signal_name
+from rcat_ray.store.result_store import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ChunkEvaluator:
     ):
         self.threads = threads
         torch.set_num_threads(threads)
-        retain_freed_heap()  # no page faults for every attack step's buffers (see rcat_ray.core.allocator)
+        retain_freed_heap()  # no page faults for every attack step's buffers (see rcat_ray.runtime.allocator)
         register_autoattack_alias()  # a RobustBench model unpickles only with it
         self.specs = specs
         self.modules = modules  # fingerprint -> [object ref] of in-memory models, fetched on first use
@@ -232,7 +232,7 @@ def evaluate_plans(
     the rest is picked up by the next call.
 
     Nothing is reused because it exists: a stored table is reused only when it matches the sha256 in its
-    manifest, a chunk only when its own manifest exists and matches (see ``rcat_ray.evaluation``). A damaged
+    manifest, a chunk only when its own manifest exists and matches (see ``rcat_ray.evaluate.plan``). A damaged
     table is moved aside and reassembled from its chunks, a damaged chunk is moved aside and attacked again;
     each is logged as a warning naming the file. Chunks missing under a good table (moved aside by
     ``verify_store(repair=True)``) are recomputed too, found by one folder listing, so a finished table costs
@@ -288,7 +288,7 @@ def _run_chunks_on_ray(
     Finished chunks are streamed back as they come (not collected at the end), so the driver can log a
     progress line per chunk (at most one every ~10 s when chunks are fast) with done/total and an ETA,
     whether stderr is a terminal, a pipe or a log file. Ctrl+C, or SIGTERM under
-    :func:`rcat_ray.interrupts.sigterm_as_interrupt`, releases the actor pool as a failure does and raises
+    :func:`rcat_ray.runtime.interrupts.sigterm_as_interrupt`, releases the actor pool as a failure does and raises
     :class:`EvaluationInterrupted` saying how many chunks are stored. The driver writes nothing here: each
     actor stores its chunk atomically (its manifest last) and tables are assembled by the caller only after
     a full return, so an interrupted run never leaves a table built from part of its chunks.

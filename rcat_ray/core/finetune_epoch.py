@@ -46,15 +46,9 @@ from torch.utils.data import Sampler
 from rcat_ray.config import LossConfig, OptimizerConfig, TrainAttackConfig
 from rcat_ray.core.augment import augment_share
 from rcat_ray.core.losses import at_loss, pct_loss, rcat_loss
+from rcat_ray.core.progress import Progress
 from rcat_ray.core.training_attacks import fgsm_paper, fgsm_rs, pgd, uniform_start
-from rcat_ray.progress import Progress
-
-
-class FinetuneInputError(ValueError):
-    """Fine-tuning inputs that cannot run as asked (e.g. cached masks that do not cover the training samples).
-
-    Raised before any training starts; a ValueError subclass so the CLI reports it as one line.
-    """
+from rcat_ray.errors import FinetuneInputError
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -20,8 +20,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from rcat_ray.core.flips import METRICS
-from rcat_ray.gates import GATE_METRICS
-from rcat_ray.store import ResultStore
+from rcat_ray.nightly.gates import GATE_METRICS
+from rcat_ray.store.result_store import ResultStore
 
 log = logging.getLogger(__name__)
 

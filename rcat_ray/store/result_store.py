@@ -47,32 +47,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rcat_ray.errors import DamagedArtifactError, StoreError, UncheckedArtifactError
+
 log = logging.getLogger(__name__)
 
 #: Folder (relative to the store root) that receives damaged artifacts.
 QUARANTINE_DIR = "quarantine"
-
-
-class StoreError(RuntimeError):
-    """The store cannot be used (unwritable, unreachable, or an artifact is damaged)."""
-
-
-class DamagedArtifactError(StoreError):
-    """A stored file does not match the checksum its manifest records, or the manifest itself is unreadable.
-
-    ``path`` is the store-relative path of the file that failed, so callers can move its artifact aside.
-    """
-
-    def __init__(self, path: str, problem: str, uri: str = ""):
-        self.path = path
-        self.problem = problem
-        where = f"{uri.rstrip('/')}/{path}" if uri else path
-        super().__init__(f"damaged artifact {where}: {problem}")
-
-
-class UncheckedArtifactError(DamagedArtifactError):
-    """A manifest that parses but records no checksums: written before checksums existed (table_version 1), or
-    reduced to something else. Nothing it covers can be verified; callers decide whether that is damage."""
 
 
 _VERSIONED = ("rcat_ray", "torch", "torchvision", "ray", "pyautoattack", "robustbench", "numpy", "pyarrow")

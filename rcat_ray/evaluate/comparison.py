@@ -19,11 +19,9 @@ import pyarrow as pa
 
 from rcat_ray.config import BootstrapConfig, stable_hash
 from rcat_ray.core.flips import flip_table, summarize
-from rcat_ray.store import (
-    DamagedArtifactError,
+from rcat_ray.errors import ComparisonError, DamagedArtifactError, StoreError, UncheckedArtifactError
+from rcat_ray.store.result_store import (
     ResultStore,
-    StoreError,
-    UncheckedArtifactError,
     json_bytes,
     now_iso,
     package_versions,
@@ -33,11 +31,7 @@ from rcat_ray.store import (
 
 #: The files of a stored comparison besides its manifest.
 COMPARISON_MEMBERS = ("flips.parquet", "summary.json")
-_TABLE_FILE = "table.parquet"  # the per-model table of tables/<key>/ (rcat_ray.evaluation.TABLE_MEMBERS)
-
-
-class ComparisonError(ValueError):
-    """Two tables that cannot be compared (different samples or attack)."""
+_TABLE_FILE = "table.parquet"  # the per-model table of tables/<key>/ (rcat_ray.evaluate.plan.TABLE_MEMBERS)
 
 
 @dataclass

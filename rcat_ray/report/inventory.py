@@ -3,7 +3,7 @@
 * ``verify_store(store, repair)`` checks every table, chunk and comparison against the sha256 its manifest
   records, and every prepared sample set against the row-group hashes its dataset.json records (reading every
   byte: the thorough check, unlike the cheap one a resumed run does) and returns findings; with ``repair``
-  damaged artifacts and sets are moved to ``quarantine/<UTC time>/`` (see ``rcat_ray.store``) so the next run
+  damaged artifacts and sets are moved to ``quarantine/<UTC time>/`` (see ``store.result_store``) so the next run
   recomputes them, and temporary folders left by killed preparations are removed. Without ``repair`` nothing
   is written, moved or created.
 * ``list_entries(store)`` lists tables and comparisons from their manifests (no hashing).
@@ -25,18 +25,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rcat_ray.comparison import COMPARISON_MEMBERS, load_comparison
-from rcat_ray.core.data import DataError
 from rcat_ray.core.flips import METRICS
-from rcat_ray.core.samples import INFO_FILE, SAMPLES_FOLDER, DamagedSetError, open_samples, set_aside
-from rcat_ray.evaluation import TABLE_MEMBERS, chunk_file_names
-from rcat_ray.store import (
-    DamagedArtifactError,
-    ResultStore,
-    StoreError,
-    UncheckedArtifactError,
-    table_from_bytes,
-)
+from rcat_ray.core.samples import INFO_FILE, SAMPLES_FOLDER, open_samples, set_aside
+from rcat_ray.errors import DamagedArtifactError, DamagedSetError, DataError, StoreError, UncheckedArtifactError
+from rcat_ray.evaluate.comparison import COMPARISON_MEMBERS, load_comparison
+from rcat_ray.evaluate.plan import TABLE_MEMBERS, chunk_file_names
+from rcat_ray.store.result_store import ResultStore, table_from_bytes
 
 Kind = Literal["table", "comparison"]
 

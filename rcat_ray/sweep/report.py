@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from rcat_ray.config import AttackConfig, SweepConfig
-from rcat_ray.selection import trial_label
-from rcat_ray.store import write_file_atomic
+from rcat_ray.config import AttackConfig
+from rcat_ray.store.result_store import write_file_atomic
+from rcat_ray.sweep.choice import trial_label
+from rcat_ray.sweep.config import SweepConfig
 
 #: (metric, title) of the selection metrics, in the order tables show them.
 _METRICS = (("acc", "Acc"), ("rob_acc", "RobAcc"), ("nfr", "NFR"), ("r_nfr", "R-NFR"), ("s_nfr", "S-NFR"))
@@ -170,7 +171,7 @@ def write_sweep_outputs(cfg: SweepConfig, outcome: Any) -> Path:
         new_ci = f" [{_pct(val.new['rob_acc']['ci_low'])}, {_pct(val.new['rob_acc']['ci_high'])}]"
     val_html = ""
     if getattr(outcome, "validation_table", None) is not None:
-        from rcat_ray.paper_table import to_markdown
+        from rcat_ray.evaluate.paper_table import to_markdown
 
         val_html = (
             "<h3>Judged trials on the selection validation (paired differences: the chosen trial minus each)</h3>"
@@ -178,7 +179,7 @@ def write_sweep_outputs(cfg: SweepConfig, outcome: Any) -> Path:
         )
     test_html = ""
     if outcome.table is not None:
-        from rcat_ray.paper_table import to_markdown
+        from rcat_ray.evaluate.paper_table import to_markdown
 
         test_html = f"<h3>Chosen model on the test settings</h3>{_md_table_to_html(to_markdown([outcome.table]))}"
     chosen_metrics = ", ".join(f"{t} {_with_ci(chosen, m)}%" for m, t in _METRICS if _with_ci(chosen, m))

@@ -2,7 +2,7 @@
 
 The baseline's per-model table comes from the result store whenever its weights and the evaluation
 settings are unchanged, so a normal night attacks only the candidate. The comparison is judged against
-the gates (:mod:`rcat_ray.gates`); the verdict is written as JSON, appended to the history, sent to the
+the gates (:mod:`rcat_ray.nightly.gates`); the verdict is written as JSON, appended to the history, sent to the
 notifier, and returned as the exit code: 0 pass, 1 a gate failed, 2 the night could not run. A night
 that cannot run leaves the history untouched.
 """
@@ -16,17 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rcat_ray.config import ModelConfig, NightlyConfig
-from rcat_ray.gates import GATE_METRICS, judge
-from rcat_ray.history import append_night, read_history_checked
-from rcat_ray.notify import deliver, make_notifier
-from rcat_ray.store import now_iso, write_file_atomic
+from rcat_ray.config import ModelConfig
+from rcat_ray.errors import NightlyError
+from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.nightly.gates import GATE_METRICS, judge
+from rcat_ray.nightly.history import append_night, read_history_checked
+from rcat_ray.nightly.notify import deliver, make_notifier
+from rcat_ray.store.result_store import now_iso, write_file_atomic
 
 EXIT_PASS, EXIT_GATE_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
-
-
-class NightlyError(ValueError):
-    """The night cannot run (missing candidate and the like): exit code 2."""
 
 
 @dataclass
@@ -59,9 +57,9 @@ def _candidate(cfg: NightlyConfig) -> ModelConfig:
 
 def run_nightly(cfg: NightlyConfig) -> NightOutcome:
     """Evaluate, compare, judge, record and notify one night. Raises on anything that prevents the night."""
-    from rcat_ray.config import CompareConfig
-    from rcat_ray.nightly_report import write_nightly_report
-    from rcat_ray.workflows import run_compare
+    from rcat_ray.evaluate.config import CompareConfig
+    from rcat_ray.evaluate.run import run_compare
+    from rcat_ray.nightly.report import write_nightly_report
 
     date = cfg.date or dt.datetime.now(dt.UTC).date().isoformat()
     dt.date.fromisoformat(date)  # a malformed date is an input error, before any compute

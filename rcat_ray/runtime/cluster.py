@@ -4,7 +4,7 @@ Inside ``ray job submit`` the job must call a bare ``ray.init()`` (RAY_NOTES got
 comes from ``RAY_ADDRESS``. A local instance binds to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
 set by the CLI before Ray is imported).
 
-How much of Ray's own output reaches the user follows :func:`rcat_ray.quiet.configure_quiet` (the CLI's
+How much of Ray's own output reaches the user follows :func:`rcat_ray.runtime.quiet.configure_quiet` (the CLI's
 ``--verbose``); a library caller that never configured it gets Ray's defaults. Quieting never changes what
 a joined cluster does (its auth mode, its logs): only what this driver prints.
 """
@@ -15,10 +15,11 @@ import os
 
 import ray
 
-from rcat_ray import quiet
 from rcat_ray.config import ComputeConfig
-from rcat_ray.failures import RayStartError, describe_failure
-from rcat_ray.interrupts import reclaim_sigterm
+from rcat_ray.errors import RayStartError
+from rcat_ray.runtime import quiet
+from rcat_ray.runtime.failures import describe_failure
+from rcat_ray.runtime.interrupts import reclaim_sigterm
 
 
 def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:

@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import re
 
-from rcat_ray.quiet import strip_ansi
-
-
-class RayStartError(RuntimeError):
-    """Ray could not be started or joined (a local instance that timed out on a loaded machine, a cluster that
-    cannot be reached): a run failure, reported in one line, not a bug."""
-
+from rcat_ray.errors import InputError, RunError
+from rcat_ray.runtime.quiet import strip_ansi
 
 #: The longest description returned (a Ray error's text can hold a whole actor state dump).
 MAX_CHARS = 600
 
 #: ``Type: message`` at the start of a line of a traceback text; the type is a (dotted) name ending like an
-#: exception's (``OSError``, ``rcat_ray.evaluation.EvaluationRunError``, ``KeyboardInterrupt``).
+#: exception's (``OSError``, ``rcat_ray.evaluate.plan.EvaluationRunError``, ``KeyboardInterrupt``).
 _EXCEPTION_LINE = re.compile(
     r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Interrupted|Failure|Fault))(?:: (?P<message>.*))?$"
 )
@@ -104,3 +99,13 @@ def describe_failure(err: BaseException) -> str:
     inner = exceptions[-1]
     first = next((line.strip() for line in strip_ansi(str(inner)).splitlines() if line.strip()), "")
     return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+
+
+def is_run_failure(err: BaseException) -> bool:
+    """A failure of the run, not of its input and not a bug of ours: a :class:`~rcat_ray.errors.RunError`, an
+    ``OSError`` (a full disk, a store that went away; input files are checked before the run) or an error raised
+    by Ray (a task or actor that failed or died, a failed Ray Train run). An input error is not, even where Ray
+    carried one from a worker."""
+    if isinstance(err, InputError):
+        return False
+    return isinstance(err, (RunError, OSError)) or _from_ray(err)

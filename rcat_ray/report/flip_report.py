@@ -32,15 +32,9 @@ from rcat_ray.config import DataConfig, parse_config
 from rcat_ray.core.flips import METRIC_LABELS, METRICS
 from rcat_ray.core.samples import INFO_FILE as SAMPLES_INFO_FILE
 from rcat_ray.core.samples import SampleSet, open_samples, samples_location
-from rcat_ray.evaluation import TABLE_MEMBERS, chunk_file_names, sample_ids
-from rcat_ray.store import (
-    DamagedArtifactError,
-    ResultStore,
-    StoreError,
-    UncheckedArtifactError,
-    now_iso,
-    table_from_bytes,
-)
+from rcat_ray.errors import DamagedArtifactError, StoreError, UncheckedArtifactError
+from rcat_ray.evaluate.plan import TABLE_MEMBERS, chunk_file_names, sample_ids
+from rcat_ray.store.result_store import ResultStore, now_iso, table_from_bytes
 
 __all__ = ["REPORT_NAME", "write_report"]
 
@@ -154,7 +148,7 @@ def _load_context(store: ResultStore, key: str) -> _Context:
     file, after it has been moved to the store's quarantine (as ``compare`` and ``evaluate`` do), so that
     comparing or evaluating again recomputes it. A report never renders numbers it could not verify.
     """
-    from rcat_ray.comparison import load_comparison
+    from rcat_ray.evaluate.comparison import load_comparison
 
     # flips, summary and manifest checked against their checksums; the two tables are read below, where damage
     # to them stops the report instead of being set aside
@@ -183,7 +177,7 @@ def _model_table(
 
     A table that is gone only costs the report its predictions and images (the comparison still names the
     model); a damaged one is moved aside and stops the report. A table written before checksums existed is
-    read as it is, as :func:`rcat_ray.comparison.load_comparison` reads a comparison of that age.
+    read as it is, as :func:`rcat_ray.evaluate.comparison.load_comparison` reads a comparison of that age.
     """
     table_key = comparison_manifest.get(f"{side}_table")
     if not table_key:

@@ -11,13 +11,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from rcat_ray.config import DataConfig, _Strict
+from rcat_ray.config import DataConfig, StrictConfig
 from rcat_ray.core.data import load_split
 from rcat_ray.core.models import build_architecture, save_checkpoint
 from rcat_ray.core.training import adversarial_train
 
 
-class TrainRecipe(_Strict):
+class TrainRecipe(StrictConfig):
     """How one model is trained (its hash names the demo's cached checkpoint).
 
     The default is the recipe DESIGN §4 measured: Adam with a one-cycle schedule peaking at ``lr``

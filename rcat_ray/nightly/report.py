@@ -12,10 +12,10 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from rcat_ray.config import NightlyConfig
 from rcat_ray.core.flips import METRIC_LABELS
-from rcat_ray.gates import GATE_METRICS
-from rcat_ray.store import ResultStore, write_file_atomic
+from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.nightly.gates import GATE_METRICS
+from rcat_ray.store.result_store import ResultStore, write_file_atomic
 
 TREND_METRICS = ("nfr", "r_nfr", "s_nfr", "acc", "rob_acc")
 
@@ -75,10 +75,10 @@ def write_nightly_report(cfg: NightlyConfig, history: pd.DataFrame, verdict: dic
                          out: Path, skipped: Sequence[dict[str, str]] = ()) -> Path:  # fmt: skip
     """Write ``trends.png``, tonight's flip report (``flips/report.html``) and ``report.html`` into ``out``.
 
-    ``skipped``: history nights that could not be read (:func:`rcat_ray.history.read_history_checked`), named
+    ``skipped``: history nights that could not be read (:func:`rcat_ray.nightly.history.read_history_checked`), named
     on the plot and above it.
     """
-    from rcat_ray.report import CLEAN_GRID_PNG, ROBUST_GRID_PNG, write_report
+    from rcat_ray.report.flip_report import CLEAN_GRID_PNG, ROBUST_GRID_PNG, write_report
 
     write_report(store, verdict["comparison"], out / "flips")
     grids = "".join(

@@ -6,10 +6,10 @@ chunk-aligned Parquet, reused by every later run; the store is the one place eve
 two rows of the training set to check the models against it; it never holds the training split. The loop
 config carries only the config and the two set locations. Each worker opens the training set and reads only
 its own rows: its contiguous share of every global batch
-(:class:`rcat_ray.core.finetune.GlobalBatchSampler`: one permutation per epoch from (seed, epoch),
+(:class:`rcat_ray.core.finetune_epoch.GlobalBatchSampler`: one permutation per epoch from (seed, epoch),
 ``batch_size`` is the global batch, the attack's random start and the augmentation are drawn per global
 batch), asked for by position through ``SampleSet.iter_batches`` with a bounded LRU of decoded row groups
-(:class:`rcat_ray.core.finetune.StreamedGlobalBatches`). So no worker holds the training set, and 1 and N
+(:class:`rcat_ray.core.finetune_epoch.StreamedGlobalBatches`). So no worker holds the training set, and 1 and N
 workers take the same optimizer steps on the same samples and, for losses that are batch means, train the
 same model. Rank 0 reads the validation set chunk by chunk each epoch. Each worker loads the two parent
 models from their sources (paths or RobustBench names, valid on every node) itself.
@@ -60,13 +60,10 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rcat_ray import quiet
-from rcat_ray.config import AttackConfig, DataConfig, FinetuneConfig, parse_config
-from rcat_ray.core.allocator import retain_freed_heap
+from rcat_ray.config import AttackConfig, DataConfig, parse_config
 from rcat_ray.core.batchnorm import global_batchnorm, has_batchnorm
-from rcat_ray.core.finetune import (
+from rcat_ray.core.finetune_epoch import (
     CachedMask,
-    FinetuneInputError,
     GlobalBatchSampler,
     StreamedGlobalBatches,
     finetune_epoch,
@@ -75,28 +72,19 @@ from rcat_ray.core.finetune import (
     shuffle_block_rows,
     shuffle_window,
 )
-from rcat_ray.core.identity import (
-    FinetuneIdentity,
-    IdentityInputs,
-    RunIdentityError,
-    finetune_identity,
-    model_identity,
-)
-from rcat_ray.core.models import (
-    LoadedModel,
-    ModelError,
-    ModelFingerprintError,
-    checkpoint_metadata,
-    load_model,
-    save_checkpoint,
-)
+from rcat_ray.core.models import LoadedModel, checkpoint_metadata, load_model, save_checkpoint
+from rcat_ray.core.progress import Progress
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
 from rcat_ray.core.validation import per_model_table, validation_flips
-from rcat_ray.progress import Progress
-from rcat_ray.store import ResultStore, now_iso, package_versions, table_from_bytes, write_file_atomic
+from rcat_ray.errors import FinetuneInputError, ModelError, ModelFingerprintError, RunIdentityError
+from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.finetune.identity import FinetuneIdentity, IdentityInputs, finetune_identity, model_identity
+from rcat_ray.runtime import quiet
+from rcat_ray.runtime.allocator import retain_freed_heap
+from rcat_ray.store.result_store import ResultStore, now_iso, package_versions, table_from_bytes, write_file_atomic
 
 STATE_FILE = "state.pt"
-progress_log = logging.getLogger("rcat_ray.progress")
+progress_log = logging.getLogger("rcat_ray.core.progress")
 
 
 @dataclass
@@ -242,7 +230,7 @@ def _same_source(settings: dict[str, Any], cfg: FinetuneConfig) -> bool:
 def identity_inputs(
     old: LoadedModel, new: LoadedModel, train_set: SampleSet, cached: tuple[CachedMask, str] | None
 ) -> IdentityInputs:
-    """The fingerprints of what a fine-tune is trained from (see :mod:`rcat_ray.core.identity`)."""
+    """The fingerprints of what a fine-tune is trained from (see :mod:`rcat_ray.finetune.identity`)."""
     return IdentityInputs(
         old=model_identity(old.fingerprint, old.source),
         new=model_identity(new.fingerprint, new.source),
@@ -616,7 +604,7 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     the models on two training rows: the training split itself is never loaded here. The output path must be
     free or hold this very fine-tune (same identity).
     """
-    from rcat_ray.evaluation import validate_pair_inputs
+    from rcat_ray.evaluate.plan import validate_pair_inputs
 
     train_set = training_samples(cfg)
     old, new = _load_parents(cfg, train_set)

@@ -204,7 +204,7 @@ def configure_quiet(verbose: bool) -> None:
     """Decide once, first thing in the CLI, whether third-party noise reaches the user (``verbose``) or not.
 
     What can be set before Ray starts is set here (a logger filter, warnings filters); what needs Ray is
-    applied by :func:`rcat_ray.distributed.cluster.ensure_ray` through :func:`ray_init_options`,
+    applied by :func:`rcat_ray.runtime.cluster.ensure_ray` through :func:`ray_init_options`,
     :func:`before_ray_init` and :func:`after_ray_init`. Meant to be called once per process: a later call
     with ``verbose=True`` lifts the logger filter, but warnings filters and a running stderr filter stay.
     """
@@ -249,7 +249,7 @@ def ray_init_options() -> dict:
 def train_run_options() -> dict:
     """Extra ``ray.train.RunConfig`` arguments: Ray Train's own console logs (worker-group set-up, every
     report and checkpoint, and the placement-group cleaner's notices that the state API is absent without the
-    dashboard) at ERROR when quiet. Our progress lines come from the ``rcat_ray.progress`` logger and stay."""
+    dashboard) at ERROR when quiet. Our progress lines come from the ``rcat_ray.core.progress`` logger and stay."""
     if not is_quiet():
         return {}
     from ray.train import LoggingConfig
@@ -274,7 +274,7 @@ def after_ray_init() -> None:
     """Ray Data's progress bars and execution logs: off when quiet, and never drawn into a pipe or a file.
 
     Ray Data draws bars in a terminal and, when stdout is not one, logs their state every few seconds; our
-    own progress lines (``rcat_ray.progress``) say the same in one line per chunk. With ``--verbose`` in a
+    own progress lines (``rcat_ray.core.progress``) say the same in one line per chunk. With ``--verbose`` in a
     terminal its bars are shown. Does nothing unless :func:`configure_quiet` was called.
     """
     if not is_configured():

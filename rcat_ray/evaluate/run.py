@@ -16,27 +16,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from rcat_ray.comparison import Comparison, compare_stored
-from rcat_ray.config import (
-    CompareConfig,
-    DataConfig,
-    EvaluateConfig,
-    EvaluationSettings,
-    ModelConfig,
-    TableConfig,
-)
-from rcat_ray.core.data import DataError, Split, load_split
+from rcat_ray.config import DataConfig, EvaluationSettings, ModelConfig
+from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.models import LoadedModel, ModelRef, check_model_source, load_model, model_reference
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store, samples_location
-from rcat_ray.evaluation import EvaluationPlan, validate_pair_inputs
-from rcat_ray.store import ResultStore, write_file_atomic
+from rcat_ray.errors import DataError, IncompleteRunError
+from rcat_ray.evaluate.comparison import Comparison, compare_stored
+from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
+from rcat_ray.evaluate.plan import EvaluationPlan, validate_pair_inputs
+from rcat_ray.store.result_store import ResultStore, write_file_atomic
 
 #: Stored bytes a row group of an evaluation's sample set aims at (at most): a chunk reads whole row groups.
 ROW_GROUP_BYTES = 256 * 2**20
-
-
-class IncompleteRunError(RuntimeError):
-    """The run stopped with work left (``max_new_chunks``); the same command continues it (CLI exit 3)."""
 
 
 def raise_if_incomplete(outcomes: list) -> None:
@@ -174,7 +165,7 @@ def run_evaluate(cfg: EvaluateConfig, *, extra_models: list[LoadedModel] | None 
 
     Ray is started only when some chunk must be computed: what is stored is reused without it.
     """
-    from rcat_ray.distributed.evaluate import evaluate_plans
+    from rcat_ray.evaluate.ray_evaluate import evaluate_plans
 
     prepared = prepare(cfg, [*cfg.models, *(extra_models or [])])
     outcomes = evaluate_plans(prepared.plans, prepared.store, cfg)
@@ -200,7 +191,7 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
 
     Returns (outcomes, comparison or None when an evaluation is incomplete, prepared).
     """
-    from rcat_ray.distributed.evaluate import evaluate_plans
+    from rcat_ray.evaluate.ray_evaluate import evaluate_plans
 
     prepared = prepare(cfg, [old or cfg.old, new or cfg.new])
     outcomes = _with_accuracy(evaluate_plans(prepared.plans, prepared.store, cfg), prepared)
@@ -218,8 +209,8 @@ def run_table(cfg: TableConfig) -> list:
     the paper-style tables; writes table.md, table.tex and table.csv into ``cfg.out``."""
     from pathlib import Path
 
-    from rcat_ray.distributed.evaluate import evaluate_plans
-    from rcat_ray.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
+    from rcat_ray.evaluate.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
+    from rcat_ray.evaluate.ray_evaluate import evaluate_plans
 
     prepared = [prepare(cfg, [p.old, p.new, *(e.model for e in p.finetuned)]) for p in cfg.pairs]
     # every pair's missing chunks first, so a budget-limited run says what remains of all of them

@@ -7,7 +7,7 @@ low S-NFR by giving up robustness is therefore never chosen.
 
 The rule is only as good as the validation it reads. By default a sweep feeds it the metrics of the
 test-strength attack on a validation set large enough for confidence intervals (``val_*`` columns; see
-:mod:`rcat_ray.distributed.sweep`), not the cheap per-epoch validation that drives ASHA: a weak attack
+:mod:`rcat_ray.sweep.ray_tune`), not the cheap per-epoch validation that drives ASHA: a weak attack
 rewards models that the test attack then breaks. A trial without selection metrics (stopped early by
 ASHA, or failed) is never eligible.
 """
@@ -19,13 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-
-class SelectionError(ValueError):
-    """No trial satisfies the rule."""
-
-
-class SweepFailedError(RuntimeError):
-    """Every trial failed: there is nothing to choose from (the CLI prints the first trial's error, exit 2)."""
+from rcat_ray.errors import SelectionError
 
 
 def select_trial(

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from rcat_ray.config import FinetuneConfig
+from rcat_ray.finetune.config import FinetuneConfig
 
 #: Raised whenever the same inputs and settings train other weights than before, so that no earlier fine-tune or
 #: snapshot is reused for them: 2 = the rows of a global batch are taken in storage order (workers read their share).
@@ -28,10 +28,6 @@ NOT_IN_IDENTITY = frozenset({
     "old", "new", "data", "cached_old_table", "validation", "out", "name", "output", "storage", "store", "num_workers",
     "use_gpu", "cpus_per_worker", "threads_per_worker", "max_failures", "address", "fail_once_at_epoch",
 })  # fmt: skip
-
-
-class RunIdentityError(ValueError):
-    """A stored fine-tune (checkpoint or snapshot) has another identity than the one asked for."""
 
 
 def model_identity(fingerprint: str, source: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rcat_ray.config import GatesConfig
+from rcat_ray.nightly.config import GatesConfig
 
 #: gate key -> (summary metric, direction)
 GATE_METRICS: dict[str, tuple[str, str]] = {

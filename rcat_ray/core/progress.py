@@ -3,7 +3,7 @@ pipe (``make demo | tee log``) and in a log file.
 
 A bar that redraws itself is useless in a log; a line per event floods it. So a :class:`Progress` writes one
 plain line per finished unit when units are slow, and at most one line every ``interval_s`` seconds when
-they are fast, always with done/total, elapsed time and an ETA. Lines go to the ``rcat_ray.progress``
+they are fast, always with done/total, elapsed time and an ETA. Lines go to the ``rcat_ray.core.progress``
 logger, which the CLI sends to stderr (and to a log file when asked), so library users decide where they go.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-log = logging.getLogger("rcat_ray.progress")
+log = logging.getLogger("rcat_ray.core.progress")
 
 
 def _fmt_seconds(s: float) -> str:

@@ -4,7 +4,7 @@ Ray-free on purpose: the Ray layer only decides *where* a chunk runs; everything
 chunk computes (its samples, its seed, its store path) is here, so a chunk gives the same rows whether it
 runs in a Ray actor, in a plain loop, or on a different number of workers.
 
-Integrity (see ``rcat_ray.store``): a chunk is *done* when its manifest ``chunks/chunk-000007.json`` exists
+Integrity (see ``rcat_ray.store.result_store``): a chunk is *done* when its manifest ``chunks/chunk-000007.json`` exists
 and its files match the sha256 and size recorded there; the worker writes that manifest last, after the rows
 and the adversarial images, so a chunk whose rows exist without a manifest is simply not done. The table is
 done when ``manifest.json`` (written after ``table.parquet``) exists and the table matches its checksum.
@@ -41,10 +41,15 @@ from rcat_ray.core.attacks import PER_MODEL_SCHEMA, chunk_seed, evaluate_chunk
 from rcat_ray.core.data import Split
 from rcat_ray.core.models import LoadedModel, ModelRef, load_reference
 from rcat_ray.core.samples import SampleSet
-from rcat_ray.store import (
+from rcat_ray.errors import (
     DamagedArtifactError,
-    ResultStore,
+    EvaluationInputError,
+    EvaluationRunError,
+    NonFiniteOutputError,
     StoreError,
+)
+from rcat_ray.store.result_store import (
+    ResultStore,
     json_bytes,
     now_iso,
     package_versions,
@@ -58,18 +63,6 @@ TABLE_VERSION = 2
 
 #: The files of a finished table besides its manifest.
 TABLE_MEMBERS = ("table.parquet",)
-
-
-class EvaluationInputError(ValueError):
-    """Inputs that cannot be evaluated together (caught before any attack runs)."""
-
-
-class EvaluationRunError(RuntimeError):
-    """A chunk failed on a worker; the chunks finished before it are kept in the store."""
-
-
-class NonFiniteOutputError(EvaluationRunError):
-    """A model gave NaN or inf outputs on a chunk: its rows would be meaningless, so nothing is stored."""
 
 
 def chunk_file_names(chunk_id: int) -> tuple[str, str, str]:

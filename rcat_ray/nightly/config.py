@@ -1,0 +1,86 @@
+"""The config of `rcat-ray nightly`: the production model, tonight's candidate, the gates and where the verdict goes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+from rcat_ray.config import (
+    BootstrapConfig,
+    EvaluationSettings,
+    LocalPath,
+    ModelConfig,
+    StrictConfig,
+)
+
+
+class ClassGate(StrictConfig):
+    """Gates for one class (by index), judged on that class's per-class metrics."""
+
+    class_index: int = Field(..., ge=0, alias="class")
+    max_nfr: float | None = Field(None, ge=0, le=1)
+    max_r_nfr: float | None = Field(None, ge=0, le=1)
+    max_s_nfr: float | None = Field(None, ge=0, le=1)
+    min_acc: float | None = Field(None, ge=0, le=1)
+    min_rob_acc: float | None = Field(None, ge=0, le=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class GatesConfig(StrictConfig):
+    """Thresholds (fractions, not %) a candidate must meet. A max gate fails only when the lower CI bound is
+    above it, a min gate only when the upper CI bound is below it (``judge_on: ci``): a gate fails when the
+    evidence says so. ``judge_on: value`` compares the point estimate instead."""
+
+    max_nfr: float | None = Field(None, ge=0, le=1)
+    max_r_nfr: float | None = Field(None, ge=0, le=1)
+    max_s_nfr: float | None = Field(None, ge=0, le=1)
+    min_acc: float | None = Field(None, ge=0, le=1)
+    min_rob_acc: float | None = Field(None, ge=0, le=1)
+    judge_on: Literal["ci", "value"] = "ci"
+    per_class: tuple[ClassGate, ...] = ()
+
+
+class NotifyConfig(StrictConfig):
+    """Where the verdict goes besides the exit code and the verdict file."""
+
+    kind: Literal["stdout", "file", "webhook"] = "stdout"
+    path: LocalPath | None = Field(None, description="file notifier: append one JSON line per night")
+    url: str | None = Field(None, description="webhook notifier: POST the verdict as JSON")
+    timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _target(self) -> NotifyConfig:
+        if self.kind == "file" and not self.path:
+            raise ValueError("notify.path is required for the file notifier")
+        if self.kind == "webhook" and not self.url:
+            raise ValueError("notify.url is required for the webhook notifier")
+        return self
+
+
+class NightlyConfig(EvaluationSettings):
+    """``rcat-ray nightly``: gate tonight's candidate against the production (baseline) model."""
+
+    pair: str = Field("production-vs-candidate", min_length=1, description="name of the gated pair")
+    baseline: ModelConfig
+    candidate: ModelConfig | None = None
+    candidate_dir: LocalPath | None = Field(None, description="take the newest *.pt checkpoint in this folder")
+    gates: GatesConfig = GatesConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    history: LocalPath = Field("history", validate_default=True, description="Parquet dataset of nights, by date")
+    out: LocalPath = Field(
+        "nightly-out", validate_default=True, description="folder for verdict.json and the report of each night"
+    )
+    notify: NotifyConfig = NotifyConfig()
+    date: str | None = Field(None, description="the night's date (YYYY-MM-DD); default today (UTC)")
+
+    @model_validator(mode="after")
+    def _one_candidate(self) -> NightlyConfig:
+        if (self.candidate is None) == (self.candidate_dir is None):
+            raise ValueError("give exactly one of candidate (a model source) and candidate_dir")
+        return self

@@ -1,0 +1,81 @@
+"""The config of `rcat-ray sweep`: the grid or random space of fine-tuning weights and how a choice is made."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    Field,
+)
+
+from rcat_ray.config import (
+    AttackConfig,
+    BootstrapConfig,
+    ComputeConfig,
+    EvaluationSettings,
+    LocalPath,
+    LossKind,
+    StrictConfig,
+)
+from rcat_ray.finetune.config import FinetuneConfig
+
+
+class SweepSpace(StrictConfig):
+    """What a sweep varies. ``grid`` mode uses the paper's grids for ``losses``; ``search`` mode samples."""
+
+    losses: tuple[LossKind, ...] = Field(("rcat",), min_length=1)
+    alpha_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT alpha range (search mode)")
+    beta_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT beta range (search mode)")
+    pct_beta_range: tuple[float, float] = Field((0.5, 10.0), description="PCT/PCAT beta range, alpha = 1")
+    train_eps: tuple[float, ...] = Field((), description="training eps choices (default: the base's)")
+    lr: tuple[float, ...] = Field((), description="learning-rate choices (default: the base's)")
+    epochs: tuple[int, ...] = Field((), description="epoch choices (default: the base's)")
+
+
+class AshaConfig(StrictConfig):
+    """Early stopping of trials on the per-epoch validation S-NFR."""
+
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class SelectionValidationConfig(StrictConfig):
+    """How the finished trials are judged for the selection rule: the test-strength attack on a validation set
+    large enough for confidence intervals. The cheap per-epoch validation only drives progress and ASHA: a weak
+    attack rewarded a model that the strong test attack then broke."""
+
+    enabled: bool = True
+    samples: int = Field(2000, ge=1, description="validation samples (the val split's head)")
+    attack: AttackConfig | None = Field(
+        None,
+        description="default: APGD-CE + APGD-DLR, 50 iterations, at the test eps when the sweep has test settings, "
+        "else at the base's training eps",
+    )
+    chunk_size: int = Field(250, ge=1)
+    compute: ComputeConfig = ComputeConfig()
+
+
+class SweepConfig(StrictConfig):
+    """``rcat-ray sweep``: search the constraint weights (and eps, lr, epochs) of fine-tuning with Ray Tune."""
+
+    base: FinetuneConfig
+    mode: Literal["grid", "search"] = "grid"
+    algorithm: Literal["random", "optuna"] = "random"
+    num_samples: int = Field(8, ge=1, description="trials in search mode")
+    seed: int = 0
+    space: SweepSpace = SweepSpace()
+    asha: AshaConfig = AshaConfig()
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources allow")
+    tolerance: float = Field(0.02, ge=0, description="selection: allowed drop of validation robust accuracy")
+    selection: SelectionValidationConfig = SelectionValidationConfig()
+    name: str = Field("sweep", min_length=1)
+    storage: LocalPath = Field("ray_results", validate_default=True, description="Ray Tune storage path")
+    out: LocalPath = Field(
+        "sweep-out", validate_default=True, description="folder for trials.parquet, best.yaml, plots and the report"
+    )
+    address: str | None = Field(None, description="Ray address (default: a local Ray)")
+    test: EvaluationSettings | None = Field(None, description="evaluate the chosen model on this (test) data")
+    bootstrap: BootstrapConfig = BootstrapConfig()
