@@ -1,11 +1,11 @@
 """``rcat-ray <command>``: parse a YAML config and flags into a typed config, then call the workflows.
 
-Every flag is a shortcut for a config key (shown in ``--help``); flags override the YAML file. Exit codes
-are a contract with scripts and schedulers: 0 done, 1 a nightly gate failed, 2 input that cannot run (one
-clear message, before Ray starts or any attack runs), 3 an incomplete run that the same command continues,
-4 a run that failed after its inputs were accepted (a worker crashed, the store could not be written: one line
-with the cause; what finished is kept), 130 / 143 interrupted by Ctrl+C / SIGTERM (what was kept is said in
-one line). ``nightly`` keeps its own contract (0 pass, 1 a gate failed, 2 the night could not run).
+Every key of a command's config is a flag (``--attack.n_iter``), derived from the config models with their
+help; short aliases (``--eps``) cover the common keys; flags override the YAML file. Exit codes are a
+contract with scripts and schedulers: 0 done, 1 a nightly gate failed, 2 input that cannot run (one clear
+message, before Ray starts), 3 an incomplete run that the same command continues, 4 a run that failed after
+its inputs were accepted (one line with the cause; what finished is kept), 130 / 143 interrupted by Ctrl+C /
+SIGTERM. ``nightly`` keeps its own contract (0 pass, 1 a gate failed, 2 the night could not run).
 """
 
 from __future__ import annotations
@@ -17,106 +17,93 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from rcat_ray.config import ComputeConfig, DatasetName, deep_merge, load_yaml, parse_config
+from pydantic import BaseModel
+
+from rcat_ray.cli_flags import Alias, Flag, add_config_flags, config_dict, config_flags, parse_model_spec
+from rcat_ray.config import ComputeConfig, DataConfig, parse_config
 from rcat_ray.errors import ConfigError
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.nightly.config import NightlyConfig
 from rcat_ray.sweep.config import SweepConfig
 
+__all__ = ["build_parser", "main", "parse_model_spec", "run"]
+
 EXIT_INCOMPLETE = 3
 #: A run that failed after its inputs were accepted (see :func:`rcat_ray.runtime.failures.is_run_failure`).
 EXIT_RUN_FAILED = 4
 
-#: flag -> (dotted config key, type, help). Shared by evaluate and compare.
-_SETTING_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--data": ("data.name", str, f"dataset: {', '.join(get_args(DatasetName))}"),
-    "--data-root": ("data.root", str, "dataset folder"),
-    "--data-path": ("data.path", str, "file of a 'tensors' dataset"),
-    "--split": ("data.split", str, "train, val or test"),
-    "--offset": ("data.offset", int, "skip this many samples of the split"),
-    "--limit": ("data.limit", int, "evaluate at most this many samples"),
-    "--norm": ("attack.norm", str, "Linf or L2"),
-    "--eps": ("attack.eps", float, "perturbation budget, [0,1] pixel units"),
-    "--attacks": ("attack.attacks", "csv", "comma-separated cascade: apgd-ce,apgd-dlr,apgd-t,fab-t,square|standard"),
-    "--n-iter": ("attack.n_iter", int, "iterations per attack"),
-    "--seed": ("attack.seed", int, "attack seed"),
-    "--robust-samples": ("attack.robust_samples", int, "attack only the first N samples"),
-    "--chunk-size": ("chunk_size", int, "samples per work unit"),
-    "--store": ("store", str, "result store (path or URI)"),
-    "--max-new-chunks": ("max_new_chunks", int, "stop after this many new chunks"),
-    "--address": ("compute.address", str, "Ray address of a running cluster (default: start a local one)"),
-    "--workers": ("compute.num_workers", int, "evaluation actors"),
-    "--cpus-per-worker": ("compute.cpus_per_worker", float, "CPUs per actor"),
-    "--gpus-per-worker": ("compute.gpus_per_worker", float, "GPUs per actor"),
-    "--threads-per-worker": ("compute.threads_per_worker", int, "torch threads per actor"),
-    "--device": ("compute.device", str, "auto, cpu or cuda"),
-    "--local-cpus": ("compute.local_cpus", int, "CPUs of the local Ray instance"),
-}
+#: Short flags of the evaluation settings (evaluate, compare, table, nightly).
+_SETTING_ALIASES = (
+    Alias("--data", "data.name"),
+    Alias("--data-root", "data.root"),
+    Alias("--data-path", "data.path"),
+    Alias("--split", "data.split"),
+    Alias("--offset", "data.offset"),
+    Alias("--limit", "data.limit"),
+    Alias("--norm", "attack.norm"),
+    Alias("--eps", "attack.eps"),
+    Alias("--attacks", "attack.attacks"),
+    Alias("--n-iter", "attack.n_iter"),
+    Alias("--seed", "attack.seed"),
+    Alias("--robust-samples", "attack.robust_samples"),
+    Alias("--chunk-size", "chunk_size"),
+    Alias("--store", "store"),
+    Alias("--max-new-chunks", "max_new_chunks"),
+    Alias("--address", "compute.address"),
+    Alias("--workers", "compute.num_workers"),
+    Alias("--cpus-per-worker", "compute.cpus_per_worker"),
+    Alias("--gpus-per-worker", "compute.gpus_per_worker"),
+    Alias("--threads-per-worker", "compute.threads_per_worker"),
+    Alias("--device", "compute.device"),
+    Alias("--local-cpus", "compute.local_cpus"),
+)
 
+_FINETUNE_ALIASES = (
+    Alias("--old", "old", "spec"),
+    Alias("--new", "new", "spec"),
+    Alias("--loss", "loss.kind"),
+    Alias("--alpha", "loss.alpha"),
+    Alias("--beta", "loss.beta"),
+    Alias("--train-eps", "train_attack.eps"),
+    Alias("--train-attack", "train_attack.kind"),
+    Alias("--epochs", "epochs"),
+    Alias("--batch-size", "batch_size"),
+    Alias("--lr", "optimizer.lr"),
+    Alias("--data", "data.name"),
+    Alias("--data-root", "data.root"),
+    Alias("--data-path", "data.path"),
+    Alias("--limit", "data.limit"),
+    Alias("--seed", "seed"),
+    Alias("--workers", "num_workers"),
+    Alias("--use-gpu", "use_gpu"),
+    Alias("--threads-per-worker", "threads_per_worker"),
+    Alias("--name", "name"),
+    Alias("--out", "out"),
+    Alias("--output", "output"),
+    Alias("--storage", "storage"),
+    Alias("--store", "store"),
+    Alias("--augment", "augment"),
+    Alias("--address", "address"),
+)
 
-_FINETUNE_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--old": ("old", "spec", "old model spec"),
-    "--new": ("new", "spec", "new model spec"),
-    "--loss": ("loss.kind", str, "rcat, pct, pcat or at"),
-    "--alpha": ("loss.alpha", float, "constraint weight alpha"),
-    "--beta": ("loss.beta", float, "constraint weight beta"),
-    "--train-eps": ("train_attack.eps", float, "training attack eps"),
-    "--train-attack": ("train_attack.kind", str, "fgsm-rs, pgd or paper"),
-    "--epochs": ("epochs", int, "epochs"),
-    "--batch-size": ("batch_size", int, "global batch size (split over the workers)"),
-    "--lr": ("optimizer.lr", float, "learning rate"),
-    "--data": ("data.name", str, f"training data: {', '.join(get_args(DatasetName))}"),
-    "--data-root": ("data.root", str, "dataset folder"),
-    "--data-path": ("data.path", str, "file of a 'tensors' dataset"),
-    "--limit": ("data.limit", int, "train on the first N samples of the train split"),
-    "--seed": ("seed", int, "seed"),
-    "--workers": ("num_workers", int, "Ray Train workers (0 = in-process)"),
-    "--use-gpu": ("use_gpu", bool, "one GPU per worker"),
-    "--threads-per-worker": ("threads_per_worker", int, "torch threads per worker"),
-    "--name": ("name", str, "label: the checkpoint is <out>/<name>-<identity>.pt (identity: parents, data, settings)"),
-    "--out": ("out", str, "folder of the final checkpoint"),
-    "--output": ("output", str, "exact checkpoint path (.pt); another fine-tune already there stops with exit 2"),
-    "--storage": ("storage", str, "Ray Train storage (checkpoints; shared storage on a cluster)"),
-    "--store": ("store", str, "result store: holds the prepared training samples (shared storage on a cluster)"),
-    "--augment": ("augment", bool, "random crop + flip (random resized crop for ImageNet-sized images)"),
-    "--address": ("address", str, "Ray address"),
-}
-
+_TRAIN_ALIASES = (
+    Alias("--data", "data.name"),
+    Alias("--data-root", "data.root"),
+    Alias("--arch", "recipe.arch"),
+    Alias("--epochs", "recipe.epochs"),
+    Alias("--train-samples", "recipe.train_samples"),
+    Alias("--batch-size", "recipe.batch_size"),
+    Alias("--eps", "recipe.eps"),
+    Alias("--lr", "recipe.lr"),
+    Alias("--schedule", "recipe.schedule"),
+    Alias("--seed", "recipe.seed"),
+)
 
 #: A missing section whose only required key has a flag is reported by that flag (``--eps is required``).
-_SECTION_FLAGS = {"attack": "--eps", "train_attack": "--train-eps"}
-
-
-def _flag_map(table: dict[str, tuple[str, Any, str]], **extra: str) -> dict[str, str]:
-    """Dotted config key -> flag, for error messages that speak the user's language."""
-    keys = {key for key, _t, _h in table.values()}
-    sections = {s: f for s, f in _SECTION_FLAGS.items() if any(k.startswith(f"{s}.") for k in keys)}
-    return sections | {key: flag for flag, (key, _t, _h) in table.items()} | extra
-
-
-def parse_model_spec(spec: str) -> dict[str, Any]:
-    """``robustbench:NAME``, ``builtin:ARCH``, ``checkpoint:PATH`` or a bare ``*.pt``/``*.pth`` path."""
-    kind, sep, rest = spec.partition(":")
-    if sep and kind in ("robustbench", "builtin"):
-        return {"source": kind, "name": rest}
-    if sep and kind in ("checkpoint", "ckpt"):
-        return {"source": "checkpoint", "path": rest}
-    if spec.endswith((".pt", ".pth")):
-        return {"source": "checkpoint", "path": spec}
-    raise ConfigError(
-        f"cannot read model spec '{spec}': use robustbench:NAME, builtin:ARCH or checkpoint:PATH (or a .pt path)"
-    )
-
-
-def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    node = cfg
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
+_SECTION_FLAGS = {"attack": "attack.eps", "train_attack": "train_attack.eps"}
 
 
 def _add_output_flags(p: argparse.ArgumentParser, *, json_flag: bool = False) -> None:
@@ -126,40 +113,45 @@ def _add_output_flags(p: argparse.ArgumentParser, *, json_flag: bool = False) ->
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
 
 
-def _add_setting_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (flags override it)")
-    for flag, (key, typ, helptext) in _SETTING_FLAGS.items():
-        p.add_argument(flag, dest=key, type=str if typ == "csv" else typ, default=None, help=f"{helptext} [{key}]")
-    _add_output_flags(p, json_flag=True)
+def _add_config(
+    p: argparse.ArgumentParser, flags: dict[str, Flag], aliases: tuple[Alias, ...], *, config_help: str = ""
+) -> None:
+    """``--config`` plus every key of the command's config as a flag; the parse needs them back (``_cfg``)."""
+    p.usage = "%(prog)s [--config YAML] [options]"
+    p.add_argument("--config", help=config_help or "YAML config file (flags override it)")
+    named = add_config_flags(p, flags, aliases)
+    named |= {section: named[key] for section, key in _SECTION_FLAGS.items() if key in named}
+    p.set_defaults(_flags=flags, _aliases=aliases, _named=named)
 
 
-def _settings_dict(args: argparse.Namespace) -> dict[str, Any]:
-    base = load_yaml(args.config) if args.config else {}
-    over: dict[str, Any] = {}
-    for _flag, (key, typ, _h) in _SETTING_FLAGS.items():
-        value = getattr(args, key)
-        if value is not None:
-            _set_dotted(over, key, [a.strip() for a in value.split(",") if a.strip()] if typ == "csv" else value)
-    return deep_merge(base, over)
+def _parse(args: argparse.Namespace, cls: type[BaseModel], raw: dict[str, Any] | None = None) -> Any:
+    """The command's config from ``--config`` and the flags; errors name the flag the user typed."""
+    if raw is None:
+        raw = config_dict(args, args._flags, args._aliases)
+    return parse_config(cls, raw, flags=args._named)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rcat_ray.demo import DemoConfig
+    from rcat_ray.finetune.pretrain import TrainRecipe
+
     parser = argparse.ArgumentParser(prog="rcat-ray", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rcat-ray {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="attack each model once and store its per-sample table")
-    _add_setting_flags(ev)
-    ev.add_argument("--model", action="append", default=[], metavar="SPEC", help="model spec (repeatable) [models]")
+    _add_config(ev, config_flags(EvaluateConfig), (*_SETTING_ALIASES, Alias("--model", "models", "spec", True)))
+    _add_output_flags(ev, json_flag=True)
 
     cmp_ = sub.add_parser("compare", help="evaluate old and new (cached when possible) and compute flips")
-    _add_setting_flags(cmp_)
-    cmp_.add_argument("--old", metavar="SPEC", help="old model spec [old]")
-    cmp_.add_argument("--new", metavar="SPEC", help="new model spec [new]")
-    cmp_.add_argument(
-        "--bootstrap", type=int, dest="bootstrap.n_resamples", help="bootstrap resamples [bootstrap.n_resamples]"
+    extra = (
+        Alias("--old", "old", "spec"),
+        Alias("--new", "new", "spec"),
+        Alias("--bootstrap", "bootstrap.n_resamples"),
+        Alias("--report", "report"),
     )
-    cmp_.add_argument("--report", help="also write the HTML report into this folder [report]")
+    _add_config(cmp_, config_flags(CompareConfig), (*_SETTING_ALIASES, *extra))
+    _add_output_flags(cmp_, json_flag=True)
 
     rep = sub.add_parser("report", help="write the HTML report of a stored comparison")
     rep.add_argument("--store", default="results", help="result store (default: results)")
@@ -180,83 +172,71 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("key", help="a key or any unique prefix of one")
         sp.add_argument("--store", default="results", help="result store, a path or a URI (default: results)")
         if name == "verify":
-            sp.add_argument("--repair", action="store_true", help="move damaged artifacts and sample sets aside "
-                            "so runs recompute them; remove leftovers of killed sample set preparations")  # fmt: skip
+            sp.add_argument(
+                "--repair",
+                action="store_true",
+                help="move damaged artifacts and sample sets aside "
+                "so runs recompute them; remove leftovers of killed sample set preparations",
+            )
         _add_output_flags(sp, json_flag=True)
 
     da = sub.add_parser("data", help="prepare a selection of samples once, as a set every node can read")
     da_sub = da.add_subparsers(dest="data_command", required=True)
     prep = da_sub.add_parser("prepare", help="store the selected samples (uint8, chunk-aligned Parquet) in the store")
-    prep.add_argument("--config", help="YAML with a 'data' section (flags override it)")
-    for flag, (key, typ, helptext) in _SETTING_FLAGS.items():
-        if key.startswith("data."):
-            prep.add_argument(flag, dest=key, type=typ, default=None, help=f"{helptext} [{key}]")
+    data_aliases = tuple(a for a in _SETTING_ALIASES if a.key.startswith("data."))
+    _add_config(prep, config_flags(DataConfig, "data."), data_aliases, config_help="YAML with a 'data' section")
     prep.add_argument("--store", default="results", help="result store that keeps the set under samples/")
     prep.add_argument("--dest", help="a folder or URI for the set instead of the store's samples/ folder")
     prep.add_argument("--rows-per-group", type=int, default=256, help="rows per Parquet row group (a chunk's reads)")
     _add_output_flags(prep, json_flag=True)
 
     ft = sub.add_parser("finetune", help="fine-tune the new model (RCAT, PCT, PCAT, AT) on Ray Train")
-    ft.add_argument("--config", help="YAML config file (flags override it)")
-    for flag, (key, typ, helptext) in _FINETUNE_FLAGS.items():
-        if typ is bool:
-            ft.add_argument(flag, dest=key, action="store_true", default=None, help=f"{helptext} [{key}]")
-        else:
-            ft.add_argument(
-                flag, dest=key, type=str if typ == "spec" else typ, default=None, help=f"{helptext} [{key}]"
-            )
+    _add_config(ft, config_flags(FinetuneConfig), _FINETUNE_ALIASES)
     _add_output_flags(ft)
 
     tab = sub.add_parser("table", help="the paper-style table of one or more pairs (Markdown, LaTeX, CSV)")
-    _add_setting_flags(tab)
-    tab.add_argument("--out", dest="out", help="output folder [out]")
+    _add_config(tab, config_flags(TableConfig), (*_SETTING_ALIASES, Alias("--out", "out")))
+    _add_output_flags(tab, json_flag=True)
 
     sw = sub.add_parser("sweep", help="search the fine-tuning weights/eps with Ray Tune, choose, evaluate")
-    sw.add_argument("--config", required=True, help="YAML sweep config")
+    sweep_aliases = (
+        Alias("--mode", "mode"),
+        Alias("--num-samples", "num_samples"),
+        Alias("--out", "out"),
+        Alias("--address", "address"),
+    )
+    _add_config(sw, config_flags(SweepConfig), sweep_aliases, config_help="YAML sweep config (required)")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials kept)")
-    sw.add_argument("--mode", dest="mode", help="grid or search [mode]")
-    sw.add_argument("--num-samples", dest="num_samples", type=int, help="trials in search mode [num_samples]")
-    sw.add_argument("--out", dest="out", help="output folder [out]")
-    sw.add_argument("--address", dest="address", help="Ray address [address]")
     _add_output_flags(sw)
 
     ni = sub.add_parser("nightly", help="gate a candidate against the production model (exit 0 pass, 1 fail, 2 error)")
-    _add_setting_flags(ni)
-    ni.add_argument("--baseline", metavar="SPEC", help="production model spec [baseline]")
-    ni.add_argument("--candidate", metavar="SPEC", help="candidate model spec [candidate]")
-    ni.add_argument("--candidate-dir", dest="candidate_dir", help="newest *.pt in this folder [candidate_dir]")
-    ni.add_argument("--history", dest="history", help="history dataset folder or URI [history]")
-    ni.add_argument("--date", dest="date", help="the night's date YYYY-MM-DD [date]")
-    ni.add_argument("--out", dest="out", help="output folder [out]")
+    extra = (
+        Alias("--baseline", "baseline", "spec"),
+        Alias("--candidate", "candidate", "spec"),
+        Alias("--candidate-dir", "candidate_dir"),
+        Alias("--history", "history"),
+        Alias("--date", "date"),
+        Alias("--out", "out"),
+    )
+    _add_config(ni, config_flags(NightlyConfig), (*_SETTING_ALIASES, *extra))
+    _add_output_flags(ni, json_flag=True)
 
     tr = sub.add_parser("train", help="adversarially train a built-in architecture from scratch (FGSM-RS)")
-    tr.add_argument("--config", help="YAML with 'data' and 'recipe' (flags override it)")
-    for flag, (key, typ, helptext) in _TRAIN_FLAGS.items():
-        tr.add_argument(flag, dest=key, type=typ, help=f"{helptext} [{key}]")
+    train_flags = config_flags(DataConfig, "data.") | config_flags(TrainRecipe, "recipe.")
+    _add_config(tr, train_flags, _TRAIN_ALIASES, config_help="YAML with 'data' and 'recipe' (flags override it)")
     tr.add_argument("--out", required=True, help="checkpoint to write (*.pt)")
     _add_output_flags(tr)
 
     demo = sub.add_parser("demo", help="the embedded default: train old/new on Fashion-MNIST, compare, report")
-    demo.add_argument("--config", help="YAML overriding the demo defaults")
-    demo.add_argument("--out", help="folder for the store, models and report (default: demo-out) [out]")
-    demo.add_argument("--test-samples", type=int, dest="test_samples", help="test images to evaluate [test_samples]")
-    demo.add_argument("--address", help="Ray address [compute.address]")
+    demo_aliases = (
+        Alias("--out", "out"),
+        Alias("--test-samples", "test_samples"),
+        Alias("--address", "compute.address"),
+    )
+    _add_config(demo, config_flags(DemoConfig), demo_aliases, config_help="YAML overriding the demo defaults")
+    demo.add_argument("--print-config", action="store_true", help="print the demo's full config as YAML and stop")
     _add_output_flags(demo)
     return parser
-
-
-_TRAIN_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--data": ("data.name", str, "dataset"),
-    "--data-root": ("data.root", str, "dataset folder"),
-    "--arch": ("recipe.arch", str, "mlp or small_cnn"),
-    "--epochs": ("recipe.epochs", int, "epochs"),
-    "--train-samples": ("recipe.train_samples", int, "train on the first N images of the train split"),
-    "--batch-size": ("recipe.batch_size", int, "batch size"),
-    "--eps": ("recipe.eps", float, "FGSM-RS eps"),
-    "--lr": ("recipe.lr", float, "Adam learning rate (the peak of the one-cycle schedule)"),
-    "--schedule": ("recipe.schedule", str, "onecycle (anneals to about 0: a converged model) or constant"),
-    "--seed": ("recipe.seed", int, "seed"),
-}
 
 
 def _version() -> str:
@@ -286,10 +266,14 @@ def _emit_json(obj: Any) -> None:
 
 def _outcome_json(outcome: Any) -> dict[str, Any]:
     return {
-        "model": outcome.model_name, "key": outcome.key, "complete": outcome.complete,
-        "chunks": outcome.n_chunks, "chunks_computed": outcome.chunks_computed,
-        "chunks_reused": outcome.chunks_cached, "accuracy": outcome.accuracy,
-    }  # fmt: skip
+        "model": outcome.model_name,
+        "key": outcome.key,
+        "complete": outcome.complete,
+        "chunks": outcome.n_chunks,
+        "chunks_computed": outcome.chunks_computed,
+        "chunks_reused": outcome.chunks_cached,
+        "accuracy": outcome.accuracy,
+    }
 
 
 def _raise_if_incomplete(outcomes: list) -> None:
@@ -299,10 +283,7 @@ def _raise_if_incomplete(outcomes: list) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    raw = _settings_dict(args)
-    if args.model:
-        raw["models"] = [parse_model_spec(s) for s in args.model]
-    cfg = parse_config(EvaluateConfig, raw, flags=_flag_map(_SETTING_FLAGS, models="--model"))
+    cfg = _parse(args, EvaluateConfig)
     _prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.evaluate.run import run_evaluate
 
@@ -316,16 +297,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    raw = _settings_dict(args)
-    for side in ("old", "new"):
-        if getattr(args, side):
-            raw[side] = parse_model_spec(getattr(args, side))
-    if getattr(args, "bootstrap.n_resamples") is not None:
-        _set_dotted(raw, "bootstrap.n_resamples", getattr(args, "bootstrap.n_resamples"))
-    if args.report:
-        raw["report"] = args.report
-    flags = _flag_map(_SETTING_FLAGS, old="--old", new="--new", report="--report")
-    cfg = parse_config(CompareConfig, raw, flags=flags | {"bootstrap.n_resamples": "--bootstrap"})
+    cfg = _parse(args, CompareConfig)
     _prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.core.flips import format_summary
     from rcat_ray.evaluate.run import run_compare
@@ -344,11 +316,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         report = write_report(prepared.store, comparison.key, cfg.report)
         _say(args, f"report: {report}")
     if args.json:
-        _emit_json({
-            "comparison": comparison.key, "store": cfg.store, "old": outcomes[0].model_name,
-            "new": outcomes[1].model_name, "tables": [_outcome_json(o) for o in outcomes],
-            "summary": comparison.summary, "report": str(report) if report else None,
-        })  # fmt: skip
+        _emit_json(
+            {
+                "comparison": comparison.key,
+                "store": cfg.store,
+                "old": outcomes[0].model_name,
+                "new": outcomes[1].model_name,
+                "tables": [_outcome_json(o) for o in outcomes],
+                "summary": comparison.summary,
+                "report": str(report) if report else None,
+            }
+        )
     return 0
 
 
@@ -390,10 +368,14 @@ def cmd_store(args: argparse.Namespace) -> int:
             print(_mapping_text(f, one_line=True))
         moved = sum(1 for f in findings if f.get("moved_to"))
         removed = sum(1 for f in findings if f.get("removed"))
-        print(f"{len(findings)} problem(s) found" + (f"; {moved} damaged artifact(s) moved aside" if moved else "")
-              + (f"; {removed} leftover folder(s) removed" if removed else ""))  # fmt: skip
-    damaged = [f for f in findings
-               if f.get("status") in ("damaged", "orphan") and not (f.get("moved_to") or f.get("removed"))]  # fmt: skip
+        print(
+            f"{len(findings)} problem(s) found"
+            + (f"; {moved} damaged artifact(s) moved aside" if moved else "")
+            + (f"; {removed} leftover folder(s) removed" if removed else "")
+        )
+    damaged = [
+        f for f in findings if f.get("status") in ("damaged", "orphan") and not (f.get("moved_to") or f.get("removed"))
+    ]
     return 1 if damaged else 0
 
 
@@ -424,20 +406,25 @@ def _mapping_text(obj: Any, *, one_line: bool = False, indent: int = 0) -> str:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from rcat_ray.config import DataConfig, resolve_local_path
+    from rcat_ray.config import resolve_local_path
     from rcat_ray.core.samples import open_samples, prepare_samples, samples_location
 
-    raw = load_yaml(args.config).get("data", {}) if args.config else {}
-    for key, _t, _h in _SETTING_FLAGS.values():
-        if key.startswith("data.") and getattr(args, key) is not None:
-            raw[key.removeprefix("data.")] = getattr(args, key)
-    flags = {k.removeprefix("data."): f for k, f in _flag_map(_SETTING_FLAGS).items()}
-    data = parse_config(DataConfig, raw, flags=flags)
+    raw = config_dict(args, args._flags, args._aliases)
+    named = {k.removeprefix("data."): f for k, f in args._named.items()}
+    data = parse_config(DataConfig, raw.get("data", {}), flags=named)
     dest = resolve_local_path(args.dest) if args.dest else samples_location(resolve_local_path(args.store), data)
     info = prepare_samples(data, dest, rows_per_group=args.rows_per_group)
-    summary = {"location": dest, "dataset": info.dataset, "split": info.split, "n_samples": info.num_rows,
-               "shape": list(info.shape), "dtype": info.dtype, "fingerprint": info.fingerprint,
-               "preprocessing": info.preprocessing, "parts": len(open_samples(dest).files)}  # fmt: skip
+    summary = {
+        "location": dest,
+        "dataset": info.dataset,
+        "split": info.split,
+        "n_samples": info.num_rows,
+        "shape": list(info.shape),
+        "dtype": info.dtype,
+        "fingerprint": info.fingerprint,
+        "preprocessing": info.preprocessing,
+        "parts": len(open_samples(dest).files),
+    }
     if args.json:
         _emit_json(summary)
     else:
@@ -446,21 +433,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    raw = load_yaml(args.config) if args.config else {}
-    over: dict[str, Any] = {}
-    for _flag, (key, typ, _h) in _FINETUNE_FLAGS.items():
-        value = getattr(args, key)
-        if value is not None:
-            _set_dotted(over, key, parse_model_spec(value) if typ == "spec" else value)
-    raw = deep_merge(raw, over)
-    if "data" in over and "split" not in raw.get("data", {}):
-        _set_dotted(raw, "data.split", "train")
-    cfg = parse_config(FinetuneConfig, raw, flags=_flag_map(_FINETUNE_FLAGS))
+    raw = config_dict(args, args._flags, args._aliases)
+    if any(k.startswith("data.") and getattr(args, k) is not None for k in args._flags):
+        raw["data"].setdefault("split", "train")  # data named by flags: the training split unless told
+    cfg = _parse(args, FinetuneConfig, raw)
     _prepare_local_ray_env(cfg.address)
-    from rcat_ray.finetune.ray_train import check_finetune_inputs
+    from rcat_ray.finetune.run import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg)  # models, data, shapes, weights, output path: before Ray starts
-    from rcat_ray.finetune.ray_train import run_finetune
+    from rcat_ray.finetune.run import run_finetune
     from rcat_ray.runtime.cluster import ensure_ray
 
     identity = parents.identity(cfg)
@@ -477,10 +458,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    raw = _settings_dict(args)
-    if args.out:
-        raw["out"] = args.out
-    cfg = parse_config(TableConfig, raw, flags=_flag_map(_SETTING_FLAGS, out="--out"))
+    cfg = _parse(args, TableConfig)
     _prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.evaluate.paper_table import to_markdown, to_records
     from rcat_ray.evaluate.run import run_table
@@ -494,19 +472,16 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    raw = load_yaml(args.config)
-    for key in ("mode", "num_samples", "out", "address"):
-        if getattr(args, key) is not None:
-            raw[key] = getattr(args, key)
-    flags = {"mode": "--mode", "num_samples": "--num-samples", "out": "--out", "address": "--address"}
-    cfg = parse_config(SweepConfig, raw, flags=flags)
+    if not args.config:
+        raise ConfigError("rcat-ray sweep needs --config SWEEP.yaml (its 'base' fine-tune and the space)")
+    cfg = _parse(args, SweepConfig)
     _prepare_local_ray_env(cfg.address)
-    from rcat_ray.finetune.ray_train import check_finetune_inputs
+    from rcat_ray.finetune.run import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg.base)  # before Ray starts
     from rcat_ray.errors import SweepInterruptedError
     from rcat_ray.runtime.cluster import ensure_ray
-    from rcat_ray.sweep.ray_tune import run_sweep
+    from rcat_ray.sweep.run import run_sweep
 
     # a TorchTrainer per trial (pattern B) needs the dashboard's state API when ASHA stops a trial
     ensure_ray(ComputeConfig(address=cfg.address), dashboard=cfg.base.num_workers > 1)
@@ -536,16 +511,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from rcat_ray.runtime.failures import describe_failure, is_run_failure
 
     try:
-        raw = _settings_dict(args)
-        for side in ("baseline", "candidate"):
-            if getattr(args, side):
-                raw[side] = parse_model_spec(getattr(args, side))
-        for key in ("candidate_dir", "history", "date", "out"):
-            if getattr(args, key) is not None:
-                raw[key] = getattr(args, key)
-        flags = _flag_map(_SETTING_FLAGS, baseline="--baseline", candidate="--candidate",
-                          candidate_dir="--candidate-dir", history="--history", date="--date", out="--out")  # fmt: skip
-        cfg = parse_config(NightlyConfig, raw, flags=flags)
+        cfg = _parse(args, NightlyConfig)
         _prepare_local_ray_env(cfg.compute.address)
         outcome = run_nightly(cfg)
     except InputError as err:
@@ -570,14 +536,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rcat_ray.config import DataConfig
     from rcat_ray.finetune.pretrain import TrainRecipe, train_checkpoint
 
-    raw = load_yaml(args.config) if args.config else {}
-    for key, _t, _h in _TRAIN_FLAGS.values():
-        if getattr(args, key) is not None:
-            _set_dotted(raw, key, getattr(args, key))
-    flags = _flag_map(_TRAIN_FLAGS)
-    data = parse_config(DataConfig, raw.get("data", {}), flags={k.removeprefix("data."): v for k, v in flags.items()})
-    recipe = parse_config(TrainRecipe, raw.get("recipe", {}),
-                          flags={k.removeprefix("recipe."): v for k, v in flags.items()})  # fmt: skip
+    raw = config_dict(args, args._flags, args._aliases)
+    data = parse_config(
+        DataConfig, raw.get("data", {}), flags={k.removeprefix("data."): v for k, v in args._named.items()}
+    )
+    recipe = parse_config(
+        TrainRecipe, raw.get("recipe", {}), flags={k.removeprefix("recipe."): v for k, v in args._named.items()}
+    )
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"{out} exists; choose another --out (checkpoints are never overwritten)")
@@ -586,17 +551,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _prepare_local_ray_env(args.address)
+    from rcat_ray.config import to_yaml
     from rcat_ray.demo import DemoConfig, run_demo
 
-    raw = load_yaml(args.config) if args.config else {}
-    if args.test_samples:
-        raw["test_samples"] = args.test_samples
-    if args.address:
-        _set_dotted(raw, "compute.address", args.address)
-    if args.out:
-        raw["out"] = args.out
-    cfg = parse_config(DemoConfig, raw, flags={"test_samples": "--test-samples", "out": "--out"})
+    cfg = _parse(args, DemoConfig)
+    if args.print_config:  # the demo's defaults live in DemoConfig alone; this is their YAML form
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    _prepare_local_ray_env(cfg.compute.address)
     if not args.log_file:  # the demo always keeps its log beside its results
         _add_log_file(str(Path(cfg.out) / "demo.log"))
     run_demo(cfg)
@@ -705,10 +667,18 @@ def main(argv: list[str] | None = None) -> int:
     from rcat_ray.runtime.interrupts import sigterm_as_interrupt
 
     handlers = {
-        "evaluate": cmd_evaluate, "compare": cmd_compare, "report": cmd_report, "store": cmd_store, "data": cmd_data,
-        "train": cmd_train, "finetune": cmd_finetune, "table": cmd_table, "sweep": cmd_sweep, "nightly": cmd_nightly,
+        "evaluate": cmd_evaluate,
+        "compare": cmd_compare,
+        "report": cmd_report,
+        "store": cmd_store,
+        "data": cmd_data,
+        "train": cmd_train,
+        "finetune": cmd_finetune,
+        "table": cmd_table,
+        "sweep": cmd_sweep,
+        "nightly": cmd_nightly,
         "demo": cmd_demo,
-    }  # fmt: skip
+    }
     try:
         with sigterm_as_interrupt():
             return handlers[args.command](args)

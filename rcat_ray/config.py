@@ -77,10 +77,10 @@ class DataConfig(StrictConfig):
     is all of it, ``train``/``val`` its head and tail.
     """
 
-    name: DatasetName = "fashion_mnist"
+    name: DatasetName = Field("fashion_mnist", description="dataset")
     root: LocalPath | None = Field(None, description="dataset folder; default ~/.cache/rcat_ray/data")
     path: LocalPath | None = Field(None, description="the .pt/.npz file of a 'tensors' dataset")
-    split: SplitName = "test"
+    split: SplitName = Field("test", description="split: train, val (the held-out tail of the training files) or test")
     val_size: int | None = Field(None, ge=0, description="size of the val tail; default per dataset")
     offset: int = Field(0, ge=0, description="skip this many samples of the split")
     limit: int | None = Field(None, ge=1, description="take at most this many samples")
@@ -96,12 +96,14 @@ class ModelConfig(StrictConfig):
     """Where a model comes from. ``name`` is the RobustBench name, or the architecture for builtins; for a
     checkpoint it is optional and defaults to the file's stem (what tables and reports show)."""
 
-    source: ModelSourceKind
+    source: ModelSourceKind = Field(..., description="where the model comes from: robustbench, checkpoint or builtin")
     name: str | None = Field(None, min_length=1, description="zoo name / architecture; checkpoint: file stem")
     label: str | None = Field(None, description="display name in tables and reports")
     path: LocalPath | None = Field(None, description="checkpoint file (source: checkpoint)")
     arch: str | None = Field(None, description="architecture of a plain state-dict checkpoint")
-    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of a built-in architecture"
+    )
     model_dir: LocalPath = Field("models", validate_default=True, description="RobustBench model_dir")
     dataset: str | None = Field(None, description="RobustBench dataset; default from data.name")
     threat_model: str | None = Field(None, description="RobustBench threat model; default attack.norm")
@@ -137,14 +139,17 @@ class AttackConfig(StrictConfig):
     ``standard`` expands to AutoAttack's standard cascade with its standard parameters.
     """
 
-    norm: Norm = "Linf"
+    norm: Norm = Field("Linf", description="threat model: Linf or L2")
     eps: float = Field(..., description="perturbation budget in [0,1]-pixel units")
-    attacks: tuple[AttackName, ...] = ("apgd-ce", "apgd-dlr")
+    attacks: tuple[AttackName, ...] = Field(
+        ("apgd-ce", "apgd-dlr"),
+        description="the attack cascade, run in order ('standard': AutoAttack's standard version)",
+    )
     n_iter: int = Field(50, ge=1, description="iterations of each APGD/FAB run")
-    n_restarts: int = Field(1, ge=1)
+    n_restarts: int = Field(1, ge=1, description="restarts per attack (APGD, FAB)")
     n_target_classes: int = Field(9, ge=1, description="targets for apgd-t / fab-t")
-    square_queries: int = Field(5000, ge=1)
-    seed: int = Field(0, ge=0)
+    square_queries: int = Field(5000, ge=1, description="queries of the Square attack")
+    seed: int = Field(0, ge=0, description="seed of the attacks' random starts")
     robust_samples: int | None = Field(
         None, ge=1, description="attack only the first N samples of the split (clean metrics use all)"
     )
@@ -180,10 +185,12 @@ class ComputeConfig(StrictConfig):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
     local_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
     num_workers: int = Field(1, ge=1, description="evaluation actors")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved per worker (a fraction shares a GPU)")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default cpus")
-    device: Device = "auto"
+    device: Device = Field(
+        "auto", description="device of the workers: auto (cuda when the worker has a GPU), cpu or cuda"
+    )
     chunks_in_flight: int = Field(
         2, ge=1, description="chunks queued per evaluation actor: with 2, it reads the next chunk while attacking one"
     )
@@ -197,9 +204,9 @@ class ComputeConfig(StrictConfig):
 class BootstrapConfig(StrictConfig):
     """Paired bootstrap for the confidence intervals of every flip metric."""
 
-    n_resamples: int = Field(1000, ge=10)
-    confidence: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
+    n_resamples: int = Field(1000, ge=10, description="bootstrap resamples")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
+    seed: int = Field(0, description="seed of the bootstrap")
 
 
 class EvaluationSettings(StrictConfig):
@@ -317,11 +324,17 @@ TrainAttackKind = Literal["fgsm-rs", "pgd", "paper"]
 
 
 class LossConfig(StrictConfig):
-    """Which fine-tuning loss, with its weights (DESIGN §1.2). Weights are checked against the loss kind."""
+    """Which fine-tuning loss, with its weights (docs/contracts.md). Weights are checked against the loss kind."""
 
-    kind: LossKind = "rcat"
-    alpha: float = 0.5
-    beta: float = 0.4
+    kind: LossKind = Field("rcat", description="fine-tuning loss: rcat, pct, pcat or at")
+    alpha: float = Field(
+        0.5,
+        description="weight alpha (RCAT: the new model's term, CE weighs 1 - alpha - beta; PCT/PCAT: the base weight)",
+    )
+    beta: float = Field(
+        0.4,
+        description="weight beta (RCAT: the old model's term; PCT/PCAT: the extra weight where the old model is right)",
+    )
     normalisation: Literal["masked", "batch"] = Field("masked", description="RCAT: how L_new/L_old average")
     mask_source: Literal["on-the-fly", "cached"] = Field(
         "on-the-fly", description="RCAT m_old: from x* now, or the old model's stored robustness flags"
@@ -351,8 +364,8 @@ class LossConfig(StrictConfig):
 class TrainAttackConfig(StrictConfig):
     """The attack crafted against the model being trained, inside every step (DESIGN §1.3)."""
 
-    kind: TrainAttackKind = "fgsm-rs"
-    eps: float = Field(..., gt=0, le=1)
+    kind: TrainAttackKind = Field("fgsm-rs", description="training attack: fgsm-rs, pgd or paper")
+    eps: float = Field(..., gt=0, le=1, description="training attack budget, [0,1] pixel units")
     steps: int = Field(10, ge=1, description="PGD iterations")
     step_size: float | None = Field(None, gt=0, description="PGD step; default 2.5*eps/steps")
 
@@ -360,8 +373,10 @@ class TrainAttackConfig(StrictConfig):
 class OptimizerConfig(StrictConfig):
     """SGD (the paper: lr 1e-3, momentum 0.9, no weight decay) or AdamW, with an optional schedule."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
+    name: Literal["sgd", "adamw"] = Field("sgd", description="optimizer: sgd or adamw")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning-rate schedule: constant or cosine"
+    )

@@ -37,8 +37,10 @@ from rcat_ray.store.result_store import ResultStore
 class DemoConfig(StrictConfig):
     """The demo's settings; every key can be overridden from a YAML file (``rcat-ray demo --config``)."""
 
-    out: LocalPath = Field("demo-out", validate_default=True)
-    data_root: LocalPath | None = None
+    out: LocalPath = Field(
+        "demo-out", validate_default=True, description="folder for the store, models, tables and report"
+    )
+    data_root: LocalPath | None = Field(None, description="Fashion-MNIST folder (default: the Debian package's)")
     # DESIGN §4: FGSM-RS at eps 0.1, Adam, one-cycle to a maximum lr of 2e-3, batch 128 (converged models)
     old: TrainRecipe = TrainRecipe(
         arch="mlp", epochs=10, train_samples=25_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=0
@@ -46,9 +48,9 @@ class DemoConfig(StrictConfig):
     new: TrainRecipe = TrainRecipe(
         arch="small_cnn", epochs=8, train_samples=50_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=1
     )
-    test_samples: int = Field(5000, ge=1)
+    test_samples: int = Field(5000, ge=1, description="test images evaluated")
     attack: AttackConfig = AttackConfig(eps=0.1, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
-    chunk_size: int = Field(250, ge=1)
+    chunk_size: int = Field(250, ge=1, description="samples per work unit")
     compute: ComputeConfig = ComputeConfig(num_workers=2, cpus_per_worker=1.0, threads_per_worker=1)
     bootstrap: BootstrapConfig = BootstrapConfig()
     train_threads: int = Field(2, ge=1, description="torch threads for training in the driver")
@@ -66,14 +68,14 @@ class DemoConfig(StrictConfig):
         "chosen per method on validation by bench/fidelity.py (the paper's protocol; README, 'The demo')",
         description="where the methods' weights come from: printed before the fine-tunes start",
     )
-    finetune_epochs: int = Field(2, ge=1)
+    finetune_epochs: int = Field(2, ge=1, description="fine-tuning epochs of each method")
     finetune_samples: int = Field(50_000, ge=1, description="the first N images of the train split")
     finetune_batch_size: int = Field(
         128, ge=1, description="global batch, split over the fine-tuning workers (same steps on any worker count)"
     )
     finetune_optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9)
     finetune_workers: int = Field(2, ge=0, description="Ray Train workers (0 = in the driver)")
-    validation_samples: int = Field(500, ge=1)
+    validation_samples: int = Field(500, ge=1, description="validation images attacked every fine-tuning epoch")
 
 
 def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, name: str) -> Path:
@@ -87,7 +89,7 @@ def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, 
 
 def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[str, Path]]:
     """Fine-tune the new model with every method on Ray Train (each reused if already done)."""
-    from rcat_ray.finetune.ray_train import run_finetune
+    from rcat_ray.finetune.run import run_finetune
 
     out = []
     for loss in cfg.methods:

@@ -44,7 +44,7 @@ class TableEntry(StrictConfig):
 class TablePair(StrictConfig):
     """An old -> new update and the fine-tuned versions of ``new`` to compare against ``old``."""
 
-    name: str = Field(..., min_length=1)
+    name: str = Field(..., min_length=1, description="the pair's name in the table")
     old: ModelConfig
     new: ModelConfig
     finetuned: tuple[TableEntry, ...] = ()

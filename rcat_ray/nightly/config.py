@@ -22,12 +22,16 @@ from rcat_ray.config import (
 class ClassGate(StrictConfig):
     """Gates for one class (by index), judged on that class's per-class metrics."""
 
-    class_index: int = Field(..., ge=0, alias="class")
-    max_nfr: float | None = Field(None, ge=0, le=1)
-    max_r_nfr: float | None = Field(None, ge=0, le=1)
-    max_s_nfr: float | None = Field(None, ge=0, le=1)
-    min_acc: float | None = Field(None, ge=0, le=1)
-    min_rob_acc: float | None = Field(None, ge=0, le=1)
+    class_index: int = Field(..., ge=0, alias="class", description="the class, by index")
+    max_nfr: float | None = Field(None, ge=0, le=1, description="fail when this class's NFR is above this")
+    max_r_nfr: float | None = Field(None, ge=0, le=1, description="fail when this class's R-NFR is above this")
+    max_s_nfr: float | None = Field(None, ge=0, le=1, description="fail when this class's S-NFR is above this")
+    min_acc: float | None = Field(
+        None, ge=0, le=1, description="fail when the candidate's clean accuracy on this class is below this"
+    )
+    min_rob_acc: float | None = Field(
+        None, ge=0, le=1, description="fail when the candidate's robust accuracy on this class is below this"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -37,22 +41,30 @@ class GatesConfig(StrictConfig):
     above it, a min gate only when the upper CI bound is below it (``judge_on: ci``): a gate fails when the
     evidence says so. ``judge_on: value`` compares the point estimate instead."""
 
-    max_nfr: float | None = Field(None, ge=0, le=1)
-    max_r_nfr: float | None = Field(None, ge=0, le=1)
-    max_s_nfr: float | None = Field(None, ge=0, le=1)
-    min_acc: float | None = Field(None, ge=0, le=1)
-    min_rob_acc: float | None = Field(None, ge=0, le=1)
-    judge_on: Literal["ci", "value"] = "ci"
+    max_nfr: float | None = Field(None, ge=0, le=1, description="fail when NFR is above this (a fraction)")
+    max_r_nfr: float | None = Field(None, ge=0, le=1, description="fail when R-NFR is above this (a fraction)")
+    max_s_nfr: float | None = Field(None, ge=0, le=1, description="fail when S-NFR is above this (a fraction)")
+    min_acc: float | None = Field(
+        None, ge=0, le=1, description="fail when the candidate's clean accuracy is below this"
+    )
+    min_rob_acc: float | None = Field(
+        None, ge=0, le=1, description="fail when the candidate's robust accuracy is below this"
+    )
+    judge_on: Literal["ci", "value"] = Field(
+        "ci", description="judge each gate on its CI bound (ci) or on the point estimate (value)"
+    )
     per_class: tuple[ClassGate, ...] = ()
 
 
 class NotifyConfig(StrictConfig):
     """Where the verdict goes besides the exit code and the verdict file."""
 
-    kind: Literal["stdout", "file", "webhook"] = "stdout"
+    kind: Literal["stdout", "file", "webhook"] = Field(
+        "stdout", description="where the verdict goes: stdout, file or webhook"
+    )
     path: LocalPath | None = Field(None, description="file notifier: append one JSON line per night")
     url: str | None = Field(None, description="webhook notifier: POST the verdict as JSON")
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="webhook timeout, seconds")
 
     @model_validator(mode="after")
     def _target(self) -> NotifyConfig:

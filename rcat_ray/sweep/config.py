@@ -23,7 +23,7 @@ from rcat_ray.finetune.config import FinetuneConfig
 class SweepSpace(StrictConfig):
     """What a sweep varies. ``grid`` mode uses the paper's grids for ``losses``; ``search`` mode samples."""
 
-    losses: tuple[LossKind, ...] = Field(("rcat",), min_length=1)
+    losses: tuple[LossKind, ...] = Field(("rcat",), min_length=1, description="losses to search")
     alpha_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT alpha range (search mode)")
     beta_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT beta range (search mode)")
     pct_beta_range: tuple[float, float] = Field((0.5, 10.0), description="PCT/PCAT beta range, alpha = 1")
@@ -35,9 +35,9 @@ class SweepSpace(StrictConfig):
 class AshaConfig(StrictConfig):
     """Early stopping of trials on the per-epoch validation S-NFR."""
 
-    enabled: bool = True
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: int = Field(2, ge=2)
+    enabled: bool = Field(True, description="stop poor trials early with ASHA")
+    grace_period: int = Field(1, ge=1, description="epochs before ASHA may stop a trial")
+    reduction_factor: int = Field(2, ge=2, description="ASHA reduction factor")
 
 
 class SelectionValidationConfig(StrictConfig):
@@ -45,14 +45,16 @@ class SelectionValidationConfig(StrictConfig):
     large enough for confidence intervals. The cheap per-epoch validation only drives progress and ASHA: a weak
     attack rewarded a model that the strong test attack then broke."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="choose on a fresh evaluation of each trial's model on the validation selection"
+    )
     samples: int = Field(2000, ge=1, description="validation samples (the val split's head)")
     attack: AttackConfig | None = Field(
         None,
         description="default: APGD-CE + APGD-DLR, 50 iterations, at the test eps when the sweep has test settings, "
         "else at the base's training eps",
     )
-    chunk_size: int = Field(250, ge=1)
+    chunk_size: int = Field(250, ge=1, description="samples per work unit of that evaluation")
     compute: ComputeConfig = ComputeConfig()
 
 
@@ -60,18 +62,18 @@ class SweepConfig(StrictConfig):
     """``rcat-ray sweep``: search the constraint weights (and eps, lr, epochs) of fine-tuning with Ray Tune."""
 
     base: FinetuneConfig
-    mode: Literal["grid", "search"] = "grid"
-    algorithm: Literal["random", "optuna"] = "random"
+    mode: Literal["grid", "search"] = Field("grid", description="grid (the paper's grids) or search (sampled trials)")
+    algorithm: Literal["random", "optuna"] = Field("random", description="search algorithm: random or optuna")
     num_samples: int = Field(8, ge=1, description="trials in search mode")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the search")
     space: SweepSpace = SweepSpace()
     asha: AshaConfig = AshaConfig()
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per trial")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial")
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources allow")
     tolerance: float = Field(0.02, ge=0, description="selection: allowed drop of validation robust accuracy")
     selection: SelectionValidationConfig = SelectionValidationConfig()
-    name: str = Field("sweep", min_length=1)
+    name: str = Field("sweep", min_length=1, description="the sweep's name (its folder in the Tune storage)")
     storage: LocalPath = Field("ray_results", validate_default=True, description="Ray Tune storage path")
     out: LocalPath = Field(
         "sweep-out", validate_default=True, description="folder for trials.parquet, best.yaml, plots and the report"
