@@ -21,7 +21,8 @@ from rcat_ray.cli import main
 from rcat_ray.config import DataConfig
 from rcat_ray.core import samples as samples_mod
 from rcat_ray.core.samples import INFO_FILE, open_samples, prepare_samples, samples_in_store, samples_location
-from rcat_ray.errors import DamagedSetError
+from rcat_ray.core.samples import write as samples_write
+from rcat_ray.errors import DamagedSetError, DataError
 from rcat_ray.report.inventory import verify_store
 from rcat_ray.store.result_store import QUARANTINE_DIR
 
@@ -151,7 +152,7 @@ def test_a_set_of_another_format_version_is_not_moved(tmp_path):
     info = _set_folder(store) / INFO_FILE
     info.write_text(json.dumps({**json.loads(info.read_text()), "format_version": 99}))
     before = snapshot(store)
-    with pytest.raises(samples_mod.DataError, match="format version 99"):
+    with pytest.raises(DataError, match="format version 99"):
         samples_in_store(str(store), CFG, rows_per_group=25)
     assert snapshot(store) == before
     assert [f["status"] for f in verify_store(store)] == ["unverifiable"]
@@ -166,7 +167,7 @@ def _race(monkeypatch, target, *, ordered: bool) -> dict[str, object]:
     after "first" returned, so it deterministically loses. Returns each thread's result or exception."""
     barrier = threading.Barrier(2, timeout=60)
     first_done = threading.Event()
-    real_open, real_finish = samples_mod._open_source, samples_mod._finish
+    real_open, real_finish = samples_write._open_source, samples_write._finish
 
     def open_source(*args):
         barrier.wait()
@@ -177,8 +178,8 @@ def _race(monkeypatch, target, *, ordered: bool) -> dict[str, object]:
             assert first_done.wait(60)
         return real_finish(*args)
 
-    monkeypatch.setattr(samples_mod, "_open_source", open_source)
-    monkeypatch.setattr(samples_mod, "_finish", finish)
+    monkeypatch.setattr(samples_write, "_open_source", open_source)
+    monkeypatch.setattr(samples_write, "_finish", finish)
     results: dict[str, object] = {}
 
     def run(name):
@@ -207,7 +208,7 @@ def _layout() -> int:
 def test_two_preparers_on_a_local_folder_end_with_one_set(tmp_path, monkeypatch, ordered):
     dest = tmp_path / "sets" / "digits"
     seen: dict[str, dict[str, int]] = {}
-    real_rename = samples_mod._prepare_by_rename
+    real_rename = samples_write._prepare_by_rename
 
     def prepare_and_record(*args):
         info = real_rename(*args)
@@ -215,7 +216,7 @@ def test_two_preparers_on_a_local_folder_end_with_one_set(tmp_path, monkeypatch,
             seen["first"] = {p.name: p.stat().st_ino for p in dest.iterdir()}
         return info
 
-    monkeypatch.setattr(samples_mod, "_prepare_by_rename", prepare_and_record)
+    monkeypatch.setattr(samples_write, "_prepare_by_rename", prepare_and_record)
     results = _race(monkeypatch, lambda: prepare_samples(CFG, dest, rows_per_group=_layout()), ordered=ordered)
     assert not [r for r in results.values() if isinstance(r, BaseException)], results
     assert results["first"] == results["second"]  # both return the one set that was published
@@ -254,7 +255,7 @@ def test_a_failed_preparation_without_folder_rename_leaves_nothing(monkeypatch):
     def boom(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(samples_mod, "_finish", boom)
+    monkeypatch.setattr(samples_write, "_finish", boom)
     with pytest.raises(OSError, match="disk full"):
         prepare_samples(CFG, "sets/digits", filesystem=fs, rows_per_group=16)
     assert fs.get_file_info(pafs.FileSelector("sets/digits", allow_not_found=True)) == []
@@ -266,7 +267,7 @@ def test_damage_in_what_a_run_writes_is_reported_as_it_is(tmp_path, monkeypatch)
     def unreadable(fs, folder, uri, info, source):
         raise DamagedSetError(uri, "part-00000.parquet", "cannot be decoded (disk error)")
 
-    monkeypatch.setattr(samples_mod, "_finish", unreadable)
+    monkeypatch.setattr(samples_write, "_finish", unreadable)
     with pytest.raises(DamagedSetError, match=r"part-00000\.parquet cannot be decoded \(disk error\)"):
         samples_in_store(str(tmp_path / "store"), CFG, rows_per_group=25)
     assert not (tmp_path / "store" / QUARANTINE_DIR).exists() and list((tmp_path / "store" / "samples").iterdir()) == []

@@ -332,9 +332,9 @@ def test_uris_and_pyarrow_filesystems(tmp_path):
 def test_object_store_path_writes_parts_then_dataset_json(tmp_path, monkeypatch):
     """Object stores cannot rename folders: parts go under a subfolder of the preparer's own and dataset.json,
     written last, names them."""
-    from rcat_ray.core import samples as samples_mod
+    from rcat_ray.core.samples import write
 
-    monkeypatch.setattr(samples_mod, "_renames_folders", lambda fs: False)
+    monkeypatch.setattr(write, "_renames_folders", lambda fs: False)
     cfg = DataConfig(name="digits", limit=60)
     info = prepare_samples(cfg, tmp_path / "s", rows_per_group=16, groups_per_file=2)
     (own,) = {p.name.split("/")[0] for p in info.parts}

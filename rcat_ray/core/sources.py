@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rcat_ray.config import DataConfig
+from rcat_ray.core.atomic import atomic_output
 from rcat_ray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,8 @@ def prepare_fashion_mnist(root: Path, source: Path = DEBIAN_FASHION_MNIST) -> Pa
         )
     raw.mkdir(parents=True, exist_ok=True)
     for name, gz in sources.items():
-        tmp = raw / f".{name}.tmp-{os.getpid()}"
-        with gzip.open(gz, "rb") as src, tmp.open("wb") as dst:
+        with gzip.open(gz, "rb") as src, atomic_output(raw / name) as dst:
             shutil.copyfileobj(src, dst)
-        tmp.replace(raw / name)
     return raw
 
 

@@ -1,36 +1,16 @@
 """The result store: content-addressed artifacts, atomic writes, checksummed manifests.
 
-The store is a directory on any filesystem pyarrow understands (a local path, ``s3://...``, ``gs://...``),
-so every node of a cluster can write finished chunks into the same place. Artifacts are addressed by
-a hash of everything that determines their content; a file is written under a temporary name and then
-renamed, and an existing artifact is never rewritten, so an interrupted or failing run cannot damage
-earlier results.
-
-Layout::
-
-    tables/<key>/chunks/chunk-000007.parquet   one finished work unit (written by a Ray worker)
-    tables/<key>/chunks/adv-000007.npz         its adversarial images (optional, for reports)
-    tables/<key>/chunks/chunk-000007.json      the chunk's manifest, written last: sha256 and size of the two
-                                               files above, the node and pid that computed it
-    tables/<key>/table.parquet                 the per-model table, assembled once every chunk exists
-    tables/<key>/manifest.json                 config, versions, fingerprints, sha256 of table.parquet
-    comparisons/<key>/{flips.parquet, summary.json, manifest.json}
-    samples/<dataset>-<split>-<hash>/          a prepared sample set (``rcat_ray.core.samples``): part files and
-                                               dataset.json, which records every row group's sha256
-    quarantine/<UTC time>/<original path>      damaged artifacts and sample sets, moved aside (never deleted)
-
-Integrity. Existence is not proof of a good artifact (a copy can truncate a file, a disk can flip bits), so
-every manifest carries ``files: {name: {"sha256", "size"}}`` for the files beside it, and the manifest is
-the last file an artifact writes: an artifact is *done* when its manifest exists and every file it lists
-matches. A file that fails its check when it is read or reused is reported (a ``logging`` warning naming
-its path) and moved, with the rest of its artifact, to ``quarantine/<UTC time>/<its path in the store>``;
-the caller then treats the artifact as missing and recomputes it (a table from its chunks, a chunk from
-scratch, a comparison from its two tables). Nothing is deleted, so a false alarm loses no data.
+A directory on any filesystem pyarrow understands (a local path, ``s3://...``, ``gs://...``) that every node
+of a cluster writes finished chunks into. Artifacts are addressed by a hash of everything that determines
+their content and are never rewritten; every manifest records the sha256 and size of the files beside it and
+is written last, so an artifact is *done* when its manifest exists and every file it lists matches. A file
+that fails its check is moved, with its artifact, to ``quarantine/<UTC time>/<its path>`` (never deleted) and
+the artifact is recomputed. Layout (``tables/``, ``comparisons/``, ``samples/``, ``quarantine/``) and keys:
+docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -47,6 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.errors import DamagedArtifactError, StoreError, UncheckedArtifactError
 
 log = logging.getLogger(__name__)
@@ -67,17 +48,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def write_file_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write a local file under a temporary name in its folder, then rename it into place: a reader sees the
-    old file or the new one, never half of one (reports, verdicts, tables, manifests)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    tmp.replace(path)
-    return path
 
 
 def now_iso() -> str:
@@ -160,31 +130,17 @@ class ResultStore:
         probe = f".probe-{uuid.uuid4().hex}"
         try:
             self.fs.create_dir(self.root, recursive=True)
-            self._write_atomic(probe, b"ok")
+            write_file_atomic(self.path(probe), b"ok", filesystem=self.fs)
             self.fs.delete_file(self.path(probe))
         except (OSError, pa.ArrowException) as err:
             raise StoreError(f"result store {self.uri} is not writable: {err}") from None
 
     # -- writing -----------------------------------------------------------------------------------
-    def _write_atomic(self, rel: str, data: bytes) -> None:
-        final = self.path(rel)
-        parent = final.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-        try:
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
-            self.fs.move(tmp, final)
-        except BaseException:  # a full disk, a folder that went away: no half-written file stays behind
-            with contextlib.suppress(Exception):
-                self.fs.delete_file(tmp)
-            raise
-
     def put_bytes(self, rel: str, data: bytes) -> bool:
         """Write an artifact unless it already exists (content addressing makes it identical)."""
         if self.exists(rel):
             return False
-        self._write_atomic(rel, data)
+        write_file_atomic(self.path(rel), data, filesystem=self.fs)
         return True
 
     def put_table(self, rel: str, table: pa.Table, metadata_: dict[str, Any] | None = None) -> bool:
@@ -208,7 +164,7 @@ class ResultStore:
                 return record
             leftover = f"{self.path(rel)} has no manifest (left by an interrupted run) and differs from the new one"
             self.quarantine([rel], leftover)
-        self._write_atomic(rel, data)
+        write_file_atomic(self.path(rel), data, filesystem=self.fs)
         return record
 
     # -- reading -----------------------------------------------------------------------------------
