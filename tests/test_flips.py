@@ -451,7 +451,7 @@ def test_interval_narrows_with_more_samples() -> None:
 def test_blocked_index_draws_give_a_valid_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     table = coin_table(1000)
     unblocked = summarize(table, n_bootstrap=400)["metrics"]["nfr"]
-    monkeypatch.setattr(flips, "_MAX_BLOCK_ELEMENTS", 3001)  # 3 resamples per block, ragged last block
+    monkeypatch.setattr(flips.bootstrap, "_MAX_BLOCK_ELEMENTS", 3001)  # 3 resamples per block, ragged last block
     blocked = summarize(table, n_bootstrap=400)["metrics"]["nfr"]
     assert summarize(table, n_bootstrap=400)["metrics"]["nfr"] == blocked
     assert blocked["value"] == unblocked["value"]
