@@ -1,4 +1,4 @@
-"""Model sources (RobustBench, local checkpoints, built-in small architectures) and weight fingerprints.
+"""Loading models from their sources (local checkpoints, RobustBench, built-in architectures), with fingerprints.
 
 Every loaded model carries a fingerprint, a hash of its weights: it keys the evaluation cache, so a
 retrained or fine-tuned model never reuses a stale table, and an unchanged one is never attacked twice.
@@ -11,12 +11,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
-import itertools
 import pickle
 import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,119 +23,11 @@ from torch import nn
 
 from rcat_ray.config import ModelConfig
 from rcat_ray.core.atomic import write_file_atomic
-from rcat_ray.errors import ModelError, ModelFingerprintError
+from rcat_ray.core.models.architectures import _ARCHITECTURES, build_architecture
+from rcat_ray.errors import ModelError
 
 CHECKPOINT_FORMAT = "rcat_ray.checkpoint/1"
 
-
-# ----------------------------------------------------------------------------------------------------
-# Built-in architectures: a registry filled by decorators, built by name.
-
-ArchBuilder = Callable[..., nn.Module]
-_ARCHITECTURES: dict[str, ArchBuilder] = {}
-
-
-def register_architecture(name: str) -> Callable[[ArchBuilder], ArchBuilder]:
-    """Make ``name`` buildable from configs and self-describing checkpoints."""
-
-    def deco(fn: ArchBuilder) -> ArchBuilder:
-        _ARCHITECTURES[name] = fn
-        return fn
-
-    return deco
-
-
-def architectures() -> list[str]:
-    """Names of the built-in architectures."""
-    return sorted(_ARCHITECTURES)
-
-
-def build_architecture(name: str, *, num_classes: int, input_shape: tuple[int, int, int], **kwargs: Any) -> nn.Module:
-    """Instantiate a registered architecture for a data shape."""
-    if name.startswith("robustbench/"):
-        return _robustbench_architecture(name)
-    if name not in _ARCHITECTURES:
-        hint = difflib.get_close_matches(name, architectures(), n=1)
-        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ModelError(f"unknown architecture '{name}'{extra}; known: {', '.join(architectures())}")
-    return _ARCHITECTURES[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
-
-
-@register_architecture("mlp")
-def _mlp(*, num_classes: int, input_shape: tuple[int, int, int], hidden: tuple[int, ...] = (256, 128)) -> nn.Module:
-    """The demo's old model (784-256-128-10 on Fashion-MNIST)."""
-    dims = [int(torch.tensor(input_shape).prod()), *hidden]
-    layers: list[nn.Module] = [nn.Flatten()]
-    for a, b in itertools.pairwise(dims):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(dims[-1], num_classes))
-    return nn.Sequential(*layers)
-
-
-@register_architecture("small_cnn")
-def _small_cnn(
-    *, num_classes: int, input_shape: tuple[int, int, int], channels: tuple[int, int] = (16, 32), hidden: int = 100
-) -> nn.Module:
-    """The demo's new model: two 3x3 conv blocks (16, 32 channels) and a small head (~163k parameters)."""
-    c, h, w = input_shape
-    c1, c2 = channels
-    feat = c2 * (h // 4) * (w // 4)
-    return nn.Sequential(
-        nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
-    )  # fmt: skip
-
-
-@register_architecture("tiny_convnet")
-def _tiny_convnet(
-    *, num_classes: int, input_shape: tuple[int, int, int], channels: tuple[int, int] = (8, 16), stem_stride: int = 4
-) -> nn.Module:
-    """A few thousand parameters for any image size (global average pooling): ImageNet-shaped (3x224x224) tests
-    and benchmarks of the data path, where a model that costs little leaves the reading and decoding visible."""
-    c1, c2 = channels
-    return nn.Sequential(
-        nn.Conv2d(input_shape[0], c1, stem_stride, stride=stem_stride), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, num_classes),
-    )  # fmt: skip
-
-
-class _ResidualBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the input (a 1x1 conv-BN projection when the shape changes), then ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-        )  # fmt: skip
-        self.skip = (
-            nn.Identity()
-            if stride == 1 and c_in == c_out
-            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.skip(x))
-
-
-@register_architecture("tiny_resnet")
-def _tiny_resnet(
-    *, num_classes: int, input_shape: tuple[int, int, int], channels: tuple[int, int] = (8, 16)
-) -> nn.Module:
-    """A small ResNet with BatchNorm (stem, two residual blocks, global average pooling), as the paper's
-    RobustBench models are built: what tests of BatchNorm under several training workers need."""
-    c1, c2 = channels
-    return nn.Sequential(
-        nn.Conv2d(input_shape[0], c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-        _ResidualBlock(c1, c1, 1), _ResidualBlock(c1, c2, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, num_classes),
-    )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fingerprints and loaded models.
 
 
 def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
@@ -418,92 +308,3 @@ def robustbench_checkpoint_path(name: str, *, model_dir: Path, dataset: str, thr
     del rb
     return path
 
-
-# ----------------------------------------------------------------------------------------------------
-# Models by reference: what evaluation workers receive instead of weights.
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model named by its source and the fingerprint its weights must have; small and picklable.
-
-    Evaluation actors load each model themselves from ``config`` (a checkpoint path, a RobustBench name and
-    model_dir, or a builtin architecture and seed: valid on every node when paths are on shared storage), so the
-    driver never ships weights to every actor. The fingerprint the driver computed keys the stored results,
-    so a worker that loads anything else (a checkpoint replaced during the run, another copy of the file on
-    its node) refuses instead of filing rows under the wrong key. A model that exists only in memory (the
-    Python API's :func:`from_module`) has no ``config``: its module rides along in ``module`` on the driver and
-    the Ray layer sends it once through the object store.
-    """
-
-    name: str
-    fingerprint: str
-    num_classes: int
-    source: dict[str, Any] = field(default_factory=dict)  # what manifests record (LoadedModel.source)
-    config: dict[str, Any] | None = None  # ModelConfig as JSON; None: in memory only
-    input_shape: tuple[int, int, int] | None = None  # what load_model fills in for builtins and plain checkpoints
-    data_name: str | None = None  # picks a RobustBench dataset when the config names none
-    module: nn.Module | None = field(default=None, repr=False, compare=False)  # in-memory models only
-
-    @property
-    def in_memory(self) -> bool:
-        """Whether the weights exist nowhere but in the driver's process."""
-        return self.config is None
-
-    def describe(self) -> dict[str, Any]:
-        """What a manifest records about the model (the same as ``LoadedModel.describe``)."""
-        return {"name": self.name, "fingerprint": self.fingerprint, "num_classes": self.num_classes, **self.source}
-
-    def without_module(self) -> ModelRef:
-        """The reference without weights: what travels to workers."""
-        return replace(self, module=None)
-
-    def where(self) -> str:
-        """The source in words, for error messages."""
-        if self.config is None:
-            return "the driver's memory"
-        c = self.config
-        if c["source"] == "checkpoint":
-            return f"checkpoint {c['path']}"
-        if c["source"] == "robustbench":
-            return f"RobustBench '{c['name']}' in {c['model_dir']}"
-        return f"builtin '{c['name']}' (seed {c['seed']})"
-
-
-def model_reference(
-    model: LoadedModel,
-    cfg: ModelConfig | None = None,
-    *,
-    input_shape: tuple[int, int, int] | None = None,
-    data_name: str | None = None,
-) -> ModelRef:
-    """The reference of a model loaded from ``cfg`` (reloadable anywhere), or of an in-memory one (``cfg`` None:
-    the reference keeps the module, to be sent once through the object store)."""
-    if cfg is None:
-        return ModelRef(model.name, model.fingerprint, model.num_classes, dict(model.source), module=model.module)
-    return ModelRef(
-        model.name, model.fingerprint, model.num_classes, dict(model.source), config=cfg.model_dump(mode="json"),
-        input_shape=tuple(int(s) for s in input_shape) if input_shape is not None else None, data_name=data_name,
-    )  # fmt: skip
-
-
-def load_reference(ref: ModelRef) -> LoadedModel:
-    """Load a referenced model (from its source, or its attached module) and check it has the planned weights."""
-    if ref.config is None:
-        if ref.module is None:
-            raise ModelError(f"model '{ref.name}' exists only in the driver's memory and its weights were not sent")
-        module = ref.module.to("cpu").eval()
-        fingerprint = fingerprint_module(module)
-    else:
-        cfg = ModelConfig.model_validate(ref.config)
-        loaded = load_model(cfg, num_classes=ref.num_classes, input_shape=ref.input_shape or (1, 1, 1),
-                            data_name=ref.data_name)  # fmt: skip
-        module, fingerprint = loaded.module, loaded.fingerprint
-    if fingerprint != ref.fingerprint:
-        raise ModelFingerprintError(
-            f"model '{ref.name}' loaded from {ref.where()} has weights with fingerprint {fingerprint}, but the run "
-            f"was planned with {ref.fingerprint}: the source changed during the run (or this node sees another "
-            "copy of it); nothing was stored for it. Make the source the same on every node and run again."
-        )
-    return LoadedModel(name=ref.name, module=module, fingerprint=fingerprint, num_classes=ref.num_classes,
-                       source=dict(ref.source))  # fmt: skip
