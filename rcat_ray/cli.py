@@ -27,6 +27,7 @@ from rcat_ray.errors import ConfigError
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.runtime.ray_env import prepare_local_ray_env
 from rcat_ray.sweep.config import SweepConfig
 
 __all__ = ["build_parser", "main", "parse_model_spec", "run"]
@@ -246,15 +247,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _prepare_local_ray_env(address: str | None) -> None:
-    """Local Ray binds to loopback on these machines only when told before ``import ray`` (RAY_NOTES §0)."""
-    if not address and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # Ray Train's teardown after each fit takes 5 s at the default health-check interval, 1-2 s at this
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
 def _say(args: argparse.Namespace, text: str) -> None:
     """Human-readable output: stdout, or stderr when stdout carries the JSON result."""
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
@@ -284,7 +276,7 @@ def _raise_if_incomplete(outcomes: list) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _parse(args, EvaluateConfig)
-    _prepare_local_ray_env(cfg.compute.address)
+    prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.evaluate.run import run_evaluate
 
     outcomes, _ = run_evaluate(cfg)
@@ -298,7 +290,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     cfg = _parse(args, CompareConfig)
-    _prepare_local_ray_env(cfg.compute.address)
+    prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.core.flips import format_summary
     from rcat_ray.evaluate.run import run_compare
 
@@ -437,7 +429,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if any(k.startswith("data.") and getattr(args, k) is not None for k in args._flags):
         raw["data"].setdefault("split", "train")  # data named by flags: the training split unless told
     cfg = _parse(args, FinetuneConfig, raw)
-    _prepare_local_ray_env(cfg.address)
+    prepare_local_ray_env(cfg.address)
     from rcat_ray.finetune.run import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg)  # models, data, shapes, weights, output path: before Ray starts
@@ -459,7 +451,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     cfg = _parse(args, TableConfig)
-    _prepare_local_ray_env(cfg.compute.address)
+    prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.evaluate.paper_table import to_markdown, to_records
     from rcat_ray.evaluate.run import run_table
 
@@ -475,7 +467,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("rcat-ray sweep needs --config SWEEP.yaml (its 'base' fine-tune and the space)")
     cfg = _parse(args, SweepConfig)
-    _prepare_local_ray_env(cfg.address)
+    prepare_local_ray_env(cfg.address)
     from rcat_ray.finetune.run import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg.base)  # before Ray starts
@@ -512,7 +504,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
     try:
         cfg = _parse(args, NightlyConfig)
-        _prepare_local_ray_env(cfg.compute.address)
+        prepare_local_ray_env(cfg.compute.address)
         outcome = run_nightly(cfg)
     except InputError as err:
         print(f"rcat-ray nightly: could not run: {err}", file=sys.stderr)
@@ -558,7 +550,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.print_config:  # the demo's defaults live in DemoConfig alone; this is their YAML form
         sys.stdout.write(to_yaml(cfg))
         return 0
-    _prepare_local_ray_env(cfg.compute.address)
+    prepare_local_ray_env(cfg.compute.address)
     if not args.log_file:  # the demo always keeps its log beside its results
         _add_log_file(str(Path(cfg.out) / "demo.log"))
     run_demo(cfg)
@@ -610,17 +602,14 @@ _INTERRUPT_NOTES = {
 def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     """One line saying what was kept, Ray shut down, and the exit status a shell expects (130 / 143)."""
     from rcat_ray.runtime.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
+    from rcat_ray.runtime.ray_env import shutdown_ray_if_started
 
     if isinstance(err, EvaluationInterrupted) and args.command != "sweep":
         note = str(err)
     else:
         note = _INTERRUPT_NOTES.get(args.command, "finished chunks are stored; run the same command again to continue")
     print(f"interrupted: {note}", file=sys.stderr)
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    shutdown_ray_if_started()
     return exit_status(interrupt_signal_name(err))
 
 
