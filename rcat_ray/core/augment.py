@@ -1,26 +1,11 @@
 """Standard training augmentation, computed on the CPU, reproducible and independent of the worker count.
 
-Two recipes, chosen by image size as the usual training recipes do:
-
-* images up to :data:`SMALL_IMAGE_MAX` px (digits, Fashion-MNIST, CIFAR): a random crop of the image padded
-  with :data:`CROP_PADDING` zero pixels on every side (torchvision's ``RandomCrop(size, padding=4)``), then a
-  horizontal flip with probability 1/2;
-* larger ones (ImageNet): a random resized crop (area fraction in :data:`RRC_SCALE`, aspect ratio in
-  :data:`RRC_RATIO`, resized back to the input size with antialiased bilinear interpolation; torchvision's
-  ``RandomResizedCrop`` algorithm, including its fallback to a centre crop), then the flip.
-
-Why the random parameters belong to the *global* batch: fine-tuning splits each global batch over the
-workers (:class:`rcat_ray.core.finetune_epoch.GlobalBatchSampler`) and must train the same model on 1 and N workers.
-So the crop boxes and flips of a global batch are drawn for all of its rows at once from a generator seeded
-with (seed, epoch, batch index), and a worker applies the rows of its own share: the augmented global batch
-is then the same whatever the number of workers, and a run resumed at an epoch boundary draws the same
-augmentations as one that never stopped.
-
-Why on the CPU: the batch is augmented where it was decoded, before it is moved to the device, so the
-result does not depend on the device (CUDA's interpolation may differ in the last bit) and the work overlaps
-the device's step when batches are prefetched.
-
-Pure torch: no torchvision, no Ray.
+Images up to :data:`SMALL_IMAGE_MAX` px get a random crop of the image padded by :data:`CROP_PADDING` then a
+horizontal flip (torchvision's ``RandomCrop(size, padding=4)``); larger ones (ImageNet) a random resized crop
+(torchvision's ``RandomResizedCrop`` algorithm) then the flip. The random parameters are drawn for the whole
+*global* batch from (seed, epoch, batch index) and each worker applies its rows' share, so training is the
+same on 1 and N workers and after a resume. On the CPU, where the batch was decoded, so the result does not
+depend on the device. Pure torch: no torchvision, no Ray.
 """
 
 from __future__ import annotations

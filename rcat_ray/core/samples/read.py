@@ -49,7 +49,7 @@ class _Group:
     @property
     def nbytes(self) -> int:
         """The stored pixel bytes: what a read cache counts (``iter_batches``' ``cache_bytes``, and the window
-        size of ``rcat_ray.core.finetune_epoch.batches.shuffle_window``); ids and labels, 16 bytes a row, are left out."""
+        size of ``rcat_ray.core.finetune_epoch.shuffle_window``); ids and labels, 16 bytes a row, are left out."""
         return self.flat.nbytes
 
 
@@ -251,7 +251,7 @@ class SampleSet:
         is known up front, a group is dropped right after the last batch that needs it, and when a batch needs
         room, the least recently used groups it does not need go first, before anything is read. A set that
         fits (Fashion-MNIST: 47 MB) is therefore read once per pass; a sequential pass, or an order shuffled
-        within windows of row groups smaller than the cache (``rcat_ray.core.finetune_epoch.batches.ShuffleWindow``), reads
+        within windows of row groups smaller than the cache (``rcat_ray.core.finetune_epoch.ShuffleWindow``), reads
         every group once whatever the set's size. A fully random order over a set far larger than the cache
         reads about one group per row. Only a single batch whose groups exceed the cache makes it overflow.
         ``batch_sizes`` (summing to the number of positions) gives each batch its own size instead, in one pass
