@@ -215,9 +215,9 @@ def main() -> None:
 
     from rcat_ray.evaluate.paper_table import to_markdown, to_records
     from rcat_ray.evaluate.run import run_table
-    from rcat_ray.finetune.ray_train import check_finetune_inputs, run_finetune
+    from rcat_ray.finetune.run import check_finetune_inputs, run_finetune
     from rcat_ray.runtime.cluster import ensure_ray
-    from rcat_ray.sweep.ray_tune import finish_sweep, sweep_trials
+    from rcat_ray.sweep.run import finish_sweep, sweep_trials
 
     torch.set_num_threads(2)
     s = settings(args)

@@ -26,7 +26,7 @@ from rcat_ray.config import parse_config
 from rcat_ray.demo import train_or_load
 from rcat_ray.finetune.pretrain import TrainRecipe
 from rcat_ray.sweep.config import SweepConfig
-from rcat_ray.sweep.ray_tune import run_sweep
+from rcat_ray.sweep.run import run_sweep
 
 OUT = Path(__file__).parent / "out"
 

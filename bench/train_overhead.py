@@ -35,7 +35,7 @@ from rcat_ray.core.data import load_split
 from rcat_ray.core.finetune_epoch import batch_loss, finetune_epoch, frozen_copy, make_optimizer
 from rcat_ray.core.models import build_architecture, save_checkpoint
 from rcat_ray.finetune.config import FinetuneConfig
-from rcat_ray.finetune.ray_train import run_finetune
+from rcat_ray.finetune.run import run_finetune
 
 
 def step_ratio(split, batch: int, steps: int) -> tuple[float, float, float]:

@@ -137,7 +137,7 @@ def test_empty_selection_states_the_split_size(no_compute, capsys):
 
 def test_a_sweep_whose_trials_all_failed_says_why_in_one_message():
     from rcat_ray.errors import SweepFailedError
-    from rcat_ray.sweep.ray_tune import _raise_if_all_failed
+    from rcat_ray.sweep.trials import raise_if_all_failed as _raise_if_all_failed
 
     trials = pd.DataFrame({
         "trial_id": ["a_00000", "a_00001"], "val_s_nfr": [None, None],

@@ -12,12 +12,14 @@ import rcat_ray.config as config_mod
 import rcat_ray.evaluate.config
 import rcat_ray.finetune.config
 import rcat_ray.finetune.ray_train as train_mod
+import rcat_ray.finetune.run as run_mod
 import rcat_ray.nightly.config
 import rcat_ray.sweep.config
 from rcat_ray.cli import main
 from rcat_ray.config import ModelConfig, parse_config
 from rcat_ray.core.models import build_architecture, load_model, save_checkpoint
 from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.runtime import hooks
 
 
 @pytest.fixture
@@ -71,7 +73,7 @@ def _check_outcome(outcome, cfg, parents, epochs):
 def test_local_mode_every_method(tmp_path, parents, kind):
     loss = {"kind": kind, "alpha": 0.5 if kind == "rcat" else 1.0, "beta": 0.4 if kind == "rcat" else 2.0}
     cfg = _cfg(tmp_path, parents, loss=loss, epochs=1)
-    outcome = train_mod.run_finetune(cfg)
+    outcome = run_mod.run_finetune(cfg)
     _check_outcome(outcome, cfg, parents, 1)
 
 
@@ -79,7 +81,7 @@ def test_local_mode_every_method(tmp_path, parents, kind):
 @pytest.mark.ray
 def test_two_ddp_workers_report_every_epoch(ray_session, tmp_path, parents):
     cfg = _cfg(tmp_path, parents, num_workers=2)
-    outcome = train_mod.run_finetune(cfg)
+    outcome = run_mod.run_finetune(cfg)
     _check_outcome(outcome, cfg, parents, 2)
 
 
@@ -91,7 +93,7 @@ def test_workers_rebuild_the_config_with_the_same_identity(tmp_path, parents):
     from rcat_ray.finetune.identity import finetune_identity
 
     cfg = _cfg(tmp_path, parents)
-    inputs = train_mod.check_finetune_inputs(cfg).inputs
+    inputs = run_mod.check_finetune_inputs(cfg).inputs
     again = parse_config(FinetuneConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))
     assert finetune_identity(again, inputs) == finetune_identity(cfg, inputs)
     modules = (
@@ -107,11 +109,12 @@ def test_workers_rebuild_the_config_with_the_same_identity(tmp_path, parents):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_worker_fault_resumes_from_last_checkpoint(ray_session, tmp_path, parents):
-    cfg = _cfg(tmp_path, parents, num_workers=2, epochs=3, fail_once_at_epoch=1, max_failures=1)
-    outcome = train_mod.run_finetune(cfg)
-    run_name = train_mod.check_finetune_inputs(cfg).identity(cfg).run_name(cfg)
-    marker = tmp_path / "ray_results" / run_name / ".fault-injected"
+def test_worker_fault_resumes_from_last_checkpoint(ray_session, tmp_path, parents, monkeypatch):
+    monkeypatch.setenv(hooks.FAIL_ONCE_AT_EPOCH_ENV, "1")  # forwarded to the workers by the driver
+    cfg = _cfg(tmp_path, parents, num_workers=2, epochs=3, max_failures=1)
+    outcome = run_mod.run_finetune(cfg)
+    run_name = run_mod.check_finetune_inputs(cfg).identity(cfg).run_name(cfg)
+    marker = tmp_path / "ray_results" / run_name / hooks.FAULT_MARKER
     assert marker.read_text().startswith("rank 1 epoch 1")  # the fault really happened, on rank 1
     _check_outcome(outcome, cfg, parents, 3)
     # the restarted group resumed at epoch 1 from the epoch-0 checkpoint, not from scratch
@@ -130,10 +133,10 @@ def test_one_and_two_workers_train_the_same_model(ray_session, tmp_path, parents
     as 1 worker, so a mean-decomposable loss (PCAT) ends at the same weights up to float rounding. 1097
     digits at batch 64 leave a last global batch of 9, split 5 + 4: the share weighting is exercised too."""
     loss = {"kind": "pcat", "alpha": 1.0, "beta": 2.0}
-    one = train_mod.run_finetune(
+    one = run_mod.run_finetune(
         _cfg(tmp_path / "one", parents, loss=loss, num_workers=0, name="one-worker", validation={"samples": 50})
     )
-    two = train_mod.run_finetune(
+    two = run_mod.run_finetune(
         _cfg(tmp_path / "two", parents, loss=loss, num_workers=2, name="two-workers", validation={"samples": 50})
     )
     w1, w2, start = _weights(one.checkpoint), _weights(two.checkpoint), _weights(parents["new"])
@@ -178,7 +181,7 @@ def test_cached_masks_from_a_stored_table(tmp_path, parents):
         cached_old_table=_old_table_on_train(tmp_path, parents),
         loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"},
     )
-    _check_outcome(train_mod.run_finetune(cfg), cfg, parents, 1)
+    _check_outcome(run_mod.run_finetune(cfg), cfg, parents, 1)
 
 
 def test_cached_masks_refuse_a_table_with_unattacked_training_samples(tmp_path, parents, no_training):
@@ -196,9 +199,9 @@ def test_cached_masks_refuse_a_table_with_unattacked_training_samples(tmp_path, 
         loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"},
     )
     with pytest.raises(FinetuneInputError, match=r"897 of the 1097 training samples were never attacked"):
-        train_mod.check_finetune_inputs(cfg)
+        run_mod.check_finetune_inputs(cfg)
     with pytest.raises(FinetuneInputError, match=r"897 of the 1097"):
-        train_mod.run_finetune(cfg)  # the TorchTrainer is never built (no_training)
+        run_mod.run_finetune(cfg)  # the TorchTrainer is never built (no_training)
     # a table that covers the training samples but not all of the file is fine: only training samples count
     head = _cfg(
         tmp_path,
@@ -209,7 +212,7 @@ def test_cached_masks_refuse_a_table_with_unattacked_training_samples(tmp_path, 
         cached_old_table=key,
         loss={"kind": "rcat", "alpha": 0.3, "beta": 0.6, "mask_source": "cached"},
     )
-    train_mod.check_finetune_inputs(head)
+    run_mod.check_finetune_inputs(head)
 
 
 def test_cached_mask_lookup_and_check():

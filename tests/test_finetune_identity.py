@@ -18,11 +18,13 @@ import torch
 import yaml
 
 import rcat_ray.finetune.ray_train as train_mod
+import rcat_ray.finetune.run as run_mod
 from rcat_ray.cli import main
 from rcat_ray.config import ModelConfig, parse_config
 from rcat_ray.core.models import load_model, save_checkpoint
 from rcat_ray.core.samples import samples_in_store
 from rcat_ray.errors import ModelFingerprintError, RunIdentityError
+from rcat_ray.finetune.checkpoints import STATE_FILE, write_final
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.finetune.identity import IdentityInputs, finetune_identity
 
@@ -162,7 +164,7 @@ class _Session:
 
 def test_identity_ignores_placement_and_outputs_and_covers_every_training_setting(tmp_path, digits_checkpoints):
     cfg = _cfg(tmp_path, digits_checkpoints)
-    inputs = train_mod.check_finetune_inputs(cfg).inputs
+    inputs = run_mod.check_finetune_inputs(cfg).inputs
     same = _cfg(tmp_path / "elsewhere", digits_checkpoints, num_workers=2, name="x", threads_per_worker=2,
                 validation={"samples": 20}, max_failures=3)  # fmt: skip
     assert finetune_identity(same, inputs) == finetune_identity(cfg, inputs)
@@ -193,7 +195,7 @@ def test_identity_ignores_placement_and_outputs_and_covers_every_training_settin
 
 def test_a_worker_refuses_parents_other_than_the_drivers(tmp_path, digits_checkpoints):
     cfg = _cfg(tmp_path, digits_checkpoints)
-    parents = train_mod.check_finetune_inputs(cfg)
+    parents = run_mod.check_finetune_inputs(cfg)
     inputs = parents.inputs
     planned = IdentityInputs(**{**inputs.__dict__, "old": {**inputs.old, "fingerprint": "0123456789abcdef"}})
     with pytest.raises(ModelFingerprintError) as err:
@@ -211,18 +213,18 @@ def test_a_snapshot_of_another_identity_is_never_resumed(tmp_path, digits_checkp
     import ray.train
 
     cfg = _cfg(tmp_path, digits_checkpoints)
-    parents = train_mod.check_finetune_inputs(cfg)
+    parents = run_mod.check_finetune_inputs(cfg)
     folder = tmp_path / "snapshot"
     folder.mkdir()
     model = load_model(cfg.new, num_classes=10, input_shape=(1, 8, 8)).module
     state = {"model": model.state_dict(), "optimizer": {}, "epoch": 0, "rng_cpu": torch.get_rng_state(),
              "history": [], "identity": "another"}  # fmt: skip
-    torch.save(state, folder / train_mod.STATE_FILE)
+    torch.save(state, folder / STATE_FILE)
     session = _Session(ray.train.Checkpoint.from_directory(str(folder)))
     with pytest.raises(RunIdentityError, match=r"belongs to fine-tune another, not to this run"):
         train_mod.finetune_loop(cfg, session, parents.samples, parents.inputs)
     with pytest.raises(RunIdentityError, match="the trained state"):
-        train_mod._write_final(cfg, state, [], parents)
+        write_final(cfg, state, [], parents)
 
 
 def test_training_order_does_not_depend_on_how_the_set_was_stored(tmp_path, digits_checkpoints):
@@ -233,7 +235,7 @@ def test_training_order_does_not_depend_on_how_the_set_was_stored(tmp_path, digi
         cfg = _cfg(tmp_path / f"rows-{rows}", digits_checkpoints, read_cache_mib=0.02)
         prepared = samples_in_store(cfg.store, cfg.data, rows_per_group=rows)
         assert prepared.info.rows_per_group == rows and prepared.info.num_rows * prepared.info.row_nbytes > 0.02 * 2**20
-        weights.append(_weights(train_mod.run_finetune(cfg).checkpoint))
+        weights.append(_weights(run_mod.run_finetune(cfg).checkpoint))
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
 
@@ -264,7 +266,7 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
     import sys
     import time
 
-    from rcat_ray.finetune.ray_train import TEST_GATE_ENV
+    from rcat_ray.runtime.hooks import EPOCH_GATE_ENV
     from tests.multinode import ray_env
     from tests.test_progress_interrupt import sigint_delivered
 
@@ -277,7 +279,7 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
             "--old", str(digits_checkpoints["old"]), "--new", str(digits_checkpoints["new"]), "--data", "digits",
             "--train-eps", "0.1", "--epochs", "3", "--batch-size", "64", "--workers", "2",
             "--output", str(output), "--storage", str(tmp_path / "ray_results"), "--store", str(tmp_path / "store")]
-    env = ray_env(**{TEST_GATE_ENV: str(gate)})
+    env = ray_env(**{EPOCH_GATE_ENV: str(gate)})
     log = tmp_path / "first.log"
     with log.open("w") as out:
         with sigint_delivered():
@@ -308,7 +310,7 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
     assert [h["attempt_start_epoch"] for h in manifest["history"]] == [0, 1, 1], "resumed from epoch 1's snapshot"
     reference = _cfg(tmp_path / "reference", digits_checkpoints, loss={"kind": "rcat", "alpha": 0.5, "beta": 0.4},
                      epochs=3, optimizer={"name": "sgd", "lr": 0.001, "momentum": 0.9})  # fmt: skip
-    ref = train_mod.run_finetune(reference)
+    ref = run_mod.run_finetune(reference)
     assert not ref.reused
     assert json.loads(ref.manifest.read_text())["identity"] == manifest["identity"]
     w_ref, w_resumed = _weights(ref.checkpoint), _weights(output)

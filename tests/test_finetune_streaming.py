@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import rcat_ray.finetune.ray_train as train_mod
+import rcat_ray.finetune.run as run_mod
 from rcat_ray.config import DataConfig, ModelConfig, parse_config
 from rcat_ray.core import augment as aug
 from rcat_ray.core.data import load_split
@@ -37,6 +38,7 @@ from rcat_ray.core.finetune_epoch import (
 from rcat_ray.core.models import load_model
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
 from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.runtime import hooks
 
 N_TRAIN = 1097  # digits' train split
 
@@ -234,9 +236,9 @@ def read_spy(monkeypatch):
 def test_a_local_finetune_never_loads_the_training_split(tmp_path, digits_checkpoints, read_spy, request):
     cfg = _cfg(tmp_path, digits_checkpoints, epochs=2)
     request.getfixturevalue("no_load_split")
-    parents = train_mod.check_finetune_inputs(cfg)  # prepares the sets, streaming from the source
-    parents = train_mod.check_finetune_inputs(cfg)  # a second check reuses them
-    outcome = train_mod.run_finetune(cfg, parents)
+    parents = run_mod.check_finetune_inputs(cfg)  # prepares the sets, streaming from the source
+    parents = run_mod.check_finetune_inputs(cfg)  # a second check reuses them
+    outcome = run_mod.run_finetune(cfg, parents)
     assert [h["train_samples"] for h in outcome.history] == [N_TRAIN, N_TRAIN]
     assert [[w["rows_read"] for w in h["workers"]] for h in outcome.history] == [[N_TRAIN], [N_TRAIN]]
     train_reads = [pos for uri, pos in read_spy if uri == parents.samples.train]
@@ -251,7 +253,7 @@ def test_each_rank_reads_only_its_share(tmp_path, digits_checkpoints, read_spy, 
     """Ranks 0 and 1 of 2 ask the set for disjoint halves of every epoch, in their global-batch order; with a read
     cache smaller than the set (70 kB) that order is the windowed shuffle."""
     cfg = _cfg(tmp_path, digits_checkpoints, epochs=2, num_workers=2, read_cache_mib=cache_mib)
-    sets = train_mod.check_finetune_inputs(cfg).samples
+    sets = run_mod.check_finetune_inputs(cfg).samples
     info = open_samples(sets.train).info
     window = shuffle_window(info.num_rows, info.row_nbytes, shuffle_block_rows(info.row_nbytes), int(cache_mib * 2**20))
     assert (window is None) == (cache_mib == 256)
@@ -277,7 +279,7 @@ def test_augmentation_on_trains_another_model_reproducibly(tmp_path, digits_chec
     runs = {}
     for name, augment in (("off", False), ("on", True), ("on-again", True)):
         cfg = _cfg(tmp_path, digits_checkpoints, epochs=1, augment=augment, name=f"aug-{name}")
-        runs[name] = _weights(train_mod.run_finetune(cfg).checkpoint)
+        runs[name] = _weights(run_mod.run_finetune(cfg).checkpoint)
     for key in runs["off"]:
         assert torch.equal(runs["on"][key], runs["on-again"][key]), f"{key}: augmentation is not reproducible"
     assert any(not torch.allclose(runs["on"][k], runs["off"][k], atol=1e-4) for k in runs["off"])
@@ -285,19 +287,22 @@ def test_augmentation_on_trains_another_model_reproducibly(tmp_path, digits_chec
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_run_resumed_after_a_fault_ends_at_the_uninterrupted_weights(ray_session, tmp_path, digits_checkpoints):
+def test_a_run_resumed_after_a_fault_ends_at_the_uninterrupted_weights(
+    ray_session, tmp_path, digits_checkpoints, monkeypatch
+):
     """2 Ray workers, rank 1 fails at the start of epoch 1, the group restarts from the epoch-0 checkpoint; the
     final weights equal a 1-worker run that never stopped (augmentation on: its seeding survives the restart),
     and each rank read only its half of every epoch."""
     common = {"epochs": 3, "augment": True}
-    plain = train_mod.run_finetune(_cfg(tmp_path, digits_checkpoints, name="plain", **common))
+    plain = run_mod.run_finetune(_cfg(tmp_path, digits_checkpoints, name="plain", **common))
     # the same identity as "plain" (neither the worker count nor the fault enters it): its own storage and output,
     # or it would rightly reuse plain's finished run
-    cfg = _cfg(tmp_path, digits_checkpoints, name="faulty", num_workers=2, fail_once_at_epoch=1, max_failures=1,
+    monkeypatch.setenv(hooks.FAIL_ONCE_AT_EPOCH_ENV, "1")  # forwarded to the workers by the driver
+    cfg = _cfg(tmp_path, digits_checkpoints, name="faulty", num_workers=2, max_failures=1,
                storage=str(tmp_path / "faulty_results"), out=str(tmp_path / "faulty_out"), **common)  # fmt: skip
-    resumed = train_mod.run_finetune(cfg)
-    run_name = train_mod.check_finetune_inputs(cfg).identity(cfg).run_name(cfg)
-    assert (tmp_path / "faulty_results" / run_name / ".fault-injected").read_text().startswith("rank 1 epoch 1")
+    resumed = run_mod.run_finetune(cfg)
+    run_name = run_mod.check_finetune_inputs(cfg).identity(cfg).run_name(cfg)
+    assert (tmp_path / "faulty_results" / run_name / hooks.FAULT_MARKER).read_text().startswith("rank 1 epoch 1")
     assert [h["attempt_start_epoch"] for h in resumed.history] == [0, 1, 1]
     w1, w2 = _weights(plain.checkpoint), _weights(resumed.checkpoint)
     for key in w1:
@@ -325,7 +330,7 @@ def test_the_loop_config_carries_the_config_and_two_set_locations_only(tmp_path,
     monkeypatch.setattr(train_mod, "_Trainer", trainer)
     cfg = _cfg(tmp_path, digits_checkpoints, num_workers=2)
     with pytest.raises(CapturedError):
-        train_mod.run_finetune(cfg)
+        run_mod.run_finetune(cfg)
     assert set(seen) == {"finetune", "driver_pid", "samples", "inputs"}
     assert seen["samples"]["train"].startswith(str(tmp_path / "store" / "samples"))
     assert len(repr(seen)) < 8000, "the loop config grew"

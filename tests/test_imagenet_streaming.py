@@ -174,7 +174,7 @@ def test_one_epoch_fine_tune_streams_from_a_prepared_set(imagenet_root, tmp_path
     """The other half of the data plane (rcat_ray.finetune.ray_train): a fine-tune reads its rows from the set."""
     from rcat_ray.config import parse_config
     from rcat_ray.core.models import build_architecture, save_checkpoint
-    from rcat_ray.finetune import ray_train as train
+    from rcat_ray.finetune import run as train
     from rcat_ray.finetune.config import FinetuneConfig
 
     parents = {}

@@ -9,7 +9,7 @@ Scenarios:
 (a) an evaluation spreads its chunks over both worker nodes, and its tables hold the same rows as a one-node run;
 (c) the nightly gate runs on the cluster (both tables, the verdict and the report with its images);
 (b) a worker node is killed while its actor holds a chunk (the actors wait at a gate, a testing aid of
-    ``rcat_ray.evaluate.ray_evaluate``, so "in the middle of a chunk" is a fact, not a race): the run finishes on
+    ``rcat_ray.runtime.hooks``, so "in the middle of a chunk" is a fact, not a race): the run finishes on
     the remaining node, or stops saying to run again and the re-run computes only the missing chunks; the
     tables equal the one-node run's either way. It runs last: it leaves the cluster with one worker node.
 """
@@ -28,11 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from rcat_ray.runtime.hooks import CHUNK_GATE_ENV as GATE_ENV
 from tests.multinode import ClusterProcess, ray_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"  # rcat_ray.evaluate.ray_evaluate.TEST_GATE_ENV
 N_SAMPLES, CHUNK = 400, 50  # 8 chunks per model
 
 

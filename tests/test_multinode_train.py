@@ -10,9 +10,9 @@ rank's node id is in the run's history. Scenarios:
 (a) 2 workers on 2 nodes end at the weights of a one-process run of the same config (global batches: the
     worker count changes nothing), and each rank read about half of every epoch;
 (b) the node of rank 1 is removed while epoch 2 of 3 runs (the workers wait at an epoch gate, a testing aid of
-    train.py, so "while epoch 2 runs" is a fact, not a race), a replacement node is added, and the run resumes
-    from the epoch-1 checkpoint (FailureConfig) on the surviving and the new node, and finishes at the weights
-    of a run that never stopped;
+    rcat_ray.runtime.hooks, so "while epoch 2 runs" is a fact, not a race), a replacement node is added, and the
+    run resumes from the epoch-1 checkpoint (FailureConfig) on the surviving and the new node, and finishes at the
+    weights of a run that never stopped;
 (c) a 2-trial sweep (``rcat-ray sweep``): one trial per worker node (each trial records its node), the finished
     trials judged by an evaluation whose chunks spread over both nodes, a choice and its test.
 """
@@ -32,9 +32,9 @@ import pytest
 import torch
 import yaml
 
+from rcat_ray.runtime.hooks import EPOCH_GATE_ENV as GATE_ENV
 from tests.multinode import ROOT, ClusterProcess, ray_env
 
-GATE_ENV = "RCAT_RAY_TEST_EPOCH_GATE"  # rcat_ray.finetune.ray_train's epoch gate (a testing aid)
 N_TRAIN = 1097  # digits' train split
 
 pytestmark = [pytest.mark.slow]
@@ -100,7 +100,7 @@ def _local_weights(tmp_path: Path, parents: dict[str, Path], **kw) -> dict[str, 
     """The same fine-tune in this process with one worker (Train's local mode): the reference weights."""
     from rcat_ray.config import parse_config
     from rcat_ray.finetune.config import FinetuneConfig
-    from rcat_ray.finetune.ray_train import run_finetune
+    from rcat_ray.finetune.run import run_finetune
 
     # its own Ray Train storage: it has the cluster run's identity (the worker count is not part of it), and in the
     # same storage it would resume that run's finished snapshot instead of training

@@ -29,11 +29,11 @@ import pytest
 
 from rcat_ray.cli import EXIT_INCOMPLETE, EXIT_RUN_FAILED, main
 from rcat_ray.runtime.failures import describe_failure
+from rcat_ray.runtime.hooks import CHUNK_GATE_ENV
 from rcat_ray.runtime.quiet import PlainFormatter, strip_ansi
 
 ESC = "\x1b"
 RCAT_RAY = str(Path(sys.executable).parent / "rcat-ray")
-CHUNK_GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"  # rcat_ray.evaluate.ray_evaluate.TEST_GATE_ENV
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -298,9 +298,9 @@ def _wait(what: str, ready, proc: subprocess.Popen, timeout: float = 400) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["full-disk", "blocked-path"])
 def test_a_chunk_that_cannot_be_written_stops_the_run_in_one_line_with_exit_4(tmp_path, fault):
-    """The worker of chunk 1 waits at the test gate (``RCAT_RAY_TEST_CHUNK_GATE``: it only holds a chunk back,
-    it injects nothing) until chunk 0 is stored; then the store's disk is filled to the last block (a 4 MiB
-    tmpfs), or a folder is put where chunk 1's files go, and the gate opens: the write fails for real."""
+    """The worker of chunk 1 waits at the test gate (``rcat_ray.runtime.hooks.CHUNK_GATE_ENV``: it only holds a
+    chunk back, it injects nothing) until chunk 0 is stored; then the store's disk is filled to the last block (a
+    4 MiB tmpfs), or a folder is put where chunk 1's files go, and the gate opens: the write fails for real."""
     disk = tmp_path / "disk"
     gate = tmp_path / "gate"
     gate.mkdir()

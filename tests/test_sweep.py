@@ -116,7 +116,7 @@ def test_per_kind_choice_applies_the_rule_to_each_kind_and_flags_a_kind_below_th
 
 
 def test_a_selection_asking_for_more_validation_samples_than_the_split_holds_is_refused():
-    from rcat_ray.sweep.ray_tune import check_selection_inputs, selection_settings
+    from rcat_ray.sweep.judge import check_selection_inputs, selection_settings
 
     raw = {"base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
                     "data": {"name": "digits", "split": "train"}, "train_attack": {"eps": 0.1}}}  # fmt: skip
@@ -180,7 +180,7 @@ def sweep_yaml(tmp_path, digits_checkpoints):
 @pytest.mark.slow
 def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, sweep_yaml, tmp_path):
     from rcat_ray.store.result_store import ResultStore
-    from rcat_ray.sweep.ray_tune import run_sweep
+    from rcat_ray.sweep.run import run_sweep
 
     test = {"data": {"name": "digits", "split": "test", "limit": 100}, "attack": {"eps": 0.1, "n_iter": 3},
             "chunk_size": 50, "store": str(tmp_path / "store"),
@@ -249,7 +249,7 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
 @pytest.mark.ray
 @pytest.mark.slow
 def test_selection_switched_off_chooses_on_the_last_per_epoch_validation(ray_session, sweep_yaml, tmp_path):
-    from rcat_ray.sweep.ray_tune import run_sweep
+    from rcat_ray.sweep.run import run_sweep
 
     config = sweep_yaml(space={"losses": ["at", "pcat"]}, selection={"enabled": False}, asha={"enabled": False})
     raw = yaml.safe_load(config.read_text())
@@ -279,8 +279,8 @@ def test_trials_on_two_workers_train_the_one_process_model_and_never_stand_in_fo
     runs them): the AT trial's model equals the same fine-tune in one process. A finished fine-tune of the same
     identity in the same storage (the one-process reference, run first) does not stand in for the trial: it
     trains and reports its epochs."""
-    from rcat_ray.finetune.ray_train import run_finetune
-    from rcat_ray.sweep.ray_tune import run_sweep
+    from rcat_ray.finetune.run import run_finetune
+    from rcat_ray.sweep.run import run_sweep
 
     config = sweep_yaml(space={"losses": ["at"]}, asha={"enabled": False}, selection={"enabled": False})
     raw = yaml.safe_load(config.read_text())
@@ -322,7 +322,7 @@ def _finished_trials(tune_dir: Path, epochs: int) -> dict[Path, tuple[float, int
 @pytest.mark.ray
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session, sweep_yaml, tmp_path):
-    from rcat_ray.sweep.ray_tune import run_sweep
+    from rcat_ray.sweep.run import run_sweep
 
     config = sweep_yaml(asha={"enabled": False}, max_concurrent=1)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
@@ -358,7 +358,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
 def testoptuna_space_stays_on_the_simplex():
     import optuna
 
-    from rcat_ray.sweep.ray_tune import optuna_space, trial_settings
+    from rcat_ray.sweep.trials import optuna_space, trial_settings
 
     cfg = parse_config(SweepConfig, {
         "base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},

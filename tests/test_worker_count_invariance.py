@@ -173,7 +173,7 @@ def resnet_parents(tmp_path, digits_train, digits_checkpoints):
 def _finetune(tmp_path, parents, workers: int, **kw):
     from rcat_ray.config import parse_config
     from rcat_ray.finetune.config import FinetuneConfig
-    from rcat_ray.finetune.ray_train import run_finetune
+    from rcat_ray.finetune.run import run_finetune
 
     raw = {
         "old": {"source": "checkpoint", "path": str(parents["old"])},

@@ -1,44 +1,27 @@
-"""Ray Data evaluation: the missing chunks of each model, attacked by a pool of actors.
+"""Ray Data adapter of the evaluation: the missing chunks of each model, attacked by a pool of actors.
 
-What travels. The dataset handed to Ray Data holds only chunk descriptors (plan index, chunk id, start, stop);
-it is built with ``from_items`` so there is no read task for the actors to starve on a small node (RAY_NOTES
-gotcha 6). Each actor receives the plans as :class:`rcat_ray.evaluate.plan.PlanSpec` (table key, model reference,
-sample-set location, attack: a few hundred bytes each), never images or weights. A model that exists only in
-the driver's memory (the Python API) is the exception: its module is put in the object store once and fetched
-by the actors that attack it.
-
-What an actor reads and holds. It opens each sample set once (cached per location) and reads the rows of the
-chunk it is given, ``read_rows(start, stop)``: storage to worker, checked against the set's row-group hashes.
-It loads each model from its source the first time a chunk of it arrives and keeps the last two in an LRU
-(:class:`rcat_ray.evaluate.plan.ModelCache`), refusing weights whose fingerprint differs from the planned one.
-The descriptors are ordered by plan, so the pool attacks one model's chunks before the next model's and an
-actor loads each model once. With ``compute.chunks_in_flight`` k > 1 an actor has k chunks in flight and runs
-them in k threads: each thread reads its rows first, then takes the actor's attack lock, so the next chunk is
-read (and decoded) while the current one is attacked, and only one attack runs at a time (one batch on the
-GPU, the pinned torch thread count on the CPU). Results do not depend on any of this: a chunk's rows and seed
-are fixed by the plan.
-
-Each finished chunk is written straight into the result store by its actor, with a manifest naming the Ray
-node that computed it; the driver then assembles the table.
+The dataset holds only chunk descriptors (plan, chunk id, start, stop), built with ``from_items`` so no read
+task can starve the actors on a small node; each actor gets the plans (:class:`rcat_ray.evaluate.plan.PlanSpec`:
+a few hundred bytes each), reads its chunk's rows from the sample set, loads each model from its source once
+(an LRU of two), and writes each finished chunk straight into the result store with a manifest naming its Ray
+node; the driver then assembles the tables. Results do not depend on placement or on the chunks in flight: a
+chunk's rows and seed are fixed by the plan. See docs/architecture.md (the data path).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
-import os
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
 from rcat_ray.config import ComputeConfig, EvaluationSettings
+from rcat_ray.core.atomic import final_name
 from rcat_ray.core.models import register_autoattack_alias
 from rcat_ray.core.progress import Progress
 from rcat_ray.core.progress import log as progress_log
@@ -54,7 +37,7 @@ from rcat_ray.evaluate.plan import (
     resolve_device,
     run_chunk,
 )
-from rcat_ray.runtime import cluster
+from rcat_ray.runtime import cluster, hooks
 from rcat_ray.runtime.allocator import retain_freed_heap
 from rcat_ray.runtime.failures import describe_failure
 from rcat_ray.runtime.interrupts import EvaluationInterrupted, interrupt_signal_name
@@ -91,9 +74,6 @@ class EvaluationOutcome:
 
 #: Models an evaluation actor keeps loaded: the one it attacks and the next, while chunks of both are in flight.
 MODELS_PER_ACTOR = 2
-#: Testing aid (multi-node tests): a folder where each actor announces a chunk (``arrived-<plan>-<chunk>``, holding
-#: its node id) and waits before attacking it until ``open-all`` or ``open-<plan>-<chunk>`` exists there.
-TEST_GATE_ENV = "RCAT_RAY_TEST_CHUNK_GATE"
 
 
 class ChunkEvaluator:
@@ -161,7 +141,7 @@ class ChunkEvaluator:
             raise EvaluationRunError(f"chunk descriptor {chunk} does not match plan {plan.key}'s chunking")
         if plan.chunk_done(self.store, chunk):
             return chunk.stop - chunk.start
-        _test_gate(p, chunk, self.node)
+        hooks.chunk_gate(p, chunk.chunk_id, self.node)  # a testing aid: a no-op unless its variable is set
         rows = plan.samples.read_rows(chunk.start, chunk.stop)  # outside the lock: overlaps the running attack
         with self._attack_lock:
             before = self._temporary_files(plan, chunk.chunk_id)
@@ -177,25 +157,13 @@ class ChunkEvaluator:
                 raise
 
     def _temporary_files(self, plan: EvaluationPlan, chunk_id: int) -> set[str]:
-        """The store's temporary files (``.tmp-<uuid>-<final name>``) for this chunk's files."""
-        suffixes = tuple(f"-{name}" for name in chunk_file_names(chunk_id))
+        """The store's temporary files (``.<final name>.tmp-<uuid>``) for this chunk's files."""
+        finals = set(chunk_file_names(chunk_id))
         try:
             names = self.store.list_files(plan.chunks_folder)
         except Exception:  # noqa: BLE001 - housekeeping never fails a chunk
             return set()
-        return {n for n in names if n.startswith(".tmp-") and n.endswith(suffixes)}
-
-
-def _test_gate(plan: int, chunk: Chunk, node: str) -> None:
-    """The testing aid of ``TEST_GATE_ENV`` (a no-op unless the variable is set in the workers' environment)."""
-    folder = os.environ.get(TEST_GATE_ENV)
-    if not folder:
-        return
-    gate = Path(folder)
-    name = f"{plan}-{chunk.chunk_id}"
-    (gate / f"arrived-{name}").write_text(json.dumps({"node_id": node, "pid": os.getpid()}))
-    while not ((gate / "open-all").exists() or (gate / f"open-{name}").exists()):
-        time.sleep(0.05)
+        return {n for n in names if final_name(n) in finals}
 
 
 def _kill_stranded_actors() -> int:

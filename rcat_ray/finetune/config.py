@@ -87,9 +87,6 @@ class FinetuneConfig(StrictConfig):
     threads_per_worker: int | None = Field(None, ge=1)
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint")
     address: str | None = None
-    fail_once_at_epoch: int | None = Field(
-        None, ge=0, description="testing aid: rank 1 (or 0) raises once at the start of this epoch"
-    )
 
     @model_validator(mode="after")
     def _cached_needs_table(self) -> FinetuneConfig:

@@ -26,7 +26,7 @@ IDENTITY_VERSION = 2
 #: counts, global BatchNorm statistics); with ``batchnorm: per-worker`` it enters the identity.
 NOT_IN_IDENTITY = frozenset({
     "old", "new", "data", "cached_old_table", "validation", "out", "name", "output", "storage", "store", "num_workers",
-    "use_gpu", "cpus_per_worker", "threads_per_worker", "max_failures", "address", "fail_once_at_epoch",
+    "use_gpu", "cpus_per_worker", "threads_per_worker", "max_failures", "address",
 })  # fmt: skip
 
 

@@ -20,9 +20,9 @@ from rcat_ray.core.training import adversarial_train
 class TrainRecipe(StrictConfig):
     """How one model is trained (its hash names the demo's cached checkpoint).
 
-    The default is the recipe DESIGN §4 measured: Adam with a one-cycle schedule peaking at ``lr``
-    (2e-3) after a ``warmup`` fraction (15%) of the steps and annealed to about 0, because only a
-    converged model makes fine-tuning comparisons meaningful; ``constant`` keeps a fixed ``lr``.
+    The default: Adam with a one-cycle schedule peaking at ``lr`` (2e-3) after a ``warmup`` fraction (15%) of
+    the steps and annealed to about 0, because only a converged model makes fine-tuning comparisons
+    meaningful; ``constant`` keeps a fixed ``lr``.
     """
 
     arch: str
