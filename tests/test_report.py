@@ -195,3 +195,19 @@ def test_report_module_does_not_import_ray() -> None:
     """The report is part of the Ray-free side: it must be usable where Ray is not installed."""
     code = "import sys, rcat_ray.report.flip_report; sys.exit(1 if 'ray' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_one_number_formatter() -> None:
+    """Every page and table formats a rate the same way; undefined values (None, NaN, pandas' NA) as ``missing``."""
+    import pandas as pd
+
+    from rcat_ray.report.numbers import percent, percent_ci, percent_interval, signed
+
+    assert percent(0.12345) == "12.35" and percent(0.5, 1, unit="%") == "50.0%"
+    assert percent(-0.01, sign=True) == "-1.00" and percent(0.01, sign=True) == "+1.00"
+    assert [percent(v) for v in (None, float("nan"), pd.NA, float("inf"), "x")] == ["-"] * 5
+    assert percent(None, missing="n/a") == "n/a"
+    assert percent_interval(0.1, 0.2) == "[10.00, 20.00]" and percent_interval(0.1, None) == "-"
+    assert percent_ci(0.15, 0.1, 0.2) == "15.00 [10.00, 20.00]" and percent_ci(0.15, None, 0.2) == "15.00"
+    assert percent_ci(None, 0.1, 0.2, missing="") == ""
+    assert signed(1.234) == "+1.23" and signed(None) == "n/a"

@@ -16,7 +16,7 @@ import torch
 from rcat_ray.core.samples import prepare_samples, samples_location
 from rcat_ray.errors import StoreError
 from rcat_ray.evaluate.comparison import Comparison
-from rcat_ray.report import flip_report as report
+from rcat_ray.report.comparison_data import worst_flips
 from rcat_ray.report.flip_report import REPORT_NAME, ROBUST_GRID_PNG, write_report
 from rcat_ray.store.result_store import ResultStore
 
@@ -60,7 +60,7 @@ def _first_adversarial_with_a_shown_sample(root: Path, comparison: Comparison) -
     """The old table's adv-*.npz file that holds the worst robust flip (the report must read it)."""
     import numpy as np
 
-    worst, _ = report._worst(comparison.flips, robust=True, top_k=1)
+    worst, _ = worst_flips(comparison.flips, robust=True, top_k=1)
     assert worst, "the fixture has robust negative flips (test_report guards this)"
     folder = root / "tables" / comparison.manifest["old_table"] / "chunks"
     for npz in sorted(folder.glob("adv-*.npz")):

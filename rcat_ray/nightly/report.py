@@ -1,9 +1,8 @@
-"""The nightly report: tonight's verdict, the trend of every gated metric across nights (with its CI band
-and its gate line), and tonight's flip report (worst flipped samples as images) one click away."""
+"""The nightly page (``templates/nightly.html.j2``): tonight's verdict, the trend of every gated metric across
+nights (with its CI band and its gate line), and tonight's flip report one click away."""
 
 from __future__ import annotations
 
-import html
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +11,12 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.flips import METRIC_LABELS
 from rcat_ray.nightly.config import NightlyConfig
 from rcat_ray.nightly.gates import GATE_METRICS
-from rcat_ray.store.result_store import ResultStore, write_file_atomic
+from rcat_ray.report.render import render_page
+from rcat_ray.store.result_store import ResultStore
 
 TREND_METRICS = ("nfr", "r_nfr", "s_nfr", "acc", "rob_acc")
 
@@ -54,72 +55,47 @@ def trend_plot(history: pd.DataFrame, gates: dict[str, float | None], pair: str,
     return buf.getvalue()
 
 
-def fmt(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
+_STATES = {True: ("pass", "pass"), False: ("FAIL", "fail"), None: ("not judged", "not")}  # result, row class
 
 
-def missing_nights_html(skipped: Sequence[dict[str, str]]) -> str:
-    """The nights left out of the trends because their history file cannot be read, each with its file and
-    error (empty when none): a trend with a silent gap would read as a complete one."""
-    if not skipped:
-        return ""
-    items = "".join(
-        f"<li>{html.escape(s['date'])}: <code>{html.escape(s['path'])}</code>: {html.escape(s['error'])}</li>"
-        for s in skipped
-    )
-    head = f"<b>{len(skipped)} night(s) missing from the trends</b> (their history file cannot be read)"
-    return f"<p class='missing'>{head}:</p><ul class='missing'>{items}</ul>"
-
-
-def write_nightly_report(cfg: NightlyConfig, history: pd.DataFrame, verdict: dict[str, Any], store: ResultStore,
-                         out: Path, skipped: Sequence[dict[str, str]] = ()) -> Path:  # fmt: skip
+def write_nightly_report(
+    cfg: NightlyConfig,
+    history: pd.DataFrame,
+    verdict: dict[str, Any],
+    store: ResultStore,
+    out: Path,
+    skipped: Sequence[dict[str, str]] = (),
+) -> Path:
     """Write ``trends.png``, tonight's flip report (``flips/report.html``) and ``report.html`` into ``out``.
 
-    ``skipped``: history nights that could not be read (:func:`rcat_ray.nightly.history.read_history_checked`), named
-    on the plot and above it.
+    ``skipped``: history nights that could not be read (:func:`rcat_ray.nightly.history.read_history_checked`),
+    named on the plot and above it, each with its file and error: a trend with a silent gap would read as a
+    complete one.
     """
     from rcat_ray.report.flip_report import CLEAN_GRID_PNG, ROBUST_GRID_PNG, write_report
 
     write_report(store, verdict["comparison"], out / "flips")
-    grids = "".join(
-        f'<p>{title}</p><img src="flips/{name}" alt="{title}" style="max-width:100%">'
-        for name, title in ((ROBUST_GRID_PNG, "Worst robustness negative flips"),
-                            (CLEAN_GRID_PNG, "Worst clean negative flips"))
+    grids = [
+        {"src": f"flips/{name}", "title": title}
+        for name, title in (
+            (ROBUST_GRID_PNG, "Worst robustness negative flips"),
+            (CLEAN_GRID_PNG, "Worst clean negative flips"),
+        )
         if (out / "flips" / name).is_file()
-    ) or "<p>No negative flips tonight.</p>"  # fmt: skip
+    ]
     gates = {g: getattr(cfg.gates, g) for g in GATE_METRICS}
     write_file_atomic(out / "trends.png", trend_plot(history, gates, cfg.pair, [s["date"] for s in skipped]))
-    rows = []
-    for g in verdict["gates"]:
-        state = {True: "pass", False: "FAIL", None: "not judged"}[g["passed"]]
-        rows.append(
-            f"<tr class='{state.split()[0].lower()}'><td>{html.escape(g['gate'])}</td>"
-            f"<td>{html.escape(g['scope'])}</td>"
-            f"<td>{fmt(g['threshold'])}</td><td>{fmt(g['value'])} [{fmt(g['ci_low'])}, {fmt(g['ci_high'])}]</td>"
-            f"<td>{fmt(g['evidence'])} ({html.escape(g['judged_on'])})</td><td>{state}</td></tr>"
-        )  # fmt: skip
-    head = "PASS" if verdict["passed"] else "FAIL"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Nightly {html.escape(cfg.pair)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px}} tr.fail{{background:#fde2e2}} .verdict{{font-size:1.4em}}
-.missing{{color:#a00}}</style>
-</head><body>
-<h2>Nightly gate: {html.escape(cfg.pair)}, {html.escape(verdict["date"])}</h2>
-<p class="verdict"><b>{head}</b>{": " + html.escape(", ".join(verdict["failing"])) if verdict["failing"] else ""}</p>
-<p>baseline <code>{html.escape(verdict["baseline"]["name"])}</code> ({verdict["baseline"]["fingerprint"]},
-{verdict["baseline"]["chunks_computed"]} chunks attacked tonight, {verdict["baseline"]["chunks_reused"]} reused);
-candidate <code>{html.escape(verdict["candidate"]["name"])}</code> ({verdict["candidate"]["fingerprint"]},
-{verdict["candidate"]["chunks_computed"]} chunks attacked, {verdict["candidate"]["chunks_reused"]} reused).</p>
-<h3>Gates (values in %; a max gate fails when the CI's lower end is above it, a min gate when the upper end is
-below it)</h3>
-<table><tr><th>gate</th><th>scope</th><th>threshold</th><th>value [95% CI]</th><th>evidence</th><th>result</th></tr>
-{"".join(rows) or "<tr><td colspan=6>no gates configured</td></tr>"}</table>
-<h3>Trends across nights</h3>
-{missing_nights_html(skipped)}
-<img src="trends.png" alt="metric trends" style="max-width:100%">
-<h3>Tonight's flips</h3>
-{grids}
-<p><a href="flips/report.html">Full flip report: summary with CIs, per-class flips</a></p>
-</body></html>"""
-    write_file_atomic(out / "report.html", page.encode())
-    return out / "report.html"
+    rows = [{**g, "state": _STATES[g["passed"]][0], "row_class": _STATES[g["passed"]][1]} for g in verdict["gates"]]
+    page = render_page(
+        "nightly.html.j2",
+        pair=cfg.pair,
+        date=verdict["date"],
+        passed=verdict["passed"],
+        failing=verdict["failing"],
+        baseline=verdict["baseline"],
+        candidate=verdict["candidate"],
+        gates=rows,
+        missing=list(skipped),
+        grids=grids,
+    )
+    return write_file_atomic(out / "report.html", page)

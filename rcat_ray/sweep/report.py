@@ -1,16 +1,14 @@
-"""What a sweep leaves in its output folder: the trial table, the Pareto plots and an HTML section.
+"""What a sweep leaves in its output folder: the trial table, the Pareto plots and its page.
 
-``trials.parquet`` (one row per trial: settings, the selection metrics ``val_*`` with their CIs and N, the
-last per-epoch metrics ``epoch_val_*``, epochs run, checkpoints, Pareto flags, the chosen one),
-``pareto.png`` (validation robust accuracy against R-NFR and against S-NFR with their CIs, the front
-highlighted, the chosen trial marked, the eligibility bar of the selection rule drawn) and ``report.html``,
-which says which validation chose (attack, N) and shows the cheap per-epoch numbers beside the ones the
-rule read, so a reader sees how far they disagree. Every file is written under a temporary name and renamed.
+``trials.parquet`` (one row per trial: settings, selection metrics ``val_*`` with CIs and N, last per-epoch
+metrics ``epoch_val_*``, Pareto flags, the chosen one), ``pareto.png`` (validation robust accuracy against
+R-NFR and S-NFR, the front and the chosen trial marked, the rule's bar drawn) and ``report.html``
+(``templates/sweep.html.j2``): which validation chose, the trials, and the paper-style tables rendered from
+their records. Every file is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
 
-import html
 import io
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,9 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from rcat_ray.config import AttackConfig
-from rcat_ray.store.result_store import write_file_atomic
+from rcat_ray.core.atomic import write_file_atomic
+from rcat_ray.report.numbers import percent, percent_ci
+from rcat_ray.report.render import render_page
 from rcat_ray.sweep.choice import trial_label
 from rcat_ray.sweep.config import SweepConfig
 
@@ -51,19 +51,34 @@ def pareto_plot(trials: Any, new_rob_acc: float, tolerance: float, what: str = "
         x, y = 100 * shown["val_rob_acc"], 100 * shown[metric]
         xerr, yerr = _err(shown, "rob_acc"), _err(shown, metric.removeprefix("val_"))
         if xerr is not None or yerr is not None:
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="#c8ced6", elinewidth=1, zorder=1,
-                        label="95% CI")  # fmt: skip
+            ax.errorbar(
+                x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="#c8ced6", elinewidth=1, zorder=1, label="95% CI"
+            )
         ax.scatter(x, y, s=28, color="#9aa5b1", label="trials", zorder=2)
         front = shown[shown[front_col]].sort_values("val_rob_acc")
-        ax.plot(100 * front["val_rob_acc"], 100 * front[metric], "-o", color="#1f77b4", ms=6, label="Pareto front",
-                zorder=3)  # fmt: skip
+        ax.plot(
+            100 * front["val_rob_acc"], 100 * front[metric], "-o", color="#1f77b4", ms=6, label="Pareto front", zorder=3
+        )
         chosen = shown[shown["chosen"]]
-        ax.scatter(100 * chosen["val_rob_acc"], 100 * chosen[metric], marker="*", s=260, color="#d62728",
-                   edgecolor="black", label="chosen", zorder=4)  # fmt: skip
+        ax.scatter(
+            100 * chosen["val_rob_acc"],
+            100 * chosen[metric],
+            marker="*",
+            s=260,
+            color="#d62728",
+            edgecolor="black",
+            label="chosen",
+            zorder=4,
+        )
         ax.axvline(100 * (new_rob_acc - tolerance), color="#555", ls="--", lw=1, label="new model - tolerance")
         for _, row in shown.iterrows():
-            ax.annotate(trial_label(row), (100 * row["val_rob_acc"], 100 * row[metric]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                trial_label(row),
+                (100 * row["val_rob_acc"], 100 * row[metric]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xlabel("validation robust accuracy (%)")
         ax.set_ylabel(f"validation {label} (%)")
         ax.grid(alpha=0.3)
@@ -76,46 +91,76 @@ def pareto_plot(trials: Any, new_rob_acc: float, tolerance: float, what: str = "
     return buf.getvalue()
 
 
-def _md_table_to_html(md: str) -> str:
-    """The pipe tables of the paper-table Markdown as HTML tables (other lines as paragraphs)."""
-    out, rows = [], []
-
-    def flush() -> None:
-        if rows:
-            head, *body = rows
-            out.append(
-                "<table><tr>"
-                + "".join(f"<th>{c}</th>" for c in head)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
-                + "</table>"
-            )
-            rows.clear()  # fmt: skip
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if not all(set(c) <= {"-"} for c in cells):
-                rows.append([c.replace("**", "") if c.startswith("**") else c for c in cells])
-        else:
-            flush()
-            if line.strip():
-                out.append(f"<p>{html.escape(line.lstrip('# '))}</p>")
-    flush()
-    return "\n".join(out)
-
-
-def _pct(v: Any) -> str:
-    return "" if v is None or pd.isna(v) else f"{100 * float(v):.2f}"
-
-
 def _with_ci(row: Any, metric: str) -> str:
-    """``value [low, high]`` in %, or the bare value where the validation has no CI."""
-    text = _pct(row.get(f"val_{metric}"))
-    lo, hi = row.get(f"val_{metric}_ci_low"), row.get(f"val_{metric}_ci_high")
-    if text and lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi):
-        text += f" [{_pct(lo)}, {_pct(hi)}]"
-    return text
+    """``value [low, high]`` in %, or the bare value where the validation has no CI ("" when undefined)."""
+    return percent_ci(
+        row.get(f"val_{metric}"), row.get(f"val_{metric}_ci_low"), row.get(f"val_{metric}_ci_high"), missing=""
+    )
+
+
+def _text(v: Any) -> str:
+    return "" if v is None or pd.isna(v) else str(v)
+
+
+def _trials_view(trials: pd.DataFrame) -> dict[str, Any]:
+    """The trial table: settings, the selection metrics with CIs, N, the last per-epoch metrics."""
+    names = ("trial_id", "kind", "alpha", "beta", "train_eps", "lr", "epochs", "epochs_run")
+    settings = [c for c in names if c in trials.columns]
+    epoch_cols = [(f"epoch_val_{m}", f"epoch {t}") for m, t in _METRICS if f"epoch_val_{m}" in trials.columns]
+    n_col = "val_s_nfr_n" if "val_s_nfr_n" in trials.columns else None
+    headers = [*settings, *(f"val {t}" for _, t in _METRICS), *(["N"] if n_col else []), *(t for _, t in epoch_cols)]
+    rows, classes = [], []
+    for _, row in trials.iterrows():
+        cells = [_text(row[c]) for c in settings]
+        cells += [_with_ci(row, m) for m, _ in _METRICS]
+        if n_col:
+            cells.append("" if pd.isna(row[n_col]) else str(int(row[n_col])))
+        cells += [percent(row[c], missing="") for c, _ in epoch_cols]
+        rows.append(cells)
+        classes.append("chosen" if row["chosen"] else "")
+    return {"headers": headers, "rows": rows, "row_classes": classes}
+
+
+def _pair_view(pair: Any) -> dict[str, Any]:
+    """One paper-style table from its records: cells as ``value [low, high]``, the best per column marked, and
+    the reference row's paired differences (``*``: the CI excludes 0)."""
+    from rcat_ray.evaluate.paper_table import COLUMNS, to_records
+
+    (record,) = to_records([pair])
+    columns = [title for title, _, _ in COLUMNS]
+    best = {}
+    for c in columns:
+        values = [r["cells"][c]["value"] for r in record["rows"] if c in r["cells"]]
+        values = [v for v in values if v is not None]
+        if values:
+            best[c] = min(values)
+    rows = []
+    for r in record["rows"]:
+        cells = []
+        for c in columns:
+            cell = r["cells"].get(c) or {"value": None}
+            v = cell["value"]
+            text = percent_ci(v, cell.get("ci_low"), cell.get("ci_high"))
+            cells.append({"text": text, "best": v is not None and c in best and abs(v - best[c]) < 1e-12})
+        rows.append({"label": r["label"], "cells": cells})
+    differences = []
+    for other in dict.fromkeys(d["minus"] for d in record["differences"]):
+        by_col = {d["column"]: d for d in record["differences"] if d["minus"] == other}
+        differences.append([other, *(_difference(by_col[c]) if c in by_col else "-" for c in columns)])
+    return {
+        "name": record["name"],
+        "reference": record["reference"],
+        "columns": columns,
+        "rows": rows,
+        "differences": differences,
+    }
+
+
+def _difference(d: dict[str, Any]) -> str:
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    significant = d["value"] is not None and lo is not None and hi is not None and (lo > 0 or hi < 0)
+    text = percent_ci(d["value"], lo, hi, sign=True)
+    return f"{text} *" if significant else text
 
 
 def epoch_validation_text(cfg: SweepConfig) -> str:
@@ -136,72 +181,30 @@ def write_sweep_outputs(cfg: SweepConfig, outcome: Any) -> Path:
     write_file_atomic(out / "trials.parquet", buf.getvalue())
     write_file_atomic(out / "pareto.png", pareto_plot(trials, outcome.new_val_rob_acc, cfg.tolerance, what))
 
-    settings = [c for c in ("trial_id", "kind", "alpha", "beta", "train_eps", "lr", "epochs", "epochs_run")
-                if c in trials.columns]  # fmt: skip
-    epoch_cols = [(f"epoch_val_{m}", f"epoch {t}") for m, t in _METRICS if f"epoch_val_{m}" in trials.columns]
-    n_col = "val_s_nfr_n" if "val_s_nfr_n" in trials.columns else None
-    head = "".join(
-        f"<th>{html.escape(c)}</th>"
-        for c in [*settings, *(f"val {t}" for _, t in _METRICS), *(["N"] if n_col else []), *(t for _, t in epoch_cols)]
-    )
-    body = []
-    for _, row in trials.iterrows():
-        cells = [("" if row[c] is None or pd.isna(row[c]) else str(row[c])) for c in settings]
-        cells += [_with_ci(row, m) for m, _ in _METRICS]
-        if n_col:
-            cells.append("" if pd.isna(row[n_col]) else str(int(row[n_col])))
-        cells += [_pct(row[c]) for c, _ in epoch_cols]
-        cls = ' class="chosen"' if row["chosen"] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(t)}</td>" for t in cells) + "</tr>")
     chosen = outcome.chosen
-    if val is not None and val.source == "selection":
-        which = (
-            f"<p><b>Validation that chose.</b> {html.escape(what)}, through the flip engine (values with 95% "
-            f"bootstrap CIs). The per-epoch validation ({html.escape(epoch_validation_text(cfg))}) only drove "
-            "ASHA and the progress lines; its last-epoch values are the <i>epoch</i> columns. Trials stopped "
-            "early or failed were not judged and cannot be chosen.</p>"
-        )
-    else:
-        which = (
-            f"<p><b>Validation that chose.</b> {html.escape(what or epoch_validation_text(cfg))}: "
-            "<code>selection.enabled</code> is false, so the rule read the cheap per-epoch validation (no CIs).</p>"
-        )
-    new_ci = ""
-    if val is not None and val.new["rob_acc"].get("ci_low") is not None:
-        new_ci = f" [{_pct(val.new['rob_acc']['ci_low'])}, {_pct(val.new['rob_acc']['ci_high'])}]"
-    val_html = ""
-    if getattr(outcome, "validation_table", None) is not None:
-        from rcat_ray.evaluate.paper_table import to_markdown
-
-        val_html = (
-            "<h3>Judged trials on the selection validation (paired differences: the chosen trial minus each)</h3>"
-            + _md_table_to_html(to_markdown([outcome.validation_table]))
-        )
-    test_html = ""
-    if outcome.table is not None:
-        from rcat_ray.evaluate.paper_table import to_markdown
-
-        test_html = f"<h3>Chosen model on the test settings</h3>{_md_table_to_html(to_markdown([outcome.table]))}"
-    chosen_metrics = ", ".join(f"{t} {_with_ci(chosen, m)}%" for m, t in _METRICS if _with_ci(chosen, m))
-    n_text = f" (N = {int(chosen[n_col])})" if n_col and pd.notna(chosen[n_col]) else ""
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Sweep {html.escape(cfg.name)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} tr.chosen{{background:#fde2e2;font-weight:bold}}
-</style></head><body>
-<h2>Sweep {html.escape(cfg.name)} ({html.escape(cfg.mode)}, {len(trials)} trials)</h2>
-{which}
-<p><b>Selection rule.</b> Among the trials whose validation robust accuracy is at least the new model's
-({100 * outcome.new_val_rob_acc:.2f}%{new_ci}) minus the tolerance ({100 * cfg.tolerance:.2f} points), the lowest
-validation S-NFR; ties go to the higher robust accuracy, then to the lower trial id.</p>
-<p><b>Chosen:</b> trial {html.escape(str(chosen["trial_id"]))}, {html.escape(trial_label(chosen))}: validation
-{html.escape(chosen_metrics)}{n_text};
-checkpoint <code>{html.escape(str(outcome.checkpoint))}</code>, config <code>best.yaml</code>.</p>
-<img src="pareto.png" alt="Pareto fronts" style="max-width:100%">
-<h3>Trials (validation metrics in %; <i>val</i>: what the rule read, <i>epoch</i>: last per-epoch validation)</h3>
-<table><tr>{head}</tr>{"".join(body)}</table>
-{val_html}
-{test_html}
-</body></html>"""
-    report = out / "report.html"
-    write_file_atomic(report, page.encode())
-    return report
+    n_col = "val_s_nfr_n" if "val_s_nfr_n" in trials.columns else None
+    new_rob = val.new["rob_acc"] if val is not None else {}
+    validation_table = getattr(outcome, "validation_table", None)
+    page = render_page(
+        "sweep.html.j2",
+        name=cfg.name,
+        mode=cfg.mode,
+        n_trials=len(trials),
+        selection=val is not None and val.source == "selection",
+        what=what,
+        epoch_validation=epoch_validation_text(cfg),
+        new_rob_acc=outcome.new_val_rob_acc,
+        new_ci=new_rob if new_rob.get("ci_low") is not None else None,
+        tolerance=cfg.tolerance,
+        chosen={
+            "trial_id": chosen["trial_id"],
+            "label": trial_label(chosen),
+            "metrics": [f"{t} {_with_ci(chosen, m)}%" for m, t in _METRICS if _with_ci(chosen, m)],
+            "n": int(chosen[n_col]) if n_col and pd.notna(chosen[n_col]) else None,
+        },
+        checkpoint=outcome.checkpoint,
+        trials=_trials_view(trials),
+        validation_table=None if validation_table is None else _pair_view(validation_table),
+        test_table=None if outcome.table is None else _pair_view(outcome.table),
+    )
+    return write_file_atomic(out / "report.html", page)
