@@ -201,7 +201,7 @@ def test_one_number_formatter() -> None:
     """Every page and table formats a rate the same way; undefined values (None, NaN, pandas' NA) as ``missing``."""
     import pandas as pd
 
-    from rcat_ray.report.numbers import percent, percent_ci, percent_interval, signed
+    from rcat_ray.core.numbers import percent, percent_ci, percent_interval, signed
 
     assert percent(0.12345) == "12.35" and percent(0.5, 1, unit="%") == "50.0%"
     assert percent(-0.01, sign=True) == "-1.00" and percent(0.01, sign=True) == "+1.00"

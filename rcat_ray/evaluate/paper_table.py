@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from rcat_ray.core.flips import paired_difference
+from rcat_ray.core.numbers import percent_ci
 
 #: (column title, summary metric, transform): errors are 1 - accuracy.
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
@@ -100,20 +101,12 @@ def _best(pair: PairTable) -> dict[str, float]:
     return best
 
 
-def _fmt(v: float | None, lo: float | None, hi: float | None, ci: bool = True) -> str:
-    if v is None:
-        return "-"
-    text = f"{100 * v:.2f}"
-    if ci and lo is not None and hi is not None:
-        text += f" [{100 * lo:.2f}, {100 * hi:.2f}]"
-    return text
-
-
 def _signed(d: dict[str, Any]) -> str:
-    if d["value"] is None:
-        return "-"
+    """A paired difference with its CI, starred when the CI excludes 0."""
     sig = d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
-    return f"{100 * d['value']:+.2f} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]" + (" *" if sig else "")
+    return percent_ci(d["value"], d["ci_low"], d["ci_high"], sign=True) + (
+        " *" if sig and d["value"] is not None else ""
+    )
 
 
 def _rows_text(pair: PairTable) -> list[list[str]]:
@@ -126,7 +119,7 @@ def _rows_text(pair: PairTable) -> list[list[str]]:
                 cells.append("-")
                 continue
             v, lo, hi = _cell(r.summary, metric, error)
-            text = _fmt(v, lo, hi)
+            text = percent_ci(v, lo, hi)
             if v is not None and best.get(title) is not None and abs(v - best[title]) < 1e-12:
                 text = f"**{text}**"
             cells.append(text)

@@ -12,8 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rcat_ray.core.flips import METRIC_LABELS
+from rcat_ray.core.numbers import finite, signed
 from rcat_ray.report.comparison_data import Context, Flip, adversarial_images, clean_images, point_status
-from rcat_ray.report.numbers import finite, signed
 
 __all__ = ["flip_grid", "metric_label", "per_class_figure"]
 

@@ -19,9 +19,9 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from rcat_ray.core.flips import METRICS
+from rcat_ray.core.numbers import finite, signed
 from rcat_ray.report.comparison_data import Context, load_context, point_status, worst_flips
 from rcat_ray.report.comparison_plots import flip_grid, metric_label, per_class_figure
-from rcat_ray.report.numbers import finite, signed
 from rcat_ray.report.render import render_page
 from rcat_ray.store.result_store import ResultStore, now_iso
 

@@ -1,7 +1,7 @@
 """Pages from the Jinja2 templates in ``templates/`` (autoescaping on: every value is text, never markup).
 
 ``base.html.j2`` holds the one style sheet; each page extends it. Numbers reach the pages through the
-filters of :mod:`rcat_ray.report.numbers`, so every page formats a rate the same way.
+filters of :mod:`rcat_ray.core.numbers`, so every page formats a rate the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import jinja2
 
-from rcat_ray.report.numbers import percent, percent_ci, percent_interval, signed
+from rcat_ray.core.numbers import percent, percent_ci, percent_interval, signed
 
 __all__ = ["render_page"]
 

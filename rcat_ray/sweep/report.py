@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from rcat_ray.config import AttackConfig
 from rcat_ray.core.atomic import write_file_atomic
-from rcat_ray.report.numbers import percent, percent_ci
+from rcat_ray.core.numbers import percent, percent_ci
 from rcat_ray.report.render import render_page
 from rcat_ray.sweep.choice import trial_label
 from rcat_ray.sweep.config import SweepConfig

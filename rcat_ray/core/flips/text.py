@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from rcat_ray.core.flips.metrics import METRIC_LABELS, METRICS
+from rcat_ray.core.numbers import percent
 
 
 def _pct(value: float | None, width: int = 7) -> str:
-    """Format a rate in percent ('-' when undefined), right-aligned so columns line up."""
-    return f"{'-':>{width}}" if value is None else f"{100.0 * value:{width}.2f}"
+    """A rate in percent ('-' when undefined), right-aligned so columns line up."""
+    return percent(value).rjust(width)
 
 
 def format_summary(summary: Mapping[str, Any], *, per_class: bool = True) -> str:
