@@ -80,7 +80,7 @@ def test_manifest_records_what_produced_the_table(ray_session, digits_models, tm
     assert manifest["versions"]["torch"] and manifest["versions"]["pyautoattack"] == "0.2.0"
     meta = pq.read_schema(tmp_path / f"tables/{o.key}/table.parquet").metadata
     assert json.loads(meta[b"rcat_ray"])["key"] == o.key
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     assert not leftovers
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rcat_ray.config import DataConfig, EvaluationSettings, ModelConfig
+from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.data import Split, load_split
 from rcat_ray.core.models import LoadedModel, ModelRef, check_model_source, load_model, model_reference
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store, samples_location
@@ -24,7 +25,7 @@ from rcat_ray.errors import DataError, IncompleteRunError
 from rcat_ray.evaluate.comparison import Comparison, compare_stored
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.evaluate.plan import EvaluationPlan, validate_pair_inputs
-from rcat_ray.store.result_store import ResultStore, write_file_atomic
+from rcat_ray.store.result_store import ResultStore
 
 #: Stored bytes a row group of an evaluation's sample set aims at (at most): a chunk reads whole row groups.
 ROW_GROUP_BYTES = 256 * 2**20

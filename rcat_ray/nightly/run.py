@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from rcat_ray.config import ModelConfig
+from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.errors import NightlyError
 from rcat_ray.nightly.config import NightlyConfig
 from rcat_ray.nightly.gates import GATE_METRICS, judge
 from rcat_ray.nightly.history import append_night, read_history_checked
 from rcat_ray.nightly.notify import deliver, make_notifier
-from rcat_ray.store.result_store import now_iso, write_file_atomic
+from rcat_ray.store.result_store import now_iso
 
 EXIT_PASS, EXIT_GATE_FAILED, EXIT_COULD_NOT_RUN = 0, 1, 2
 
