@@ -2,7 +2,7 @@
 runs it", section 5): does RCAT reduce robustness flips here the way the paper says, with weights chosen as
 the paper chooses them?
 
-1. Old and new: the demo's Fashion-MNIST MLP and CNN (DESIGN §4), reused from the demo's cache
+1. Old and new: the demo's Fashion-MNIST MLP and CNN (docs/contracts.md §1.5), reused from the demo's cache
    (``demo-out/models``) or trained exactly as the demo trains them.
 2. One Ray Tune sweep in grid mode over the paper's grids (RCAT (0.75,0.2) (0.7,0.2) (0.5,0.4) (0.3,0.6);
    PCT and PCAT alpha 1, beta 1, 2, 5, 10; AT), each trial fine-tuned with the demo's settings (2 epochs on

@@ -362,7 +362,7 @@ class LossConfig(StrictConfig):
 
 
 class TrainAttackConfig(StrictConfig):
-    """The attack crafted against the model being trained, inside every step (DESIGN §1.3)."""
+    """The attack crafted against the model being trained, inside every step (docs/contracts.md §1.3)."""
 
     kind: TrainAttackKind = Field("fgsm-rs", description="training attack: fgsm-rs, pgd or paper")
     eps: float = Field(..., gt=0, le=1, description="training attack budget, [0,1] pixel units")

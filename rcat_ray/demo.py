@@ -1,6 +1,6 @@
 """The embedded default (``make demo``): a real model update on Fashion-MNIST, fine-tuned and compared.
 
-Old model: an MLP, new model: a small CNN, both adversarially trained with FGSM-RS (DESIGN §4). The new
+Old model: an MLP, new model: a small CNN, both adversarially trained with FGSM-RS (docs/contracts.md §1.5). The new
 model is then fine-tuned on Ray Train with AT, PCT, PCAT and RCAT; every model is attacked once on Ray
 Data (APGD-CE + APGD-DLR) and compared against the old one: the paper-style table with every paired
 difference, and HTML reports. Trained and fine-tuned models are cached by a hash of their recipe, and
@@ -41,7 +41,7 @@ class DemoConfig(StrictConfig):
         "demo-out", validate_default=True, description="folder for the store, models, tables and report"
     )
     data_root: LocalPath | None = Field(None, description="Fashion-MNIST folder (default: the Debian package's)")
-    # DESIGN §4: FGSM-RS at eps 0.1, Adam, one-cycle to a maximum lr of 2e-3, batch 128 (converged models)
+    # docs/contracts.md §1.5: FGSM-RS at eps 0.1, Adam, one-cycle to a maximum lr of 2e-3, batch 128 (converged models)
     old: TrainRecipe = TrainRecipe(
         arch="mlp", epochs=10, train_samples=25_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=0
     )

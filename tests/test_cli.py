@@ -94,8 +94,8 @@ def test_model_specs():
 
 
 def test_core_and_cli_import_no_ray():
-    """The core is Ray-free (DESIGN §2), and the CLI must not import Ray before it has set the local-Ray
-    environment (loopback binding) that Ray reads at import."""
+    """The core is Ray-free (docs/architecture.md, "The import rule"), and the CLI must not import Ray before it
+    has set the local-Ray environment (loopback binding) that Ray reads at import."""
     import subprocess
     import sys
 

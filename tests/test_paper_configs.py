@@ -1,4 +1,4 @@
-"""The paper's CIFAR-10 job configs name the authors' models and pairs (DESIGN §1.4).
+"""The paper's CIFAR-10 job configs name the authors' models and pairs (docs/contracts.md §1.4).
 
 Each ``jobs/configs/cifar10_paper_*.yaml`` is parsed as its command parses it, every RobustBench model in it is
 checked against robustbench's own model zoo for its dataset and threat model (by the project's check, which
@@ -23,7 +23,7 @@ from rcat_ray.sweep.config import SweepConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
-#: The authors' CIFAR-10 models, numbered 1-7 in this order (DESIGN §1.4).
+#: The authors' CIFAR-10 models, numbered 1-7 in this order (docs/contracts.md §1.4).
 MODELS = (
     "Engstrom2019Robustness",
     "Rice2020Overfitting",

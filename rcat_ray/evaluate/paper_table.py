@@ -1,4 +1,4 @@
-"""The paper-style table (DESIGN §1.4): per old -> new pair, rows old, new and each fine-tuned model;
+"""The paper-style table (docs/contracts.md §1.4): per old -> new pair, rows old, new and each fine-tuned model;
 columns clean error, NFR, robust error, R-NFR, S-NFR with their CIs; the best per column marked; and
 every paired difference of the reference row (RCAT) minus each other row, with its CI.
 

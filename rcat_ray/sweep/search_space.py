@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-#: DESIGN §1.4: RCAT (alpha, beta) pairs, and PCT/PCAT beta values with alpha = 1.
+#: docs/contracts.md §1.4: RCAT (alpha, beta) pairs, and PCT/PCAT beta values with alpha = 1.
 PAPER_RCAT_GRID: tuple[tuple[float, float], ...] = ((0.75, 0.2), (0.7, 0.2), (0.5, 0.4), (0.3, 0.6))
 PAPER_PCT_BETAS: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
 
