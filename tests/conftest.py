@@ -1,6 +1,7 @@
 """Shared fixtures: one real local Ray session for the whole test run, small trained models, data.
 
-The environment variables must be set before ``import ray`` anywhere (RAY_NOTES §4).
+The environment variables must be set before ``import ray`` anywhere (docs/architecture.md, "Ray facts the code
+relies on", 1 and 2).
 """
 
 from __future__ import annotations
@@ -100,11 +101,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_compute(monkeypatch):
     """Any attempt to start Ray or attack a chunk fails the test (bad input must be refused before either)."""
-    from rcat_ray.evaluate import plan as evaluation
+    from rcat_ray.evaluate import worker
     from rcat_ray.runtime import cluster
 
     def boom(*a, **k):
         raise AssertionError("compute started on bad input")
 
     monkeypatch.setattr(cluster, "ensure_ray", boom)
-    monkeypatch.setattr(evaluation, "evaluate_chunk", boom)
+    monkeypatch.setattr(worker, "evaluate_chunk", boom)

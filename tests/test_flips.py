@@ -33,7 +33,7 @@ def model_table(
     clean_correct: Sequence[bool],
     robust: Sequence[bool | None],
 ) -> pa.Table:
-    """Build a per-model table (DESIGN 3) whose predictions and margins agree with the flags."""
+    """Build a per-model table (docs/contracts.md §2.1) whose predictions and margins agree with the flags."""
     labels_np = np.asarray(labels, dtype=np.int32)
     correct = np.asarray(clean_correct, dtype=bool)
     attacked = np.array([r is not None for r in robust], dtype=bool)

@@ -47,11 +47,7 @@ APART: tuple[frozenset[str], ...] = (
 LEVEL_OF = {unit: level for level, units in enumerate(LEVELS) for unit in units}
 
 #: (importing folder, imported module) -> why the arrow against the levels is still there.
-LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("finetune", "rcat_ray.evaluate.plan"): (
-        "validate_pair_inputs (finetune -> evaluate): the pair check belongs below both, in core/"
-    ),
-}
+LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 #: (importing folder, imported adapter) -> why it does not go through the adapter folder's run.py.
 ADAPTER_EXCEPTIONS: dict[tuple[str, str], str] = {

@@ -365,6 +365,7 @@ def test_altered_samples_stop_the_run_naming_the_file(clean, store, digits_model
 def no_compute(monkeypatch):
     """Any attempt to start Ray work or attack a chunk fails the test."""
     from rcat_ray.evaluate import ray_evaluate as distributed_evaluate
+    from rcat_ray.evaluate import worker
     from rcat_ray.runtime import cluster
 
     def boom(*a, **k):
@@ -372,7 +373,7 @@ def no_compute(monkeypatch):
 
     monkeypatch.setattr(cluster, "ensure_ray", boom)
     monkeypatch.setattr(distributed_evaluate, "_run_chunks_on_ray", boom)
-    monkeypatch.setattr(evaluation, "evaluate_chunk", boom)
+    monkeypatch.setattr(worker, "evaluate_chunk", boom)
 
 
 class _Overflow(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Evaluation attacks: a pyautoattack cascade that yields one per-model row per sample (schema: docs/contracts.md).
+"""Evaluation attacks: a pyautoattack cascade that yields one per-model row per sample (docs/contracts.md §2.1).
 
 The cascade follows AutoAttack's rule (each attack only runs on the samples still robust after the
 previous ones) but calls pyautoattack's attack classes directly, with their parameters passed to the
@@ -23,7 +23,7 @@ from torch import nn
 
 from rcat_ray.config import AttackConfig
 
-#: The per-model table (docs/contracts.md). ``robust``/``adv_*`` are null for samples outside ``robust_samples``.
+#: The per-model table (docs/contracts.md §2.1). ``robust``/``adv_*`` are null for samples outside ``robust_samples``.
 PER_MODEL_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.int64(), nullable=False),

@@ -1,4 +1,4 @@
-"""Fine-tuning losses: RCAT, PCT, PCAT and plain adversarial training (AT).
+"""Fine-tuning losses: RCAT, PCT, PCAT and plain adversarial training (AT); definitions in docs/contracts.md §1.2.
 
 Pure functions of logits, labels and masks, so each can be checked by hand on small tensors and reused
 by any training loop. Notation: ``z`` the logits of the model being trained, ``z_new`` those of the

@@ -1,4 +1,4 @@
-"""Training-time attacks, crafted against the model being trained.
+"""Training-time attacks, crafted against the model being trained (docs/contracts.md §1.3).
 
 Kept apart from the evaluation cascade: these are cheap (one or k gradient steps), run inside every
 training step, and must not disturb the caller's RNG or the model's train/eval mode. Random starts

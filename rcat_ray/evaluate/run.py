@@ -19,12 +19,19 @@ from typing import Any
 from rcat_ray.config import DataConfig, EvaluationSettings, ModelConfig
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.data import Split, load_split
-from rcat_ray.core.models import LoadedModel, ModelRef, check_model_source, load_model, model_reference
+from rcat_ray.core.models import (
+    LoadedModel,
+    ModelRef,
+    check_model_source,
+    load_model,
+    model_reference,
+    validate_pair_inputs,
+)
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store, samples_location
 from rcat_ray.errors import DataError, IncompleteRunError
 from rcat_ray.evaluate.comparison import Comparison, compare_stored
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
-from rcat_ray.evaluate.plan import EvaluationPlan, validate_pair_inputs
+from rcat_ray.evaluate.plan import EvaluationPlan
 from rcat_ray.store.result_store import ResultStore
 
 #: Stored bytes a row group of an evaluation's sample set aims at (at most): a chunk reads whole row groups.

@@ -25,7 +25,7 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     the models on two training rows: the training split itself is never loaded here. The output path must be
     free or hold this very fine-tune (same identity).
     """
-    from rcat_ray.evaluate.plan import validate_pair_inputs
+    from rcat_ray.core.models import validate_pair_inputs
 
     train_set = training_samples(cfg)
     old, new = load_parents(cfg, train_set)

@@ -1,7 +1,9 @@
 """Models: built-in architectures (:mod:`.architectures`), loading from checkpoints and RobustBench with
-weight fingerprints (:mod:`.loading`), and references that workers load by themselves (:mod:`.refs`)."""
+weight fingerprints (:mod:`.loading`), references that workers load by themselves (:mod:`.refs`), and the
+check that models fit the data (:mod:`.checks`)."""
 
 from rcat_ray.core.models.architectures import architectures, build_architecture, register_architecture
+from rcat_ray.core.models.checks import validate_pair_inputs
 from rcat_ray.core.models.loading import (
     CHECKPOINT_FORMAT,
     LoadedModel,
@@ -37,4 +39,5 @@ __all__ = [
     "register_autoattack_alias",
     "robustbench_checkpoint_path",
     "save_checkpoint",
+    "validate_pair_inputs",
 ]
