@@ -1,8 +1,8 @@
 """Connecting to Ray: a running cluster when an address is known, else a local instance.
 
-Inside ``ray job submit`` the job must call a bare ``ray.init()`` (RAY_NOTES gotcha 5): the address then
-comes from ``RAY_ADDRESS``. A local instance binds to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
-set by the CLI before Ray is imported).
+Inside ``ray job submit`` the job must call a bare ``ray.init()`` (docs/architecture.md, "Ray facts the code
+relies on", 3): the address then comes from ``RAY_ADDRESS``. A local instance binds to loopback
+(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by the CLI before Ray is imported).
 
 How much of Ray's own output reaches the user follows :func:`rcat_ray.runtime.quiet.configure_quiet` (the CLI's
 ``--verbose``); a library caller that never configured it gets Ray's defaults. Quieting never changes what
@@ -26,7 +26,8 @@ def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
     """Start or join Ray once per process, as the config and the environment say.
 
     ``dashboard``: start the local instance with its dashboard, whose state API Ray Train needs to clean up
-    after a Train run that was stopped from outside (Tune's schedulers; RAY_NOTES gotcha 8).
+    after a Train run that was stopped from outside (Tune's schedulers; docs/architecture.md, "Ray facts the code
+    relies on", 5).
     """
     if ray.is_initialized():
         return
