@@ -30,7 +30,7 @@ from rcat_ray.runtime.interrupts import (
 
 N_CHUNKS = 10  # --limit 200 in chunks of 20: the run is still busy when its first chunk lands
 
-#: What must not reach a user who did not ask for --verbose (where each comes from: rcat_ray/quiet.py).
+#: What must not reach a user who did not ask for --verbose (where each comes from: rcat_ray/runtime/quiet/).
 NOISE = (
     "Token authentication is enabled",  # Ray's auth notice, logged by ray.init
     "Generated new authentication token",
