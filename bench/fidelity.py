@@ -7,9 +7,9 @@ the paper chooses them?
 2. One Ray Tune sweep in grid mode over the paper's grids (RCAT (0.75,0.2) (0.7,0.2) (0.5,0.4) (0.3,0.6);
    PCT and PCAT alpha 1, beta 1, 2, 5, 10; AT), each trial fine-tuned with the demo's settings (2 epochs on
    the train split, SGD lr 1e-3 momentum 0.9, global batch 128, FGSM-RS eps 0.1), no early stopping (the
-   paper trains every grid point fully). Every trial is judged with old and new on the selection validation
+   paper trains every grid point fully). Every trial is judged with old and new on the choice validation
    (APGD-CE + APGD-DLR, 50 iterations, eps 0.1, on the head of the val split: ``--val-samples``), and each
-   method's weights are chosen by the sweep's selection rule applied to that method's trials alone (lowest
+   method's weights are chosen by the sweep's choice rule applied to that method's trials alone (lowest
    validation S-NFR among trials that keep the new model's validation robust accuracy minus the tolerance).
    A method none of whose trials meets that bar gets its lowest-S-NFR trial (the paper's plain rule) and is
    flagged.
@@ -64,11 +64,11 @@ from rcat_ray.config import (
     stable_hash,
 )
 from rcat_ray.demo import DemoConfig, train_or_load
-from rcat_ray.errors import SelectionError
+from rcat_ray.errors import ChoiceError
 from rcat_ray.evaluate.config import TableConfig, TableEntry, TablePair
 from rcat_ray.finetune.config import FinetuneConfig, ValidationConfig
 from rcat_ray.finetune.pretrain import TrainRecipe, train_checkpoint
-from rcat_ray.sweep.choice import select_per_kind, trial_label
+from rcat_ray.sweep.choice import choose_per_kind, trial_label
 from rcat_ray.sweep.config import SweepConfig
 
 HERE = Path(__file__).parent
@@ -140,10 +140,8 @@ def finetune_config(s: dict[str, Any], old: Path, new: Path, out: Path, loss: Lo
         out=str(out / "models"),
         storage=str(out / "ray_results" / "train"),
         store=str(out / "store"),
-        num_workers=workers,
         # a sweep trial with workers holds 0.01 CPU besides them: 2 workers of 0.99 fit 2 CPUs
-        cpus_per_worker=0.99 if workers > 1 else 1.0,
-        threads_per_worker=1,
+        compute={"num_workers": workers, "cpus_per_worker": 0.99 if workers > 1 else 1.0, "threads_per_worker": 1},
     )
 
 
@@ -156,10 +154,8 @@ def sweep_config(s: dict[str, Any], base: FinetuneConfig, out: Path) -> SweepCon
         space={"losses": list(KINDS)},
         asha={"enabled": False},
         cpus_per_trial=1,
-        selection={
-            "samples": s["val_samples"], "attack": s["attack"].model_dump(), "chunk_size": s["chunk_size"],
-            "compute": {"num_workers": 2, "cpus_per_worker": 1, "threads_per_worker": 1},
-        },
+        choice={"samples": s["val_samples"], "attack": s["attack"].model_dump(), "chunk_size": s["chunk_size"]},
+        compute={"num_workers": 2, "cpus_per_worker": 1, "threads_per_worker": 1},
         name=f"fidelity-{stable_hash(base, 10)}",
         storage=str(out / "ray_results" / "tune"),
         out=str(out / "sweep"),
@@ -197,7 +193,7 @@ def _md(head: list[str], rows: list[list[str]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--test-samples", type=int, help="test images attacked per model (default 10000; quick 300)")
-    ap.add_argument("--val-samples", type=int, help="selection validation samples (default 2000; quick 100)")
+    ap.add_argument("--val-samples", type=int, help="choice validation samples (default 2000; quick 100)")
     ap.add_argument("--seeds", type=int, help="fine-tuning seeds per chosen configuration (default 3; quick 2)")
     ap.add_argument("--out", help="output folder (default bench/out/fidelity; quick bench/out/fidelity-quick)")
     ap.add_argument("--quick", action="store_true", help="digits-sized smoke settings (about a minute or two)")
@@ -226,7 +222,7 @@ def main() -> None:
     old_path, new_path = parent_models(s, args, out)
     times["old and new (trained or reused)"] = time.perf_counter() - t0
 
-    # -- 1. the grid sweep, judged on the selection validation, one choice per method -------------------
+    # -- 1. the grid sweep, judged on the choice validation, one choice per method ----------------------
     # the trials train on the workers the final runs use (the same model whatever the worker count is what makes
     # this a formality, but a choice is then made on exactly the kind of run it is applied to)
     base = finetune_config(s, old_path, new_path, out, LossConfig(), seed=0, workers=s["finetune_workers"])
@@ -238,16 +234,16 @@ def main() -> None:
     log_path = out / "sweep.log"
     with log_path.open("a") as log, contextlib.redirect_stdout(log):  # Tune's trial tables go to the log
         st = sweep_trials(cfg, resume=resume, parents=parents)
-    times["sweep (13 trials + selection validation)"] = time.perf_counter() - t
+    times["sweep (13 trials + choice validation)"] = time.perf_counter() - t
     val = st.validation
-    choices = select_per_kind(st.trials, new_rob_acc=val.new_rob_acc, tolerance=cfg.tolerance)
+    choices = choose_per_kind(st.trials, new_rob_acc=val.new_rob_acc, tolerance=cfg.tolerance)
     missing = [k for k in KINDS if k not in choices]
     if missing:
         raise SystemExit(f"no judged trial for {missing}: see {log_path}")
     try:
         overall = finish_sweep(cfg, st)  # the sweep's own outputs (report, Pareto plot, best.yaml)
         overall_text = f"{trial_label(overall.chosen)} (trial {overall.chosen['trial_id']})"
-    except SelectionError as err:
+    except ChoiceError as err:
         overall_text = f"none ({err})"
 
     # -- 2. each chosen configuration fine-tuned with every seed on Ray Train ---------------------------
@@ -339,8 +335,8 @@ def main() -> None:
                      "final_workers": s["finetune_workers"]},
         "grid": {"rcat": [[0.75, 0.2], [0.7, 0.2], [0.5, 0.4], [0.3, 0.6]], "pct/pcat beta (alpha 1)": [1, 2, 5, 10],
                  "at": True},
-        "selection": {**val.to_dict(), "tolerance": cfg.tolerance, "rule": "per method: lowest val S-NFR among its "
-                      "trials with val robust accuracy >= new's - tolerance; none: lowest val S-NFR, flagged"},
+        "choice": {**val.to_dict(), "tolerance": cfg.tolerance, "rule": "per method: lowest val S-NFR among its "
+                   "trials with val robust accuracy >= new's - tolerance; none: lowest val S-NFR, flagged"},
         "test": {"samples": s["test_samples"], "attack": test_attack.model_dump(mode="json")},
         "seeds": s["seeds"],
         "differences": "per seed: paired bootstrap over the test samples (evaluate.paper_table), mean over seeds; "

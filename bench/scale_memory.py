@@ -134,7 +134,7 @@ def finetune_section(args, source: str, where: Path, parents: tuple[Path, Path],
         "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
         "epochs": 1, "batch_size": args.batch_size,
         "validation": {"samples": args.val_samples, "attack": attack},
-        "num_workers": workers, "threads_per_worker": 1, "max_failures": 0,
+        "compute": {"num_workers": workers, "threads_per_worker": 1}, "max_failures": 0,
         "store": str(work / "store"), "storage": str(work / "ray_results"), "out": str(work / "out"),
     }  # fmt: skip
 
@@ -143,12 +143,12 @@ def sweep_config(args, source: str, where: Path, parents: tuple[Path, Path], wor
     base = finetune_section(args, source, where, parents, work, args.sweep_workers)
     base["loss"] = {"kind": "at"}
     if args.sweep_workers > 1:  # a trial's own 0.01 CPU beside its workers must fit the local Ray's CPUs
-        base["cpus_per_worker"] = 0.99
+        base["compute"]["cpus_per_worker"] = 0.99
     return {
         "base": base, "mode": "grid", "space": {"losses": ["at"], "lr": [0.01, 0.001]},
         "asha": {"enabled": False}, "cpus_per_trial": 1,
-        "selection": {"samples": args.val_samples, "attack": base["validation"]["attack"], "chunk_size": 100,
-                      "compute": {"num_workers": 1, "threads_per_worker": 1}},
+        "choice": {"samples": args.val_samples, "attack": base["validation"]["attack"], "chunk_size": 100},
+        "compute": {"num_workers": 1, "threads_per_worker": 1},
         "name": "scale-sweep", "storage": str(work / "ray_results"), "out": str(work / "sweep-out"),
         "bootstrap": {"n_resamples": 200},
     }  # fmt: skip

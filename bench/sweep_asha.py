@@ -1,7 +1,7 @@
 """Early stopping pays: the same sweep with and without ASHA, side by side (issue 4's benchmark).
 
 Prints the wall time of each (target: with / without <= 0.5) and whether both pick the same trial
-configuration under the selection rule. A random search of RCAT weights on the simplex, fine-tuning the
+configuration under the choice rule. A random search of RCAT weights on the simplex, fine-tuning the
 small CNN on a Fashion-MNIST slice; each trial trains in its Tune process (pattern A).
 
     .venv/bin/python bench/sweep_asha.py [--trials 8] [--epochs 6] [--samples 5000]
@@ -53,15 +53,14 @@ def main() -> None:
                 "epochs": args.epochs,
                 "batch_size": 128,
                 "validation": {"samples": 300, "attack": {"eps": 0.1, "attacks": ["apgd-ce"], "n_iter": 5}},
-                "num_workers": 0,
-                "threads_per_worker": 1,
+                "compute": {"num_workers": 0, "threads_per_worker": 1},
                 "storage": str(tmp / "ft"),
                 "store": str(tmp / "store"),
             },
             "mode": "search", "algorithm": "random", "num_samples": args.trials, "seed": 0,
             "space": {"losses": ["rcat"]},
             "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 2},
-            "selection": {"enabled": False},  # times the search itself; strong judging is the same for both
+            "choice": {"enabled": False},  # times the search itself; strong judging is the same for both
             "tolerance": 0.05, "name": f"asha-{asha}", "storage": str(tmp / "tune"), "out": str(tmp / f"out-{asha}"),
         })  # fmt: skip
 

@@ -110,7 +110,7 @@ def main() -> None:
         return parse_config(FinetuneConfig, _ft_raw(
             old=paths["old"], new=paths["new"], data={"name": "fashion_mnist", "split": "train", "limit": args.samples},
             loss={"kind": "rcat", "alpha": 0.5, "beta": 0.4}, epochs=1, batch_size=batch,
-            validation={"samples": 50}, num_workers=workers, threads_per_worker=1,
+            validation={"samples": 50}, compute={"num_workers": workers, "threads_per_worker": 1},
             out=str(tmp / f"out{workers}"), storage=str(tmp / "ray_results"), name=f"bench-{workers}",
         ))  # fmt: skip
 

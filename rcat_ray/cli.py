@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rcat_ray.cli_flags import Alias, Flag, add_config_flags, config_dict, config_flags, parse_model_spec
-from rcat_ray.config import ComputeConfig, DataConfig, parse_config
+from rcat_ray.config import DataConfig, parse_config
 from rcat_ray.errors import ConfigError
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
@@ -35,6 +35,16 @@ __all__ = ["build_parser", "main", "parse_model_spec", "run"]
 EXIT_INCOMPLETE = 3
 #: A run that failed after its inputs were accepted (see :func:`rcat_ray.runtime.failures.is_run_failure`).
 EXIT_RUN_FAILED = 4
+
+#: Short flags of the ``compute`` section, the same keys in every command that has one.
+_COMPUTE_ALIASES = (
+    Alias("--address", "compute.address"),
+    Alias("--workers", "compute.num_workers"),
+    Alias("--cpus-per-worker", "compute.cpus_per_worker"),
+    Alias("--gpus-per-worker", "compute.gpus_per_worker"),
+    Alias("--threads-per-worker", "compute.threads_per_worker"),
+    Alias("--local-cpus", "compute.local_cpus"),
+)
 
 #: Short flags of the evaluation settings (evaluate, compare, table, nightly).
 _SETTING_ALIASES = (
@@ -53,13 +63,8 @@ _SETTING_ALIASES = (
     Alias("--chunk-size", "chunk_size"),
     Alias("--store", "store"),
     Alias("--max-new-chunks", "max_new_chunks"),
-    Alias("--address", "compute.address"),
-    Alias("--workers", "compute.num_workers"),
-    Alias("--cpus-per-worker", "compute.cpus_per_worker"),
-    Alias("--gpus-per-worker", "compute.gpus_per_worker"),
-    Alias("--threads-per-worker", "compute.threads_per_worker"),
+    *_COMPUTE_ALIASES,
     Alias("--device", "compute.device"),
-    Alias("--local-cpus", "compute.local_cpus"),
 )
 
 _FINETUNE_ALIASES = (
@@ -78,16 +83,13 @@ _FINETUNE_ALIASES = (
     Alias("--data-path", "data.path"),
     Alias("--limit", "data.limit"),
     Alias("--seed", "seed"),
-    Alias("--workers", "num_workers"),
-    Alias("--use-gpu", "use_gpu"),
-    Alias("--threads-per-worker", "threads_per_worker"),
     Alias("--name", "name"),
     Alias("--out", "out"),
     Alias("--output", "output"),
     Alias("--storage", "storage"),
     Alias("--store", "store"),
     Alias("--augment", "augment"),
-    Alias("--address", "address"),
+    *_COMPUTE_ALIASES,
 )
 
 _TRAIN_ALIASES = (
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         Alias("--mode", "mode"),
         Alias("--num-samples", "num_samples"),
         Alias("--out", "out"),
-        Alias("--address", "address"),
+        *_COMPUTE_ALIASES,
     )
     _add_config(sw, config_flags(SweepConfig), sweep_aliases, config_help="YAML sweep config (required)")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials kept)")
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_aliases = (
         Alias("--out", "out"),
         Alias("--test-samples", "test_samples"),
-        Alias("--address", "compute.address"),
+        *_COMPUTE_ALIASES,
     )
     _add_config(demo, config_flags(DemoConfig), demo_aliases, config_help="YAML overriding the demo defaults")
     demo.add_argument("--print-config", action="store_true", help="print the demo's full config as YAML and stop")
@@ -429,7 +431,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if any(k.startswith("data.") and getattr(args, k) is not None for k in args._flags):
         raw["data"].setdefault("split", "train")  # data named by flags: the training split unless told
     cfg = _parse(args, FinetuneConfig, raw)
-    prepare_local_ray_env(cfg.address)
+    prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.finetune.run import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg)  # models, data, shapes, weights, output path: before Ray starts
@@ -438,8 +440,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     identity = parents.identity(cfg)
     print(f"fine-tune {identity.run_name(cfg)} (identity {identity.digest})")
-    if cfg.num_workers > 0 and parents.finished is None:  # a fine-tune found at its output path needs no Ray
-        ensure_ray(ComputeConfig(address=cfg.address))
+    if cfg.compute.num_workers > 0 and parents.finished is None:  # one found at its output path needs no Ray
+        ensure_ray(cfg.compute)
     outcome = run_finetune(cfg, parents=parents)
     last = outcome.history[-1] if outcome.history else {}
     shown = {k: round(v, 4) for k, v in last.items() if k.startswith(("val_", "train_loss"))}
@@ -467,7 +469,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("rcat-ray sweep needs --config SWEEP.yaml (its 'base' fine-tune and the space)")
     cfg = _parse(args, SweepConfig)
-    prepare_local_ray_env(cfg.address)
+    prepare_local_ray_env(cfg.compute.address)
     from rcat_ray.finetune.run import check_finetune_inputs
 
     parents = check_finetune_inputs(cfg.base)  # before Ray starts
@@ -476,7 +478,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from rcat_ray.sweep.run import run_sweep
 
     # a TorchTrainer per trial (pattern B) needs the dashboard's state API when ASHA stops a trial
-    ensure_ray(ComputeConfig(address=cfg.address), dashboard=cfg.base.num_workers > 1)
+    ensure_ray(cfg.compute, dashboard=cfg.base.compute.num_workers > 1)
     try:
         outcome = run_sweep(cfg, resume=args.resume, parents=parents)
     except SweepInterruptedError as err:  # Tune handles Ctrl+C itself and returns with trials unfinished

@@ -179,26 +179,33 @@ class AttackConfig(StrictConfig):
         return STANDARD_CASCADE if self.attacks == ("standard",) else tuple(self.attacks)
 
 
-class ComputeConfig(StrictConfig):
-    """How the work is spread over Ray. None of this changes the results (only where they are computed)."""
+class WorkerCompute(StrictConfig):
+    """The shape of every command's ``compute`` section: the Ray to run on and the workers the work is spread
+    over. None of this changes the results (only where they are computed)."""
 
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
     local_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
-    num_workers: int = Field(1, ge=1, description="evaluation actors")
+    num_workers: int = Field(1, ge=1, description="Ray workers")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved per worker (a fraction shares a GPU)")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default cpus")
+
+    @property
+    def threads(self) -> int:
+        """Torch intra-op threads per worker; fixed so results do not depend on the host."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+
+
+class ComputeConfig(WorkerCompute):
+    """How an evaluation is spread over Ray: its actors, their device and how many chunks each holds."""
+
+    num_workers: int = Field(1, ge=1, description="evaluation actors")
     device: Device = Field(
         "auto", description="device of the workers: auto (cuda when the worker has a GPU), cpu or cuda"
     )
     chunks_in_flight: int = Field(
         2, ge=1, description="chunks queued per evaluation actor: with 2, it reads the next chunk while attacking one"
     )
-
-    @property
-    def threads(self) -> int:
-        """Torch intra-op threads per worker; fixed so results do not depend on the host."""
-        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
 class BootstrapConfig(StrictConfig):
@@ -242,6 +249,18 @@ def _format_validation_error(err: ValidationError, cls: type[BaseModel], flags: 
     return f"invalid {cls.__name__}:\n" + "\n".join(lines)
 
 
+#: Keys that moved into a section (a config written for an earlier version is told where they went).
+_MOVED_KEYS = {
+    "num_workers": "compute.num_workers",
+    "use_gpu": "compute.gpus_per_worker",
+    "cpus_per_worker": "compute.cpus_per_worker",
+    "threads_per_worker": "compute.threads_per_worker",
+    "address": "compute.address",
+    "selection": "choice",
+    "finetune_workers": "finetune_compute.num_workers",
+}
+
+
 def _suggest(loc: tuple, cls: type[BaseModel]) -> str:
     """Find the intended key of a misspelt one by walking the config classes along the error path."""
     model: Any = cls
@@ -256,6 +275,9 @@ def _suggest(loc: tuple, cls: type[BaseModel]) -> str:
             model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None:
             return ""
+    moved = _MOVED_KEYS.get(str(loc[-1]))
+    if moved and moved.split(".")[0] in model.model_fields:
+        return f" (now '{'.'.join([*map(str, loc[:-1]), moved])}')"
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

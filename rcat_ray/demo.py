@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rcat_ray.config import (
     AttackConfig,
@@ -29,7 +29,7 @@ from rcat_ray.config import (
     stable_hash,
 )
 from rcat_ray.evaluate.config import TableConfig, TableEntry, TablePair
-from rcat_ray.finetune.config import FinetuneConfig, ValidationConfig
+from rcat_ray.finetune.config import FinetuneConfig, TrainComputeConfig, ValidationConfig
 from rcat_ray.finetune.pretrain import TrainRecipe, train_checkpoint
 from rcat_ray.store.result_store import ResultStore
 
@@ -42,16 +42,26 @@ class DemoConfig(StrictConfig):
     )
     data_root: LocalPath | None = Field(None, description="Fashion-MNIST folder (default: the Debian package's)")
     # docs/contracts.md §1.5: FGSM-RS at eps 0.1, Adam, one-cycle to a maximum lr of 2e-3, batch 128 (converged models)
-    old: TrainRecipe = TrainRecipe(
-        arch="mlp", epochs=10, train_samples=25_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=0
+    old: TrainRecipe = Field(
+        TrainRecipe(
+            arch="mlp", epochs=10, train_samples=25_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=0
+        ),
+        description="how the old model is trained (an MLP)",
     )
-    new: TrainRecipe = TrainRecipe(
-        arch="small_cnn", epochs=8, train_samples=50_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1, seed=1
+    new: TrainRecipe = Field(
+        TrainRecipe(
+            arch="small_cnn", epochs=8, train_samples=50_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1,
+            seed=1,
+        ),
+        description="how the new model is trained (a small CNN)",
     )
     test_samples: int = Field(5000, ge=1, description="test images evaluated")
     attack: AttackConfig = AttackConfig(eps=0.1, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
     chunk_size: int = Field(250, ge=1, description="samples per work unit")
-    compute: ComputeConfig = ComputeConfig(num_workers=2, cpus_per_worker=1.0, threads_per_worker=1)
+    compute: ComputeConfig = Field(
+        ComputeConfig(num_workers=2, cpus_per_worker=1.0, threads_per_worker=1),
+        description="the demo's Ray (address, local_cpus) and the evaluation actors",
+    )
     bootstrap: BootstrapConfig = BootstrapConfig()
     train_threads: int = Field(2, ge=1, description="torch threads for training in the driver")
     # Each method's weights as the paper's protocol chose them for this pair on validation (never on test):
@@ -74,8 +84,21 @@ class DemoConfig(StrictConfig):
         128, ge=1, description="global batch, split over the fine-tuning workers (same steps on any worker count)"
     )
     finetune_optimizer: OptimizerConfig = OptimizerConfig(name="sgd", lr=1e-3, momentum=0.9)
-    finetune_workers: int = Field(2, ge=0, description="Ray Train workers (0 = in the driver)")
+    finetune_compute: TrainComputeConfig = Field(
+        TrainComputeConfig(num_workers=2),
+        description="the fine-tunes' Ray Train workers (0 = in the driver, with train_threads threads); the Ray "
+        "they run on is compute's",
+    )
     validation_samples: int = Field(500, ge=1, description="validation images attacked every fine-tuning epoch")
+
+    @model_validator(mode="after")
+    def _one_ray(self) -> DemoConfig:
+        c = self.finetune_compute
+        if c.address is not None or c.local_cpus is not None:
+            raise ValueError(
+                "the demo runs on one Ray: set compute.address and compute.local_cpus, not finetune_compute's"
+            )
+        return self
 
 
 def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, name: str) -> Path:
@@ -85,6 +108,15 @@ def train_or_load(recipe: TrainRecipe, models_dir: Path, data_root: str | None, 
         print(f"[demo] {name}: reusing {path}")
         return path
     return train_checkpoint(recipe, DataConfig(name="fashion_mnist", root=data_root), path, name)
+
+
+def finetune_compute(cfg: DemoConfig) -> TrainComputeConfig:
+    """The fine-tunes' compute section: ``finetune_compute`` on the demo's Ray; in the driver, ``train_threads``."""
+    c = cfg.finetune_compute
+    threads = c.threads_per_worker or (None if c.num_workers else cfg.train_threads)
+    return c.model_copy(
+        update={"address": cfg.compute.address, "local_cpus": cfg.compute.local_cpus, "threads_per_worker": threads}
+    )
 
 
 def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[str, Path]]:
@@ -106,8 +138,7 @@ def finetune_all(cfg: DemoConfig, old_path: Path, new_path: Path) -> list[tuple[
             out=str(Path(cfg.out) / "models"),
             storage=str(Path(cfg.out) / "ray_results"),
             store=str(Path(cfg.out) / "store"),
-            num_workers=cfg.finetune_workers,
-            threads_per_worker=1 if cfg.finetune_workers else cfg.train_threads,
+            compute=finetune_compute(cfg),
         )
         t0 = time.perf_counter()
         outcome = run_finetune(ft)  # reused only when a checkpoint of this very identity is there

@@ -9,10 +9,10 @@ continues it). Each keeps its built-in base (``ValueError`` or ``RuntimeError``)
 from __future__ import annotations
 
 __all__ = [
-    "ComparisonError", "ConfigError", "DamagedArtifactError", "DamagedSetError", "DataError",
+    "ChoiceError", "ComparisonError", "ConfigError", "DamagedArtifactError", "DamagedSetError", "DataError",
     "EvaluationInputError", "EvaluationRunError", "FinetuneInputError", "FlipInputError", "IncompleteRunError",
     "InputError", "LossConfigError", "ModelError", "ModelFingerprintError", "NightlyError", "NonFiniteOutputError",
-    "NotASetError", "RayStartError", "RcatRayError", "RunError", "RunIdentityError", "SelectionError",
+    "NotASetError", "RayStartError", "RcatRayError", "RunError", "RunIdentityError",
     "StoreError", "SweepFailedError", "SweepInterruptedError", "UncheckedArtifactError",
 ]  # fmt: skip
 
@@ -99,7 +99,7 @@ class RunIdentityError(InputError):
     """A stored fine-tune (checkpoint or snapshot) has another identity than the one asked for."""
 
 
-class SelectionError(InputError):
+class ChoiceError(InputError):
     """No sweep trial satisfies the choice rule."""
 
 

@@ -137,10 +137,13 @@ def _cfg(tmp_path: Path, parents: dict[str, Path], **kw) -> FinetuneConfig:
         "out": str(tmp_path / "out"),
         "storage": str(tmp_path / "ray_results"),
         "store": str(tmp_path / "store"),
-        "num_workers": 0,
-        "threads_per_worker": 1,
-        **kw,
+        "compute": {"num_workers": 0, "threads_per_worker": 1},
     }
+    for key, value in kw.items():
+        if key in ("num_workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "address"):
+            raw["compute"][key] = value
+        else:
+            raw[key] = value
     return parse_config(FinetuneConfig, raw)
 
 
@@ -178,7 +181,7 @@ def test_identity_ignores_placement_and_outputs_and_covers_every_training_settin
     assert finetune_identity(_cfg(tmp_path, digits_checkpoints, mixed_precision=False), inputs) == finetune_identity(
         cfg, inputs
     )
-    gpu = {"use_gpu": True}
+    gpu = {"gpus_per_worker": 1}
     assert finetune_identity(_cfg(tmp_path, digits_checkpoints, mixed_precision=False, **gpu), inputs) != (
         finetune_identity(_cfg(tmp_path, digits_checkpoints, **gpu), inputs)
     )

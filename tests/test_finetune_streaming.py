@@ -57,10 +57,13 @@ def _cfg(tmp_path, parents, **kw) -> FinetuneConfig:
         "out": str(tmp_path / "out"),
         "storage": str(tmp_path / "ray_results"),
         "store": str(tmp_path / "store"),
-        "num_workers": 0,
-        "threads_per_worker": 1,
+        "compute": {"num_workers": 0, "threads_per_worker": 1},
     }
-    raw.update(kw)
+    for key, value in kw.items():
+        if key in ("num_workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker"):
+            raw["compute"][key] = value
+        else:
+            raw[key] = value
     return parse_config(FinetuneConfig, raw)
 
 

@@ -93,12 +93,11 @@ def test_one_finetuning_epoch_on_cuda_with_mixed_precision(tmp_path, digits_chec
             "epochs": 1,
             "batch_size": 64,
             "mixed_precision": True,
-            "use_gpu": True,
             "validation": {"samples": 100},
             "out": str(tmp_path / "out"),
             "storage": str(tmp_path / "ray_results"),
             "store": str(tmp_path / "store"),
-            "num_workers": 0,
+            "compute": {"num_workers": 0, "gpus_per_worker": 1},
         },
     )
     session = _CudaSession()

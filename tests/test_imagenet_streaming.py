@@ -192,7 +192,7 @@ def test_one_epoch_fine_tune_streams_from_a_prepared_set(imagenet_root, tmp_path
         "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
         "epochs": 1, "batch_size": 6, "validation": {"samples": 6},
         "out": str(tmp_path / "out"), "storage": str(tmp_path / "ray_results"), "store": str(tmp_path / "store"),
-        "num_workers": 0, "threads_per_worker": 1,
+        "compute": {"num_workers": 0, "threads_per_worker": 1},
     })  # fmt: skip
     outcome = train.run_finetune(cfg)
     assert Path(outcome.checkpoint).is_file()

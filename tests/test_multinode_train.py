@@ -66,12 +66,14 @@ def _raw(tmp_path: Path, parents: dict[str, Path], name: str, **kw) -> dict:
         "out": str(tmp_path / "out"),
         "storage": str(tmp_path / "ray_results"),
         "store": str(tmp_path / "store"),
-        "num_workers": 2,
-        "cpus_per_worker": 1,
-        "threads_per_worker": 1,
+        "compute": {"num_workers": 2, "cpus_per_worker": 1, "threads_per_worker": 1},
         "max_failures": 1,
     }
-    raw.update(kw)
+    for key, value in kw.items():
+        if key in ("num_workers", "cpus_per_worker", "threads_per_worker"):
+            raw["compute"][key] = value
+        else:
+            raw[key] = value
     return raw
 
 
@@ -212,7 +214,7 @@ def test_a_two_trial_sweep_runs_one_trial_per_node(cluster, tmp_path, digits_che
     assert set(trials["node_id"]) == set(cluster.workers)
     manifests = (tmp_path / "store").glob("tables/*/chunks/chunk-*.json")
     judged_on = {json.loads(p.read_text())["node"] for p in manifests}
-    assert judged_on == set(cluster.workers), "the selection and test evaluations spread over both nodes"
+    assert judged_on == set(cluster.workers), "the choice and test evaluations spread over both nodes"
     best = yaml.safe_load((tmp_path / "sweep-out" / "best.yaml").read_text())
     assert best["trial_id"] in set(trials["trial_id"]) and best["finetune"]["loss"]["kind"] == "rcat"
     assert Path(best["checkpoint"]).is_file() and (tmp_path / "sweep-out" / "report.html").is_file()

@@ -29,7 +29,7 @@ from rcat_ray.nightly.history import append_night, read_history_checked
 from rcat_ray.nightly.report import write_nightly_report
 from rcat_ray.report.flip_report import write_report
 from rcat_ray.store.result_store import ResultStore
-from rcat_ray.sweep.choice import pareto_front, select_trial
+from rcat_ray.sweep.choice import choose_trial, pareto_front
 from rcat_ray.sweep.config import SweepConfig
 from rcat_ray.sweep.report import write_sweep_outputs
 
@@ -146,7 +146,7 @@ def test_nightly_report_in_the_browser(comparisons, browser, tmp_path: Path) -> 
 
 
 def _trial(trial_id: str, alpha: float, beta: float, c: Comparison) -> dict[str, Any]:
-    """A trial row with its selection metrics (val_*) and last per-epoch metrics from a real comparison."""
+    """A trial row with its choice metrics (val_*) and last per-epoch metrics from a real comparison."""
     settings = {"kind": "rcat", "alpha": alpha, "beta": beta, "lr": 0.01, "epochs": 2, "epochs_run": 2}
     row: dict[str, Any] = {"trial_id": trial_id, **settings, "judged": True}
     for m in METRICS:
@@ -163,7 +163,7 @@ def test_sweep_report_in_the_browser(comparisons, browser, tmp_path: Path) -> No
     cfg = parse_config(SweepConfig, {"base": base, "name": "digits", "out": str(tmp_path / "sweep")})
     trials = pd.DataFrame([_trial("t0", 0.5, 0.5, c["update"]), _trial("t1", 1.0, 0.0, c["same"])])
     new = c["update"].summary["metrics"]
-    chosen = select_trial(trials, new_rob_acc=new["rob_acc"]["value"], tolerance=1.0)
+    chosen = choose_trial(trials, new_rob_acc=new["rob_acc"]["value"], tolerance=1.0)
     trials = trials.assign(
         pareto_r_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_r_nfr"),
         pareto_s_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_s_nfr"),
@@ -175,9 +175,9 @@ def test_sweep_report_in_the_browser(comparisons, browser, tmp_path: Path) -> No
         TableRow("RCAT(0.5,0.5) trial t0", c["update"].summary, c["update"].flips),
         TableRow("RCAT(1,0) trial t1", c["same"].summary, c["same"].flips),
     ]
-    table = build_pair_table("digits, selection validation", rows, reference=rows[2].label, n_bootstrap=50)
+    table = build_pair_table("digits, choice validation", rows, reference=rows[2].label, n_bootstrap=50)
     validation = types.SimpleNamespace(
-        source="selection", new=new, describe=lambda: "selection validation: APGD-CE, on N = 40 samples"
+        source="choice", new=new, describe=lambda: "choice validation: APGD-CE, on N = 40 samples"
     )
     outcome = types.SimpleNamespace(
         out=tmp_path / "sweep",

@@ -1,5 +1,5 @@
-"""Sweeps: the search space, the selection rule, and real Ray Tune runs on digits (complete and resumed),
-judged on the selection validation (the test-strength attack through the flip engine) or, switched off,
+"""Sweeps: the search space, the choice rule, and real Ray Tune runs on digits (complete and resumed),
+judged on the choice validation (the test-strength attack through the flip engine) or, switched off,
 on the per-epoch validation."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rcat_ray.config import parse_config
-from rcat_ray.errors import ConfigError, SelectionError
-from rcat_ray.sweep.choice import pareto_front, select_per_kind, select_trial
+from rcat_ray.errors import ChoiceError, ConfigError
+from rcat_ray.sweep.choice import choose_per_kind, choose_trial, pareto_front
 from rcat_ray.sweep.config import SweepConfig
 from rcat_ray.sweep.search_space import (
     PAPER_PCT_BETAS,
@@ -79,16 +79,16 @@ def _table():
     })  # fmt: skip
 
 
-def test_selection_rule_skips_the_trial_that_breaks_the_tolerance():
+def test_choice_rule_skips_the_trial_that_breaks_the_tolerance():
     t = _table()
     # "a" has the lowest S-NFR but gave up robustness: new model 0.68, tolerance 0.05 -> bar 0.63
-    chosen = select_trial(t, new_rob_acc=0.68, tolerance=0.05)
+    chosen = choose_trial(t, new_rob_acc=0.68, tolerance=0.05)
     assert chosen["trial_id"] == "e"
     # bar 0.65: "e" is out; "b" and "c" tie on S-NFR, "c" has the higher robust accuracy
-    assert select_trial(t, new_rob_acc=0.68, tolerance=0.03)["trial_id"] == "c"
-    assert select_trial(t, new_rob_acc=0.50, tolerance=0.0)["trial_id"] == "a"
-    with pytest.raises(SelectionError, match="relax the tolerance"):
-        select_trial(t, new_rob_acc=0.9, tolerance=0.01)
+    assert choose_trial(t, new_rob_acc=0.68, tolerance=0.03)["trial_id"] == "c"
+    assert choose_trial(t, new_rob_acc=0.50, tolerance=0.0)["trial_id"] == "a"
+    with pytest.raises(ChoiceError, match="relax the tolerance"):
+        choose_trial(t, new_rob_acc=0.9, tolerance=0.01)
 
 
 def test_pareto_front():
@@ -105,32 +105,32 @@ def test_pareto_front():
 def test_per_kind_choice_applies_the_rule_to_each_kind_and_flags_a_kind_below_the_bar():
     t = _table().assign(kind=["rcat", "rcat", "pct", "pct", "at"])
     t.loc[len(t)] = {"trial_id": "f", "val_s_nfr": float("nan"), "val_rob_acc": 0.9, "val_r_nfr": 0.0, "kind": "pct"}
-    choices = select_per_kind(t, new_rob_acc=0.68, tolerance=0.05)  # bar 0.63: "a" (0.50) is out
+    choices = choose_per_kind(t, new_rob_acc=0.68, tolerance=0.05)  # bar 0.63: "a" (0.50) is out
     assert {k: (c.row["trial_id"], c.eligible) for k, c in choices.items()} == {
         "rcat": ("b", True), "pct": ("c", True), "at": ("e", True),
     }  # fmt: skip
     # bar 0.69: no RCAT trial keeps robust accuracy; the kind still gets its lowest-S-NFR trial, flagged
-    choices = select_per_kind(t, new_rob_acc=0.74, tolerance=0.05)
+    choices = choose_per_kind(t, new_rob_acc=0.74, tolerance=0.05)
     assert (choices["rcat"].row["trial_id"], choices["rcat"].eligible) == ("a", False)
     assert (choices["pct"].row["trial_id"], choices["pct"].eligible) == ("d", True)  # "f" was never judged
 
 
-def test_a_selection_asking_for_more_validation_samples_than_the_split_holds_is_refused():
-    from rcat_ray.sweep.judge import check_selection_inputs, selection_settings
+def test_a_choice_asking_for_more_validation_samples_than_the_split_holds_is_refused():
+    from rcat_ray.sweep.judge import check_choice_inputs, choice_settings
 
     raw = {"base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
                     "data": {"name": "digits", "split": "train"}, "train_attack": {"eps": 0.1}}}  # fmt: skip
     cfg = parse_config(SweepConfig, raw)
-    settings = selection_settings(cfg)  # the defaults: the test-strength attack at the training eps, 2000 samples
+    settings = choice_settings(cfg)  # the defaults: the test-strength attack at the training eps, 2000 samples
     assert settings.attack.cascade == ("apgd-ce", "apgd-dlr") and settings.attack.n_iter == 50
     assert settings.attack.eps == 0.1 and settings.data.split == "val" and settings.data.limit == 2000
-    with pytest.raises(ConfigError, match=r"selection.samples is 2000 but the val split of digits holds 200"):
-        check_selection_inputs(cfg)  # digits keeps 200 images for validation
-    assert check_selection_inputs(parse_config(SweepConfig, {**raw, "selection": {"samples": 200}})) is not None
-    assert check_selection_inputs(parse_config(SweepConfig, {**raw, "selection": {"enabled": False}})) is None
+    with pytest.raises(ConfigError, match=r"choice.samples is 2000 but the val split of digits holds 200"):
+        check_choice_inputs(cfg)  # digits keeps 200 images for validation
+    assert check_choice_inputs(parse_config(SweepConfig, {**raw, "choice": {"samples": 200}})) is not None
+    assert check_choice_inputs(parse_config(SweepConfig, {**raw, "choice": {"enabled": False}})) is None
     # with test settings, the choice is judged at the eps it is tested at, not the training eps
     tested = parse_config(SweepConfig, {**raw, "test": {"data": {"name": "digits"}, "attack": {"eps": 0.05}}})
-    judged = selection_settings(tested).attack
+    judged = choice_settings(tested).attack
     assert (judged.eps, judged.n_iter, judged.cascade) == (0.05, 50, ("apgd-ce", "apgd-dlr"))
 
 
@@ -153,8 +153,7 @@ def sweep_yaml(tmp_path, digits_checkpoints):
                 "epochs": 2,
                 "batch_size": 64,
                 "validation": {"samples": 100, "attack": {"eps": 0.1, "attacks": ["apgd-ce"], "n_iter": 3}},
-                "num_workers": 0,
-                "threads_per_worker": 1,
+                "compute": {"num_workers": 0, "threads_per_worker": 1},
                 "storage": str(tmp_path / "ft"),
                 "store": str(tmp_path / "store"),
             },
@@ -162,8 +161,8 @@ def sweep_yaml(tmp_path, digits_checkpoints):
             "space": {"losses": ["rcat"]},
             "tolerance": 0.05,
             # the default attack (APGD-CE + APGD-DLR, 50 iterations, training eps) on the head of the val split
-            "selection": {"samples": 100, "chunk_size": 50,
-                          "compute": {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": 1}},
+            "choice": {"samples": 100, "chunk_size": 50},
+            "compute": {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": 1},
             "name": "digits",
             "storage": str(tmp_path / "tune"),
             "out": str(tmp_path / "out"),
@@ -197,7 +196,7 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
     full = trials["epochs_run"] == 2
     assert full.any() and trials["judged"].tolist() == full.tolist()
     assert trials.loc[~full, "val_s_nfr"].isna().all() and trials["epoch_val_s_nfr"].notna().all()
-    # the selection metrics: N = selection.samples, with CIs around them
+    # the choice metrics: N = choice.samples, with CIs around them
     judged = trials[full]
     for m in ("s_nfr", "r_nfr", "nfr", "rob_acc", "acc"):
         assert (judged[f"val_{m}_n"] == 100).all(), m
@@ -214,7 +213,7 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
         robust = store.read_table(f"tables/{row['val_table']}/table.parquet").column("robust").to_pylist()
         assert row["val_rob_acc"] == pytest.approx(sum(robust) / len(robust))
 
-    expected = select_trial(trials, new_rob_acc=outcome.new_val_rob_acc, tolerance=0.05)
+    expected = choose_trial(trials, new_rob_acc=outcome.new_val_rob_acc, tolerance=0.05)
     assert outcome.chosen["trial_id"] == expected["trial_id"] and bool(expected["judged"])
     assert trials.loc[trials["chosen"], "trial_id"].tolist() == [expected["trial_id"]]
     best = yaml.safe_load((out / "best.yaml").read_text())
@@ -223,7 +222,7 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
     assert Path(best["checkpoint"]).is_file() and Path(best["checkpoint"]).parent == out / "trials"
     # best.yaml says which validation chose, and the bar is the new model's robust accuracy on it
     v = best["validation"]
-    assert v["source"] == "selection" and v["samples"] == 100 and v["data"]["split"] == "val"
+    assert v["source"] == "choice" and v["samples"] == 100 and v["data"]["split"] == "val"
     assert v["attack"]["attacks"] == ["apgd-ce", "apgd-dlr"] and v["attack"]["n_iter"] == 50
     assert "APGD-CE + APGD-DLR, 50 iterations" in v["description"]
     assert v["new_model"]["val_rob_acc"]["value"] == pytest.approx(outcome.new_val_rob_acc)
@@ -235,12 +234,12 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
 
     assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
     html = (out / "report.html").read_text()
-    assert "Selection rule" in html and "Chosen model on the test settings" in html
+    assert "Choice rule" in html and "Chosen model on the test settings" in html
     assert "Validation that chose" in html and "APGD-CE + APGD-DLR, 50 iterations" in html and "N = 100" in html
     # the validation table: old, new and every judged trial, the chosen one as the reference row
     assert len(outcome.validation_table.rows) == 2 + int(full.sum())
     assert outcome.validation_table.reference.endswith(str(expected["trial_id"]))
-    assert "Paired differences" in (out / "selection" / "table.md").read_text()
+    assert "Paired differences" in (out / "choice" / "table.md").read_text()
     # the chosen model went through the flip engine on the test split into the paper-style table
     assert [r.label for r in outcome.table.rows][2].startswith("RCAT(")
     assert (out / "table" / "table.md").is_file()
@@ -248,10 +247,10 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_selection_switched_off_chooses_on_the_last_per_epoch_validation(ray_session, sweep_yaml, tmp_path):
+def test_choice_validation_switched_off_chooses_on_the_last_per_epoch_validation(ray_session, sweep_yaml, tmp_path):
     from rcat_ray.sweep.run import run_sweep
 
-    config = sweep_yaml(space={"losses": ["at", "pcat"]}, selection={"enabled": False}, asha={"enabled": False})
+    config = sweep_yaml(space={"losses": ["at", "pcat"]}, choice={"enabled": False}, asha={"enabled": False})
     raw = yaml.safe_load(config.read_text())
     raw["base"]["epochs"] = 1
     cfg = parse_config(SweepConfig, raw)
@@ -261,13 +260,13 @@ def test_selection_switched_off_chooses_on_the_last_per_epoch_validation(ray_ses
     assert len(trials) == 5  # AT, PCAT with beta 1, 2, 5, 10
     assert np.allclose(trials["val_s_nfr"], trials["epoch_val_s_nfr"]) and (trials["val_s_nfr_n"] == 100).all()
     assert "val_s_nfr_ci_low" not in trials  # the cheap validation has no CIs
-    expected = select_trial(trials, new_rob_acc=outcome.new_val_rob_acc, tolerance=0.05)
+    expected = choose_trial(trials, new_rob_acc=outcome.new_val_rob_acc, tolerance=0.05)
     assert outcome.chosen["trial_id"] == expected["trial_id"]
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["validation"]["source"] == "per-epoch" and best["validation"]["attack"]["n_iter"] == 3
     assert Path(best["checkpoint"]).parent == out and not (out / "trials").exists()
     assert not list(tmp_path.glob("store/tables/*"))  # no model went through the flip engine
-    assert "selection.enabled</code> is false" in (out / "report.html").read_text()
+    assert "choice.enabled</code> is false" in (out / "report.html").read_text()
 
 
 @pytest.mark.ray
@@ -282,17 +281,19 @@ def test_trials_on_two_workers_train_the_one_process_model_and_never_stand_in_fo
     from rcat_ray.finetune.run import run_finetune
     from rcat_ray.sweep.run import run_sweep
 
-    config = sweep_yaml(space={"losses": ["at"]}, asha={"enabled": False}, selection={"enabled": False})
+    config = sweep_yaml(space={"losses": ["at"]}, asha={"enabled": False}, choice={"enabled": False})
     raw = yaml.safe_load(config.read_text())
-    raw["base"].update(num_workers=2, epochs=1, batch_size=64, loss={"kind": "at"}, out=str(tmp_path / "finetuned"))
+    raw["base"].update(epochs=1, batch_size=64, loss={"kind": "at"}, out=str(tmp_path / "finetuned"))
+    raw["base"]["compute"]["num_workers"] = 2
     with pytest.raises(ConfigError, match=r"at most 0.99"):  # 2 workers of 1 CPU + the trial's 0.01 on 2 CPUs
         run_sweep(parse_config(SweepConfig, raw))
-    raw["base"]["cpus_per_worker"] = 0.99
+    raw["base"]["compute"]["cpus_per_worker"] = 0.99
     cfg = parse_config(SweepConfig, raw)
     from rcat_ray.sweep.ray_tune import _max_concurrent
 
     assert _max_concurrent(cfg) == 1  # Tune would start every trial at once for their 0.01 CPU each
-    reference = run_finetune(cfg.base.model_copy(update={"num_workers": 0}))
+    in_process = cfg.base.compute.model_copy(update={"num_workers": 0})
+    reference = run_finetune(cfg.base.model_copy(update={"compute": in_process}))
     assert not reference.reused
     run_sweep(cfg)
     trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pandas()

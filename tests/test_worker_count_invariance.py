@@ -170,7 +170,7 @@ def resnet_parents(tmp_path, digits_train, digits_checkpoints):
     return {"old": digits_checkpoints["old"], "new": path}
 
 
-def _finetune(tmp_path, parents, workers: int, **kw):
+def _finetune(tmp_path, parents, workers: int, cpus_per_worker: float = 1.0, **kw):
     from rcat_ray.config import parse_config
     from rcat_ray.finetune.config import FinetuneConfig
     from rcat_ray.finetune.run import run_finetune
@@ -188,8 +188,7 @@ def _finetune(tmp_path, parents, workers: int, **kw):
         "out": str(tmp_path / "out"),
         "storage": str(tmp_path / "ray_results"),
         "store": str(tmp_path / "store"),
-        "num_workers": workers,
-        "threads_per_worker": 1,
+        "compute": {"num_workers": workers, "threads_per_worker": 1, "cpus_per_worker": cpus_per_worker},
         **kw,
     }
     outcome = run_finetune(parse_config(FinetuneConfig, raw))

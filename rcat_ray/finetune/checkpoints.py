@@ -120,7 +120,7 @@ def write_final(
         "config": cfg.model_dump(mode="json"),
         "parents": {"old": old.describe(), "new": new.describe()},
         "batchnorm": {"model_has_batchnorm": has_batchnorm(module), "statistics": cfg.batchnorm,
-                      "workers": max(1, cfg.num_workers)},
+                      "workers": max(1, cfg.compute.num_workers)},
         "epochs_completed": int(state["epoch"]) + 1,
         "history": history,
         "versions": package_versions(),

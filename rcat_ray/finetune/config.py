@@ -18,6 +18,7 @@ from rcat_ray.config import (
     OptimizerConfig,
     StrictConfig,
     TrainAttackConfig,
+    WorkerCompute,
 )
 
 
@@ -25,22 +26,38 @@ class ValidationConfig(StrictConfig):
     """Per-epoch validation flips of the model being trained against the old model (cheap attack)."""
 
     data: DataConfig | None = Field(None, description="default: the val split of the training data")
-    samples: int = Field(1000, ge=1)
+    samples: int = Field(1000, ge=1, description="validation samples attacked every epoch (the val split's head)")
     attack: AttackConfig | None = Field(None, description="default: APGD-CE, 10 iterations at the training eps")
+
+
+class TrainComputeConfig(WorkerCompute):
+    """How a fine-tune is spread over Ray Train: the same shape as every command's ``compute`` section, with 0
+    workers meaning in-process training and GPUs asked for by ``gpus_per_worker`` (no ``use_gpu`` switch, so one
+    key cannot contradict the other). Outside the run's identity: the worker count does not change the model."""
+
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process local mode)")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per Ray Train worker; above 0 the workers train on CUDA (a fraction shares a GPU)"
+    )
+
+    @property
+    def use_gpu(self) -> bool:
+        """Whether the workers train on CUDA (Ray Train's ``use_gpu``): they were given GPUs."""
+        return self.gpus_per_worker > 0
 
 
 class FinetuneConfig(StrictConfig):
     """``rcat-ray finetune``: fine-tune ``new`` towards ``old``-congruence on Ray Train."""
 
-    old: ModelConfig
-    new: ModelConfig
-    data: DataConfig = DataConfig(split="train")
-    loss: LossConfig = LossConfig()
-    train_attack: TrainAttackConfig
-    optimizer: OptimizerConfig = OptimizerConfig()
-    epochs: int = Field(2, ge=1)
+    old: ModelConfig = Field(description="the old model: the one whose correct, robust samples are kept")
+    new: ModelConfig = Field(description="the new model: the starting point of the fine-tune")
+    data: DataConfig = Field(DataConfig(split="train"), description="the training data")
+    loss: LossConfig = Field(LossConfig(), description="the fine-tuning loss and its constraint weights")
+    train_attack: TrainAttackConfig = Field(description="the attack that makes adversarial training inputs")
+    optimizer: OptimizerConfig = Field(OptimizerConfig(), description="the optimizer and its learning rate")
+    epochs: int = Field(2, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, description="global batch, split evenly over the workers")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the shuffling, the attack's random starts and the augmentation")
     mixed_precision: bool = Field(True, description="autocast + grad scaling on GPU (ignored on CPU)")
     augment: bool = Field(
         False,
@@ -59,7 +76,9 @@ class FinetuneConfig(StrictConfig):
         "(SyncBatchNorm on CUDA, an all-reduce on CPU), so any worker count trains the same model; 'per-worker' "
         "keeps each worker's own (faster, but the model then depends on the worker count)",
     )
-    validation: ValidationConfig = ValidationConfig()
+    validation: ValidationConfig = Field(
+        ValidationConfig(), description="the per-epoch validation flips (reported and read by ASHA, never trained on)"
+    )
     cached_old_table: str | None = Field(
         None, description="store key of the old model's table on the training split (mask_source: cached)"
     )
@@ -81,12 +100,10 @@ class FinetuneConfig(StrictConfig):
         "ray_results", validate_default=True, description="Ray Train storage path (shared storage on a cluster)"
     )
     store: LocalPath = Field("results", validate_default=True, description="result store (cached masks, evaluations)")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = in-process local mode)")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    threads_per_worker: int | None = Field(None, ge=1)
+    compute: TrainComputeConfig = Field(
+        TrainComputeConfig(), description="the Ray cluster and the Ray Train workers (never part of the identity)"
+    )
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint")
-    address: str | None = None
 
     @model_validator(mode="after")
     def _cached_needs_table(self) -> FinetuneConfig:
@@ -94,9 +111,10 @@ class FinetuneConfig(StrictConfig):
             raise ValueError(f"output must be a checkpoint path ending in .pt, got {self.output}")
         if self.loss.mask_source == "cached" and not self.cached_old_table:
             raise ValueError("loss.mask_source 'cached' needs cached_old_table (the old model's table key)")
-        if self.num_workers > 1 and self.batch_size % self.num_workers:
+        workers = self.compute.num_workers
+        if workers > 1 and self.batch_size % workers:
             raise ValueError(
                 f"batch_size {self.batch_size} (the global batch) does not split evenly over "
-                f"{self.num_workers} workers; use a multiple of {self.num_workers}"
+                f"{workers} workers; use a multiple of {workers}"
             )
         return self

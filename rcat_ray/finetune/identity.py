@@ -20,13 +20,13 @@ from rcat_ray.finetune.config import FinetuneConfig
 #: Raised whenever the same inputs and settings train other weights than before, so that no earlier fine-tune or
 #: snapshot is reused for them: 2 = the rows of a global batch are taken in storage order (workers read their share).
 IDENTITY_VERSION = 2
-#: FinetuneConfig fields that do not change the trained weights: outputs, labels, placement, fault handling and
-#: the per-epoch validation (reported, never trained on). The parents and the data enter as fingerprints.
-#: The worker count is left out because 1 and N workers train the same model (global batches, global mask
-#: counts, global BatchNorm statistics); with ``batchnorm: per-worker`` it enters the identity.
+#: FinetuneConfig fields that do not change the trained weights: outputs, labels, placement (the ``compute``
+#: section), fault handling and the per-epoch validation (reported, never trained on). The parents and the data
+#: enter as fingerprints. The worker count is left out because 1 and N workers train the same model (global
+#: batches, global mask counts, global BatchNorm statistics); with ``batchnorm: per-worker`` it enters the identity.
 NOT_IN_IDENTITY = frozenset({
-    "old", "new", "data", "cached_old_table", "validation", "out", "name", "output", "storage", "store", "num_workers",
-    "use_gpu", "cpus_per_worker", "threads_per_worker", "max_failures", "address",
+    "old", "new", "data", "cached_old_table", "validation", "out", "name", "output", "storage", "store", "compute",
+    "max_failures",
 })  # fmt: skip
 
 
@@ -76,8 +76,8 @@ class FinetuneIdentity:
 def training_settings(cfg: FinetuneConfig, training_rows: int) -> dict[str, Any]:
     """The config fields that set the weights, as JSON, with the two cases where the worker count does too."""
     settings = cfg.model_dump(mode="json", exclude=set(NOT_IN_IDENTITY))
-    settings["mixed_precision"] = cfg.mixed_precision and cfg.use_gpu  # autocast runs on CUDA only
-    workers = max(1, cfg.num_workers)
+    settings["mixed_precision"] = cfg.mixed_precision and cfg.compute.use_gpu  # autocast runs on CUDA only
+    workers = max(1, cfg.compute.num_workers)
     # a last global batch with fewer rows than workers is dropped (a share is never empty): one step fewer
     if cfg.batchnorm == "per-worker" or 0 < training_rows % cfg.batch_size < workers:
         settings["num_workers"] = workers

@@ -25,16 +25,18 @@ class TrainRecipe(StrictConfig):
     meaningful; ``constant`` keeps a fixed ``lr``.
     """
 
-    arch: str
-    arch_kwargs: dict = Field(default_factory=dict)
-    epochs: int = Field(..., ge=1)
+    arch: str = Field(description="built-in architecture: mlp, small_cnn, ...")
+    arch_kwargs: dict = Field(default_factory=dict, description="keyword arguments of the architecture")
+    epochs: int = Field(..., ge=1, description="training epochs")
     train_samples: int | None = Field(None, ge=1, description="the first N images of the train split (None: all)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="training batch")
     lr: float = Field(2e-3, gt=0, description="Adam's learning rate (the one-cycle maximum)")
-    schedule: Literal["onecycle", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "constant"] = Field(
+        "onecycle", description="learning-rate schedule: onecycle (warm-up, then annealed to about 0) or constant"
+    )
     warmup: float = Field(0.15, gt=0, lt=1, description="one-cycle warm-up fraction of the steps")
-    eps: float = Field(0.1, gt=0, le=1)
-    seed: int = 0
+    eps: float = Field(0.1, gt=0, le=1, description="FGSM-RS training budget, Linf in [0,1] pixel units")
+    seed: int = Field(0, description="seed of the initial weights, the shuffling and the random starts")
 
 
 def train_checkpoint(recipe: TrainRecipe, data: DataConfig, path: Path, name: str = "model") -> Path:

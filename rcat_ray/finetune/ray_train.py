@@ -63,9 +63,9 @@ class TrainSession:
     def __init__(self, cfg: FinetuneConfig):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+        self.device = ray.train.torch.get_device() if cfg.compute.use_gpu else torch.device("cpu")
         # local mode keeps only the checkpoint's path, so its folder must outlive report()
-        self.persistent_checkpoints = cfg.num_workers == 0
+        self.persistent_checkpoints = cfg.compute.num_workers == 0
 
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(module, move_to_device=self.device)
@@ -79,7 +79,7 @@ class TrainSession:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """The per-worker loop that Ray Train runs (also runs in-process with ``num_workers=0``).
+    """The per-worker loop that Ray Train runs (also runs in-process with ``compute.num_workers: 0``).
 
     ``loop_config``: the config (JSON), the driver's pid, ``samples`` (:class:`SampleSets` as JSON): where the
     prepared sets are, and ``inputs`` (:class:`IdentityInputs` as JSON): the fingerprints the driver checked,
@@ -166,7 +166,7 @@ def finetune_loop(
     A checkpoint is resumed only when it records this run's identity.
     """
     rank, world, device = session.rank, session.world, session.device
-    torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(cfg.compute.threads)
     retain_freed_heap()  # the training attack frees and re-allocates the same buffers every step
     torch.manual_seed(cfg.seed + rank)
 
@@ -341,7 +341,8 @@ def train_run(
 
 
 def scaling(cfg: FinetuneConfig) -> ScalingConfig:
-    """The worker group of a fine-tune: ``num_workers`` workers with their CPUs (and a GPU each)."""
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    """The worker group of a fine-tune: ``compute.num_workers`` workers with their CPUs and GPUs."""
+    c = cfg.compute
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
+    return ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources)
 

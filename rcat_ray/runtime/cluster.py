@@ -15,14 +15,14 @@ import os
 
 import ray
 
-from rcat_ray.config import ComputeConfig
+from rcat_ray.config import WorkerCompute
 from rcat_ray.errors import RayStartError
 from rcat_ray.runtime import quiet
 from rcat_ray.runtime.failures import describe_failure
 from rcat_ray.runtime.interrupts import reclaim_sigterm
 
 
-def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
+def ensure_ray(compute: WorkerCompute, *, dashboard: bool = False) -> None:
     """Start or join Ray once per process, as the config and the environment say.
 
     ``dashboard``: start the local instance with its dashboard, whose state API Ray Train needs to clean up
@@ -42,7 +42,7 @@ def ensure_ray(compute: ComputeConfig, *, dashboard: bool = False) -> None:
     reclaim_sigterm()  # ray.init replaced the SIGTERM handler; an interrupted evaluation must still clean up
 
 
-def _init(compute: ComputeConfig, address: str | None, dashboard: bool) -> None:
+def _init(compute: WorkerCompute, address: str | None, dashboard: bool) -> None:
     if address:
         # log_to_driver: on a cluster, workers' progress lines (fine-tuning epochs) reach the user only this way
         ray.init(address=address if compute.address else None, log_to_driver=True, **quiet.ray_init_options())

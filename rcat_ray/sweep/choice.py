@@ -7,8 +7,8 @@ low S-NFR by giving up robustness is therefore never chosen.
 
 The rule is only as good as the validation it reads. By default a sweep feeds it the metrics of the
 test-strength attack on a validation set large enough for confidence intervals (``val_*`` columns; see
-:mod:`rcat_ray.sweep.ray_tune`), not the cheap per-epoch validation that drives ASHA: a weak attack
-rewards models that the test attack then breaks. A trial without selection metrics (stopped early by
+:mod:`rcat_ray.sweep.judge`), not the cheap per-epoch validation that drives ASHA: a weak attack
+rewards models that the test attack then breaks. A trial without choice metrics (stopped early by
 ASHA, or failed) is never eligible.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 
 import pandas as pd
 
-from rcat_ray.errors import SelectionError
+from rcat_ray.errors import ChoiceError
 
 
-def select_trial(
+def choose_trial(
     trials: pd.DataFrame,
     *,
     new_rob_acc: float,
@@ -31,11 +31,11 @@ def select_trial(
     rob_acc: str = "val_rob_acc",
     trial_id: str = "trial_id",
 ) -> pd.Series:
-    """The row of ``trials`` the rule picks; raises SelectionError when no trial is eligible."""
+    """The row of ``trials`` the rule picks; raises ChoiceError when no trial is eligible."""
     ok = trials[(trials[rob_acc] >= new_rob_acc - tolerance) & trials[s_nfr].notna()]
     if ok.empty:
         best = trials[rob_acc].max() if len(trials) else float("nan")
-        raise SelectionError(
+        raise ChoiceError(
             f"no trial keeps validation robust accuracy >= {new_rob_acc:.4f} - {tolerance:.4f} "
             f"(best trial: {best:.4f}); relax the tolerance or widen the search"
         )
@@ -52,7 +52,7 @@ class KindChoice:
     eligible: bool
 
 
-def select_per_kind(
+def choose_per_kind(
     trials: pd.DataFrame,
     *,
     new_rob_acc: float,
@@ -64,7 +64,7 @@ def select_per_kind(
 ) -> dict[str, KindChoice]:
     """One choice per loss kind (the paper tunes each method's weights separately on validation).
 
-    Each kind is judged by :func:`select_trial` on its own trials. A kind none of whose trials keeps the
+    Each kind is judged by :func:`choose_trial` on its own trials. A kind none of whose trials keeps the
     new model's robust accuracy (PCT, which trains on clean inputs, typically) still needs weights to be
     reported at all: it falls back to the paper's plain rule, the lowest validation S-NFR, and is marked
     ``eligible=False`` so a report can say the bar was not met rather than hide it.
@@ -72,10 +72,10 @@ def select_per_kind(
     out: dict[str, KindChoice] = {}
     for name, group in trials[trials[s_nfr].notna()].groupby(kind, sort=False):
         try:
-            row = select_trial(group, new_rob_acc=new_rob_acc, tolerance=tolerance, s_nfr=s_nfr, rob_acc=rob_acc,
+            row = choose_trial(group, new_rob_acc=new_rob_acc, tolerance=tolerance, s_nfr=s_nfr, rob_acc=rob_acc,
                                trial_id=trial_id)  # fmt: skip
             out[str(name)] = KindChoice(str(name), row, True)
-        except SelectionError:
+        except ChoiceError:
             ranked = group.sort_values([s_nfr, rob_acc, trial_id], ascending=[True, False, True], kind="mergesort")
             out[str(name)] = KindChoice(str(name), ranked.iloc[0], False)
     return out

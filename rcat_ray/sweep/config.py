@@ -40,14 +40,12 @@ class AshaConfig(StrictConfig):
     reduction_factor: int = Field(2, ge=2, description="ASHA reduction factor")
 
 
-class SelectionValidationConfig(StrictConfig):
-    """How the finished trials are judged for the selection rule: the test-strength attack on a validation set
+class ChoiceValidationConfig(StrictConfig):
+    """How the finished trials are judged for the choice rule: the test-strength attack on a validation set
     large enough for confidence intervals. The cheap per-epoch validation only drives progress and ASHA: a weak
     attack rewarded a model that the strong test attack then broke."""
 
-    enabled: bool = Field(
-        True, description="choose on a fresh evaluation of each trial's model on the validation selection"
-    )
+    enabled: bool = Field(True, description="choose on a fresh evaluation of each trial's model on the validation set")
     samples: int = Field(2000, ge=1, description="validation samples (the val split's head)")
     attack: AttackConfig | None = Field(
         None,
@@ -55,29 +53,35 @@ class SelectionValidationConfig(StrictConfig):
         "else at the base's training eps",
     )
     chunk_size: int = Field(250, ge=1, description="samples per work unit of that evaluation")
-    compute: ComputeConfig = ComputeConfig()
 
 
 class SweepConfig(StrictConfig):
     """``rcat-ray sweep``: search the constraint weights (and eps, lr, epochs) of fine-tuning with Ray Tune."""
 
-    base: FinetuneConfig
+    base: FinetuneConfig = Field(description="the fine-tune every trial starts from (its compute: each trial's)")
     mode: Literal["grid", "search"] = Field("grid", description="grid (the paper's grids) or search (sampled trials)")
     algorithm: Literal["random", "optuna"] = Field("random", description="search algorithm: random or optuna")
     num_samples: int = Field(8, ge=1, description="trials in search mode")
     seed: int = Field(0, description="seed of the search")
     space: SweepSpace = SweepSpace()
     asha: AshaConfig = AshaConfig()
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per trial")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial")
+    cpus_per_trial: float = Field(
+        1.0, gt=0, description="CPUs of a trial that trains in its own process (base.compute.num_workers 0 or 1)"
+    )
+    gpus_per_trial: float = Field(
+        0.0, ge=0, description="GPUs of a trial that trains in its own process (a fraction packs trials on a GPU)"
+    )
     max_concurrent: int | None = Field(None, ge=1, description="default: what the cluster's resources allow")
-    tolerance: float = Field(0.02, ge=0, description="selection: allowed drop of validation robust accuracy")
-    selection: SelectionValidationConfig = SelectionValidationConfig()
+    tolerance: float = Field(0.02, ge=0, description="choice: allowed drop of validation robust accuracy")
+    choice: ChoiceValidationConfig = ChoiceValidationConfig()
+    compute: ComputeConfig = Field(
+        ComputeConfig(),
+        description="the sweep's Ray (address, local_cpus) and the evaluation actors that judge the trials",
+    )
     name: str = Field("sweep", min_length=1, description="the sweep's name (its folder in the Tune storage)")
     storage: LocalPath = Field("ray_results", validate_default=True, description="Ray Tune storage path")
     out: LocalPath = Field(
         "sweep-out", validate_default=True, description="folder for trials.parquet, best.yaml, plots and the report"
     )
-    address: str | None = Field(None, description="Ray address (default: a local Ray)")
     test: EvaluationSettings | None = Field(None, description="evaluate the chosen model on this (test) data")
     bootstrap: BootstrapConfig = BootstrapConfig()

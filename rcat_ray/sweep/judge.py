@@ -1,8 +1,8 @@
 """Judging a sweep's finished trials: which validation the choice reads.
 
 By default every trial that ran all its epochs is written as a model and evaluated, with old and new, through
-the flip engine with a test-strength attack on the head of the validation split (``SweepConfig.selection``):
-the cheap per-epoch validation rewards models the test attack then breaks. ``selection.enabled: false``
+the flip engine with a test-strength attack on the head of the validation split (``SweepConfig.choice``):
+the cheap per-epoch validation rewards models the test attack then breaks. ``choice.enabled: false``
 judges on the last per-epoch validation instead.
 """
 
@@ -29,23 +29,23 @@ from rcat_ray.finetune.sets import validation_setup
 from rcat_ray.sweep.config import SweepConfig
 from rcat_ray.sweep.trials import completed_trials, write_trial_model
 
-#: The metrics the selection reads from each comparison against the old model (``val_<metric>`` columns,
+#: The metrics the choice reads from each comparison against the old model (``val_<metric>`` columns,
 #: each with ``_ci_low``, ``_ci_high`` and ``_n``).
-SELECTION_METRICS = ("s_nfr", "r_nfr", "nfr", "rob_acc", "acc")
+CHOICE_METRICS = ("s_nfr", "r_nfr", "nfr", "rob_acc", "acc")
 
 
 @dataclass
-class SelectionValidation:
-    """Which validation the selection rule read: the samples (and their N), the attack, and the new model's
+class ChoiceValidation:
+    """Which validation the choice rule read: the samples (and their N), the attack, and the new model's
     metrics on them (its robust accuracy is the rule's bar).
 
-    ``source`` is ``"selection"`` (the test-strength attack through the flip engine, values with bootstrap
-    CIs) or ``"per-epoch"`` (the cheap validation of each trial's last epoch; ``selection.enabled: false``).
+    ``source`` is ``"choice"`` (the test-strength attack through the flip engine, values with bootstrap
+    CIs) or ``"per-epoch"`` (the cheap validation of each trial's last epoch; ``choice.enabled: false``).
     ``rows`` are the stored comparisons against the old model (old, new, every judged trial) behind the
     validation table; ``labels`` maps trial ids to their row labels.
     """
 
-    source: Literal["selection", "per-epoch"]
+    source: Literal["choice", "per-epoch"]
     attack: AttackConfig
     data: dict[str, Any]  # the split's description (dataset, split, N, sample-id range, fingerprint)
     n: int
@@ -60,7 +60,7 @@ class SelectionValidation:
     def describe(self) -> str:
         """One line for reports and logs: which validation, which attack, on how many samples."""
         a = self.attack
-        what = "selection validation" if self.source == "selection" else "per-epoch validation (last epoch)"
+        what = "choice validation" if self.source == "choice" else "per-epoch validation (last epoch)"
         attacks = " + ".join(x.upper() for x in a.cascade)
         return (
             f"{what}: {attacks}, {a.n_iter} iterations, {a.norm} eps {a.eps:g}, on N = {self.n} samples "
@@ -80,38 +80,38 @@ class SelectionValidation:
         }
 
 
-def selection_settings(cfg: SweepConfig) -> EvaluationSettings:
+def choice_settings(cfg: SweepConfig) -> EvaluationSettings:
     """Where and how finished trials are judged: the head of the base data's val split (the part the training
-    split never sees), with ``selection.attack``, else APGD-CE + APGD-DLR, 50 iterations, at the test eps when
+    split never sees), with ``choice.attack``, else APGD-CE + APGD-DLR, 50 iterations, at the test eps when
     the sweep has test settings (the choice is judged on the threat model it is tested on), else the training eps."""
-    sel = cfg.selection
-    data = cfg.base.data.model_copy(update={"split": "val", "offset": 0, "limit": sel.samples})
+    ch = cfg.choice
+    data = cfg.base.data.model_copy(update={"split": "val", "offset": 0, "limit": ch.samples})
     eps = cfg.test.attack.eps if cfg.test is not None else cfg.base.train_attack.eps
-    attack = sel.attack or AttackConfig(eps=eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
+    attack = ch.attack or AttackConfig(eps=eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
     # adversarial images are for reports on test data; the validation tables only need their rows
-    return EvaluationSettings(data=data, attack=attack, chunk_size=sel.chunk_size, store=cfg.base.store,
-                              compute=sel.compute, save_adversarial=False)  # fmt: skip
+    return EvaluationSettings(data=data, attack=attack, chunk_size=ch.chunk_size, store=cfg.base.store,
+                              compute=cfg.compute, save_adversarial=False)  # fmt: skip
 
 
-def check_selection_inputs(cfg: SweepConfig) -> int | None:
-    """Refuse, before any trial trains, a selection that asks for more validation samples than there are:
+def check_choice_inputs(cfg: SweepConfig) -> int | None:
+    """Refuse, before any trial trains, a choice validation that asks for more validation samples than there are:
     a smaller N than requested would silently widen every CI the choice rests on. Rows are counted from the
-    files' metadata (no image is decoded); returns the count, None when selection is off."""
-    if not cfg.selection.enabled:
+    files' metadata (no image is decoded); returns the count, None when it is off."""
+    if not cfg.choice.enabled:
         return None
-    data = selection_settings(cfg).data
+    data = choice_settings(cfg).data
     n = selection_size(data)
-    if n < cfg.selection.samples:
+    if n < cfg.choice.samples:
         raise ConfigError(
-            f"selection.samples is {cfg.selection.samples} but the val split of {data.name} holds {n} "
-            "samples; lower selection.samples or raise base.data.val_size"
+            f"choice.samples is {cfg.choice.samples} but the val split of {data.name} holds {n} "
+            "samples; lower choice.samples or raise base.data.val_size"
         )
     return n
 
 
 def new_model_val_rob_acc(base: FinetuneConfig, new: LoadedModel) -> float:
     """The new model's robust accuracy on the per-epoch validation (cheap attack): the bar of the rule when
-    ``selection.enabled`` is false."""
+    ``choice.enabled`` is false."""
     val_split, val_attack = validation_setup(base)
     table = per_model_table(new.module.eval(), val_split, val_attack, new.num_classes, torch.device("cpu"))
     return float(table.column("robust").to_numpy(zero_copy_only=False).astype(bool).mean())
@@ -122,7 +122,7 @@ def _metric_columns(summaries: list[dict[str, Any] | None]) -> dict[str, Any]:
     """``val_<m>``, ``val_<m>_ci_low``, ``val_<m>_ci_high``, ``val_<m>_n`` from comparison summaries (None for a
     trial that was not judged)."""
     cols: dict[str, Any] = {}
-    for m in SELECTION_METRICS:
+    for m in CHOICE_METRICS:
         entries = [(s or {}).get("metrics", {}).get(m, {}) for s in summaries]
         for part in ("value", "ci_low", "ci_high"):
             name = f"val_{m}" if part == "value" else f"val_{m}_{part}"
@@ -131,11 +131,11 @@ def _metric_columns(summaries: list[dict[str, Any] | None]) -> dict[str, Any]:
     return cols
 
 
-def judge_on_selection(
+def judge_on_choice_validation(
     cfg: SweepConfig, trials: pd.DataFrame, parents: Parents, out: Path
-) -> tuple[pd.DataFrame, SelectionValidation]:
+) -> tuple[pd.DataFrame, ChoiceValidation]:
     """Write every completed trial's model under ``<out>/trials/`` and evaluate old, new and each of them with
-    the selection settings through the flip engine (Ray Data, the result store: old and new are attacked
+    the choice settings through the flip engine (Ray Data, the result store: old and new are attacked
     once and reused by fingerprint); each trial gets its comparison against the old model as ``val_*``."""
     from rcat_ray.evaluate.comparison import compare_stored
     from rcat_ray.evaluate.run import raise_if_incomplete, run_evaluate
@@ -146,7 +146,7 @@ def judge_on_selection(
         raise SweepFailedError(
             f"none of the {len(trials)} trials ran all its epochs without error; there is no model to judge"
         )
-    settings = selection_settings(cfg)
+    settings = choice_settings(cfg)
     folder = out / "trials"
     paths: dict[str, Path] = {}
     labels: dict[str, str] = {}
@@ -188,26 +188,26 @@ def judge_on_selection(
         val_comparison=[judged[t][0].key if t in judged else None for t in ids],
         **_metric_columns([judged[t][0].summary if t in judged else None for t in ids]),
     )
-    new_metrics = {m: dict(comps[1].summary["metrics"][m]) for m in SELECTION_METRICS}
-    validation = SelectionValidation("selection", a, prepared.split.describe(), len(prepared.split), new_metrics,
-                                     rows, labels)  # fmt: skip
+    new_metrics = {m: dict(comps[1].summary["metrics"][m]) for m in CHOICE_METRICS}
+    validation = ChoiceValidation("choice", a, prepared.split.describe(), len(prepared.split), new_metrics,
+                                  rows, labels)  # fmt: skip
     return trials, validation
 
 
 def judge_on_epochs(
     cfg: SweepConfig, trials: pd.DataFrame, parents: Parents
-) -> tuple[pd.DataFrame, SelectionValidation]:
-    """``selection.enabled: false``: the rule reads each trial's last per-epoch validation, as it used to (no
+) -> tuple[pd.DataFrame, ChoiceValidation]:
+    """``choice.enabled: false``: the rule reads each trial's last per-epoch validation, as it used to (no
     CIs; the bar is the new model's robust accuracy under the same cheap attack)."""
     val_split, val_attack = validation_setup(cfg.base)
     new_rob = new_model_val_rob_acc(cfg.base, parents.new)
     n = len(val_split)
     cols: dict[str, Any] = {"judged": trials.get("epoch_val_s_nfr", pd.Series(index=trials.index)).notna()}
-    for m in SELECTION_METRICS:
+    for m in CHOICE_METRICS:
         values = trials.get(f"epoch_val_{m}", pd.Series(float("nan"), index=trials.index)).astype(float)
         cols[f"val_{m}"] = values
         cols[f"val_{m}_n"] = pd.array([n if pd.notna(v) else None for v in values], dtype="Int64")
     new = {"rob_acc": {"value": new_rob, "ci_low": None, "ci_high": None, "n": n}}
-    validation = SelectionValidation("per-epoch", val_attack, val_split.describe(), n, new)
+    validation = ChoiceValidation("per-epoch", val_attack, val_split.describe(), n, new)
     return trials.assign(**cols), validation
 

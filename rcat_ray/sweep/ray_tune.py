@@ -36,7 +36,7 @@ class TuneSession:
     persistent_checkpoints = False  # Tune copies the reported folder into the trial's storage
 
     def __init__(self, cfg: FinetuneConfig):
-        self.device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if cfg.compute.use_gpu and torch.cuda.is_available() else "cpu")
 
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device)
@@ -66,7 +66,7 @@ def sweep_trainable(config: dict[str, Any]) -> None:
             "start it again under another name"
         )
     inputs = IdentityInputs.from_json(config["inputs"])
-    if cfg.num_workers <= 1:
+    if cfg.compute.num_workers <= 1:
         finetune_loop(cfg, TuneSession(cfg), inputs=inputs)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -86,17 +86,17 @@ TRIAL_DRIVER_CPUS = 0.01
 def check_trial_fits(cfg: SweepConfig) -> None:
     """Refuse a sweep whose trials with workers can never start: the trial's own share plus its Train workers must
     fit the cluster's CPUs, or Tune waits forever with the trial holding its share (2 workers of 1 CPU on 2 CPUs)."""
-    base = cfg.base
-    if base.num_workers <= 1 or not ray.is_initialized():
+    c = cfg.base.compute
+    if c.num_workers <= 1 or not ray.is_initialized():
         return
-    need = TRIAL_DRIVER_CPUS + base.num_workers * base.cpus_per_worker
+    need = TRIAL_DRIVER_CPUS + c.num_workers * c.cpus_per_worker
     have = float(ray.cluster_resources().get("CPU", 0.0))
     if need > have + 1e-9:
-        fit = (have - TRIAL_DRIVER_CPUS) / base.num_workers
+        fit = (have - TRIAL_DRIVER_CPUS) / c.num_workers
         raise ConfigError(
-            f"a trial trains on {base.num_workers} workers of {base.cpus_per_worker:g} CPU, plus {TRIAL_DRIVER_CPUS} "
-            f"for the trial itself ({need:g} CPUs), but the cluster has {have:g}: set base.cpus_per_worker to at most "
-            f"{int(fit * 100) / 100:g} or use fewer workers"
+            f"a trial trains on {c.num_workers} workers of {c.cpus_per_worker:g} CPU, plus {TRIAL_DRIVER_CPUS} "
+            f"for the trial itself ({need:g} CPUs), but the cluster has {have:g}: set base.compute.cpus_per_worker "
+            f"to at most {int(fit * 100) / 100:g} or use fewer workers"
         )
 
 
@@ -104,18 +104,18 @@ def _max_concurrent(cfg: SweepConfig) -> int | None:
     """Trials at once: the configured number, else, for trials with workers, as many as the cluster's CPUs hold
     with their workers (Tune counts only a trial's 0.01 CPU, so it would start every trial, and their worker
     groups would wait for each other's CPUs until Ray Train gives up)."""
-    base = cfg.base
-    if cfg.max_concurrent is not None or base.num_workers <= 1 or not ray.is_initialized():
+    c = cfg.base.compute
+    if cfg.max_concurrent is not None or c.num_workers <= 1 or not ray.is_initialized():
         return cfg.max_concurrent
     have = float(ray.cluster_resources().get("CPU", 0.0))
-    return max(1, int((have + 1e-9) // (TRIAL_DRIVER_CPUS + base.num_workers * base.cpus_per_worker)))
+    return max(1, int((have + 1e-9) // (TRIAL_DRIVER_CPUS + c.num_workers * c.cpus_per_worker)))
 
 
 def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ray.tune.Tuner:
     """A new Tuner, or the interrupted one restored from storage (finished trials are not rerun). ``inputs``:
     the fingerprints of the parents and data every trial trains from (checked by the trials)."""
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
-    if cfg.base.num_workers > 1:  # pattern B: the trial driver only coordinates; workers bring their own
+    if cfg.base.compute.num_workers > 1:  # pattern B: the trial driver only coordinates; workers bring their own
         resources = {"cpu": TRIAL_DRIVER_CPUS}
     trainable = ray.tune.with_resources(sweep_trainable, resources)
     path = f"{storage_path(cfg.storage)}/{cfg.name}"

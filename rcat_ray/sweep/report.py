@@ -1,6 +1,6 @@
 """What a sweep leaves in its output folder: the trial table, the Pareto plots and its page.
 
-``trials.parquet`` (one row per trial: settings, selection metrics ``val_*`` with CIs and N, last per-epoch
+``trials.parquet`` (one row per trial: settings, choice metrics ``val_*`` with CIs and N, last per-epoch
 metrics ``epoch_val_*``, Pareto flags, the chosen one), ``pareto.png`` (validation robust accuracy against
 R-NFR and S-NFR, the front and the chosen trial marked, the rule's bar drawn) and ``report.html``
 (``templates/sweep.html.j2``): which validation chose, the trials, and the paper-style tables rendered from
@@ -25,7 +25,7 @@ from rcat_ray.report.render import render_page
 from rcat_ray.sweep.choice import trial_label
 from rcat_ray.sweep.config import SweepConfig
 
-#: (metric, title) of the selection metrics, in the order tables show them.
+#: (metric, title) of the choice metrics, in the order tables show them.
 _METRICS = (("acc", "Acc"), ("rob_acc", "RobAcc"), ("nfr", "NFR"), ("r_nfr", "R-NFR"), ("s_nfr", "S-NFR"))
 
 
@@ -40,7 +40,7 @@ def _err(trials: Any, metric: str) -> Any:
 
 def pareto_plot(trials: Any, new_rob_acc: float, tolerance: float, what: str = "") -> bytes:
     """Two panels, robust accuracy (x, higher is better) against R-NFR and S-NFR (y, lower is better), each
-    point with its CI where the validation has one; trials without selection metrics are left out."""
+    point with its CI where the validation has one; trials without choice metrics are left out."""
     fig = Figure(figsize=(10, 4.6), dpi=110)
     for ax, (metric, label, front_col) in zip(
         fig.subplots(1, 2),
@@ -103,7 +103,7 @@ def _text(v: Any) -> str:
 
 
 def _trials_view(trials: pd.DataFrame) -> dict[str, Any]:
-    """The trial table: settings, the selection metrics with CIs, N, the last per-epoch metrics."""
+    """The trial table: settings, the choice metrics with CIs, N, the last per-epoch metrics."""
     names = ("trial_id", "kind", "alpha", "beta", "train_eps", "lr", "epochs", "epochs_run")
     settings = [c for c in names if c in trials.columns]
     epoch_cols = [(f"epoch_val_{m}", f"epoch {t}") for m, t in _METRICS if f"epoch_val_{m}" in trials.columns]
@@ -190,7 +190,7 @@ def write_sweep_outputs(cfg: SweepConfig, outcome: Any) -> Path:
         name=cfg.name,
         mode=cfg.mode,
         n_trials=len(trials),
-        selection=val is not None and val.source == "selection",
+        choice_validation=val is not None and val.source == "choice",
         what=what,
         epoch_validation=epoch_validation_text(cfg),
         new_rob_acc=outcome.new_val_rob_acc,

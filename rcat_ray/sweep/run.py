@@ -19,14 +19,14 @@ from rcat_ray.config import ModelConfig
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.finetune.run import Parents, check_finetune_inputs
-from rcat_ray.sweep.choice import pareto_front, select_trial
+from rcat_ray.sweep.choice import choose_trial, pareto_front
 from rcat_ray.sweep.config import SweepConfig
 from rcat_ray.sweep.judge import (
-    SELECTION_METRICS,
-    SelectionValidation,
-    check_selection_inputs,
+    CHOICE_METRICS,
+    ChoiceValidation,
+    check_choice_inputs,
+    judge_on_choice_validation,
     judge_on_epochs,
-    judge_on_selection,
 )
 from rcat_ray.sweep.trials import raise_if_all_failed, trial_config, write_trial_model
 
@@ -35,11 +35,11 @@ __all__ = ["SweepOutcome", "SweepTrials", "finish_sweep", "run_sweep", "sweep_tr
 
 @dataclass
 class SweepTrials:
-    """A finished sweep before the choice: every trial with its per-epoch and selection metrics, and the
+    """A finished sweep before the choice: every trial with its per-epoch and choice metrics, and the
     validation that judged them (what a caller needs to apply its own choice, e.g. one per loss kind)."""
 
     trials: pd.DataFrame
-    validation: SelectionValidation
+    validation: ChoiceValidation
     parents: Parents
     out: Path
 
@@ -55,33 +55,33 @@ class SweepOutcome:
     checkpoint: Path
     out: Path
     table: Any = None  # the paper-style table on the test settings, when given
-    validation: SelectionValidation | None = None  # which validation chose (attack, N, the new model's bar)
-    validation_table: Any = None  # every judged trial against old on the selection validation, chosen as reference
+    validation: ChoiceValidation | None = None  # which validation chose (attack, N, the new model's bar)
+    validation_table: Any = None  # every judged trial against old on the choice validation, chosen as reference
 
 
 
 def sweep_trials(cfg: SweepConfig, *, resume: bool = False, parents: Parents | None = None) -> SweepTrials:
-    """Run (or resume) the Tune sweep, then judge the finished trials on the selection validation.
+    """Run (or resume) the Tune sweep, then judge the finished trials on the choice validation.
 
     ``parents``: the models as already checked by the caller (before Ray started); checked here otherwise.
     """
     parents = parents or check_finetune_inputs(cfg.base)
-    check_selection_inputs(cfg)  # before any trial trains
+    check_choice_inputs(cfg)  # before any trial trains
     from rcat_ray.sweep.ray_tune import tune_trials
 
     trials = tune_trials(cfg, resume=resume, inputs=parents.inputs)
     raise_if_all_failed(trials)
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.selection.enabled:
-        trials, validation = judge_on_selection(cfg, trials, parents, out)
+    if cfg.choice.enabled:
+        trials, validation = judge_on_choice_validation(cfg, trials, parents, out)
     else:
         trials, validation = judge_on_epochs(cfg, trials, parents)
     return SweepTrials(trials, validation, parents, out)
 
 
 def _entry(row: pd.Series, metric: str) -> dict[str, Any]:
-    """One selection metric of a trial with its CI and N (None where the validation has no CI)."""
+    """One choice metric of a trial with its CI and N (None where the validation has no CI)."""
 
     def num(key: str, cast: Any = float) -> Any:
         v = row.get(key)
@@ -92,18 +92,18 @@ def _entry(row: pd.Series, metric: str) -> dict[str, Any]:
 
 
 def finish_sweep(cfg: SweepConfig, st: SweepTrials) -> SweepOutcome:
-    """Choose by the rule on the selection metrics, write best.yaml, the validation table, the plots and
+    """Choose by the rule on the choice metrics, write best.yaml, the validation table, the plots and
     the report, and (with test settings) test the chosen model through the flip engine."""
     from rcat_ray.evaluate.paper_table import build_pair_table, to_csv, to_markdown
     from rcat_ray.sweep.choice import trial_label
     from rcat_ray.sweep.report import write_sweep_outputs
 
     trials, val, out = st.trials, st.validation, st.out
-    chosen = select_trial(trials, new_rob_acc=val.new_rob_acc, tolerance=cfg.tolerance)
-    if pd.notna(chosen.get("model")):  # judged on the selection validation: its model is under trials/
+    chosen = choose_trial(trials, new_rob_acc=val.new_rob_acc, tolerance=cfg.tolerance)
+    if pd.notna(chosen.get("model")):  # judged on the choice validation: its model is under trials/
         checkpoint = Path(chosen["model"])
         chosen_cfg = trial_config(cfg, chosen, checkpoint.parent)
-    else:  # per-epoch selection: only the chosen trial is written, into out/
+    else:  # chosen on the per-epoch validation: only the chosen trial is written, into out/
         chosen_cfg = trial_config(cfg, chosen, out)
         checkpoint = write_trial_model(cfg, chosen, st.parents, out)
     best = {
@@ -114,7 +114,7 @@ def finish_sweep(cfg: SweepConfig, st: SweepTrials) -> SweepOutcome:
         "new_model_val_rob_acc": val.new_rob_acc,
         "trial_id": chosen["trial_id"],
         "label": trial_label(chosen),
-        "metrics": {f"val_{m}": _entry(chosen, m) for m in SELECTION_METRICS},
+        "metrics": {f"val_{m}": _entry(chosen, m) for m in CHOICE_METRICS},
         "epoch_metrics": {
             k: float(chosen[k]) for k in trials.columns if k.startswith("epoch_val_") and pd.notna(chosen[k])
         },
@@ -133,9 +133,9 @@ def finish_sweep(cfg: SweepConfig, st: SweepTrials) -> SweepOutcome:
             f"{cfg.name}, {val.describe()}", val.rows, reference=val.labels[str(chosen["trial_id"])],
             n_bootstrap=b.n_resamples, confidence=b.confidence, seed=b.seed,
         )  # fmt: skip
-        (out / "selection").mkdir(exist_ok=True)
-        write_file_atomic(out / "selection" / "table.md", to_markdown([outcome.validation_table]))
-        write_file_atomic(out / "selection" / "table.csv", to_csv([outcome.validation_table]))
+        (out / "choice").mkdir(exist_ok=True)
+        write_file_atomic(out / "choice" / "table.md", to_markdown([outcome.validation_table]))
+        write_file_atomic(out / "choice" / "table.csv", to_csv([outcome.validation_table]))
     if cfg.test is not None:
         outcome.table = _evaluate_on_test(cfg, chosen_cfg, checkpoint, out)
     write_sweep_outputs(cfg, outcome)

@@ -88,7 +88,7 @@ def trial_table(results: Any) -> pd.DataFrame:
     """One row per trial: its settings, its last per-epoch metrics, epochs run, and its Tune checkpoint.
 
     The loop reports its cheap validation as ``val_*``; here those become ``epoch_val_*``, so that ``val_*``
-    always means what the selection rule read (see :class:`SelectionValidation`) and a report can show both.
+    always means what the choice rule read (see :class:`ChoiceValidation`) and a report can show both.
     """
     rows = []
     for r in results:
