@@ -27,7 +27,7 @@ from rcat_ray.errors import ConfigError
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.nightly.config import NightlyConfig
-from rcat_ray.runtime.ray_env import prepare_local_ray_env
+from rcat_ray.runtime.environment import prepare_local_ray_env
 from rcat_ray.sweep.config import SweepConfig
 
 __all__ = ["build_parser", "main", "parse_model_spec", "run"]
@@ -604,7 +604,7 @@ _INTERRUPT_NOTES = {
 def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     """One line saying what was kept, Ray shut down, and the exit status a shell expects (130 / 143)."""
     from rcat_ray.runtime.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
-    from rcat_ray.runtime.ray_env import shutdown_ray_if_started
+    from rcat_ray.runtime.environment import shutdown_ray_if_started
 
     if isinstance(err, EvaluationInterrupted) and args.command != "sweep":
         note = str(err)
