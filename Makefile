@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Both create .venv, install the package with its pinned dependencies, and install the Debian package
 # dataset-fashion-mnist (the demo's data and some tests') when it is missing; `make test` also installs the
-# Debian package chromium, the headless browser tests/test_report_browser.py opens the report pages in.
+# Debian package chromium, the headless browser tests/report/test_report_browser.py opens the report pages in.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -32,15 +32,17 @@ chromium:
 	@test -x $(CHROMIUM) || { echo "installing chromium (Debian)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
-test: install chromium
+# the linter and the formatter first (seconds): CI runs `make test`, so both hold on every submission
+test: install chromium lint
 	$(BIN)/python -m pytest
 
-# the pages of docs/report-*.png, as tests/test_report_browser.py renders them
+# the pages of docs/report-*.png, as tests/report/test_report_browser.py renders them
 screenshots: install chromium
-	RCAT_RAY_SCREENSHOTS=docs $(BIN)/python -m pytest tests/test_report_browser.py -q
+	RCAT_RAY_SCREENSHOTS=docs $(BIN)/python -m pytest tests/report/test_report_browser.py -q
 
 lint: install
 	$(BIN)/ruff check rcat_ray jobs tests bench
+	$(BIN)/ruff format --check rcat_ray jobs tests bench
 
 demo: install
 	$(BIN)/rcat-ray demo --out demo-out

@@ -32,9 +32,18 @@ MIB = 2**20
 
 #: command-line fragments of Ray's own processes (not workers that run user code)
 SYSTEM_MARKERS = (
-    "gcs_server", "/raylet", "dashboard/dashboard.py", "log_monitor.py", "monitor.py", "ray::DashboardAgent",
-    "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent", "ray_client_server", "ray::JobSupervisor",
-)  # fmt: skip
+    "gcs_server",
+    "/raylet",
+    "dashboard/dashboard.py",
+    "log_monitor.py",
+    "monitor.py",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+    "dashboard/agent.py",
+    "runtime_env/agent",
+    "ray_client_server",
+    "ray::JobSupervisor",
+)
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -151,12 +160,18 @@ class Measured:
         worker = self.worker_peak()
         system = max(self.system, key=lambda p: p.peak, default=None)
         return {
-            "returncode": self.returncode, "wall_s": round(self.wall_s, 2), "driver_peak": self.driver_peak,
-            "worker_peak": worker.peak if worker else None, "worker_title": worker.title[:80] if worker else None,
-            "workers_seen": len(self.workers), "system_peak": system.peak if system else None,
-            "system_title": system.title[:80] if system else None, "cpu_s": round(self.cpu_s, 1),
-            "driver_cpu_s": round(self.driver_cpu_s, 1), "driver_peak_at_s": self.driver_peak_at(),
-        }  # fmt: skip
+            "returncode": self.returncode,
+            "wall_s": round(self.wall_s, 2),
+            "driver_peak": self.driver_peak,
+            "worker_peak": worker.peak if worker else None,
+            "worker_title": worker.title[:80] if worker else None,
+            "workers_seen": len(self.workers),
+            "system_peak": system.peak if system else None,
+            "system_title": system.title[:80] if system else None,
+            "cpu_s": round(self.cpu_s, 1),
+            "driver_cpu_s": round(self.driver_cpu_s, 1),
+            "driver_peak_at_s": self.driver_peak_at(),
+        }
 
 
 class TreeWatch(threading.Thread):
@@ -364,14 +379,25 @@ def write_parents(
     as the image folders are (``px`` pixels, resized to 256 and cropped to 224 when ``shape`` is 224 px), so the
     two models classify some images and disagree on some: the attacks then have work to do and flips exist."""
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "parents", str(folder), arch, "x".join(map(str, shape)), str(classes),
-           str(train_steps[0]), str(train_steps[1]), str(px)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "parents",
+        str(folder),
+        arch,
+        "x".join(map(str, shape)),
+        str(classes),
+        str(train_steps[0]),
+        str(train_steps[1]),
+        str(px),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO)
     return folder / "old.pt", folder / "new.pt"
 
 
-def _parents_main(folder: str, arch: str, shape_text: str, classes: str, old_steps: str, new_steps: str,
-                  px: str) -> None:  # fmt: skip
+def _parents_main(
+    folder: str, arch: str, shape_text: str, classes: str, old_steps: str, new_steps: str, px: str
+) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -384,8 +410,11 @@ def _parents_main(folder: str, arch: str, shape_text: str, classes: str, old_ste
     torch.set_num_threads(1)
     x = y = None
     if int(old_steps) or int(new_steps):
-        prep = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)]) if shape[1] == 224 else \
-            transforms.Resize(shape[1:])  # fmt: skip
+        prep = (
+            transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+            if shape[1] == 224
+            else transforms.Resize(shape[1:])
+        )
         rng = np.random.default_rng(1234)
         images, labels = [], []
         for c in range(k):

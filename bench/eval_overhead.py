@@ -68,9 +68,13 @@ def main() -> None:
     ap.add_argument("--n-iter", type=int, default=50)
     ap.add_argument("--chunk-size", type=int, default=125)
     ap.add_argument("--chunks-in-flight", type=int, default=2, help="chunks queued per actor (read-ahead)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="time the direct loop and the 1-worker run this many times, alternating, and report the "
-                         "median ratio (one run can swing by 10-15 %% on a small shared VM)")  # fmt: skip
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time the direct loop and the 1-worker run this many times, alternating, and report the "
+        "median ratio (one run can swing by 10-15 %% on a small shared VM)",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -84,8 +88,9 @@ def main() -> None:
     attack = AttackConfig(eps=0.1, attacks=("apgd-ce", "apgd-dlr"), n_iter=args.n_iter)
 
     def compute(workers: int) -> ComputeConfig:
-        return ComputeConfig(num_workers=workers, cpus_per_worker=1.0, threads_per_worker=1,
-                             chunks_in_flight=args.chunks_in_flight)  # fmt: skip
+        return ComputeConfig(
+            num_workers=workers, cpus_per_worker=1.0, threads_per_worker=1, chunks_in_flight=args.chunks_in_flight
+        )
 
     def settings(store: str, workers: int, model: str) -> EvaluateConfig:
         return EvaluateConfig(
@@ -173,20 +178,28 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nsamples {args.samples}, APGD-CE + APGD-DLR x {args.n_iter} iterations, chunk {args.chunk_size}, "
-          f"{args.chunks_in_flight} chunks in flight per actor")  # fmt: skip
+    print(
+        f"\nsamples {args.samples}, APGD-CE + APGD-DLR x {args.n_iter} iterations, chunk {args.chunk_size}, "
+        f"{args.chunks_in_flight} chunks in flight per actor"
+    )
     for i, ((d, r), (chunk, first, interval)) in enumerate(zip(pairs, parts, strict=True)):
-        print(f"direct loop (1 thread)      {d:7.1f} s   Ray Data, 1 worker {r:7.1f} s   "
-              f"ratio {d / r:5.2f}  (pair {i + 1})")  # fmt: skip
-        print(f"    median chunk: direct {chunk:5.2f} s, Ray {interval:5.2f} s (steady-state ratio "
-              f"{chunk / interval:5.2f}); Ray start-up: first chunk stored after {first:5.1f} s, "
-              f"{first - interval:4.1f} s more than one chunk")  # fmt: skip
+        print(
+            f"direct loop (1 thread)      {d:7.1f} s   Ray Data, 1 worker {r:7.1f} s   "
+            f"ratio {d / r:5.2f}  (pair {i + 1})"
+        )
+        print(
+            f"    median chunk: direct {chunk:5.2f} s, Ray {interval:5.2f} s (steady-state ratio "
+            f"{chunk / interval:5.2f}); Ray start-up: first chunk stored after {first:5.1f} s, "
+            f"{first - interval:4.1f} s more than one chunk"
+        )
     print(f"Ray Data, 2 workers         {t_ray2:7.1f} s")
     print(f"compare, cold               {t_cold:7.1f} s")
     print(f"compare, old model cached   {t_cached:7.1f} s")
     print(f"ratio direct / Ray 1 worker   {ratio1:5.2f}  (issue 10: no lower than 0.92; median of {len(pairs)})")
-    print(f"  steady state (median chunk) {statistics.median(c / i for c, _, i in parts):5.2f}; start-up "
-          f"{statistics.median(f - i for _, f, i in parts):4.1f} s per run")  # fmt: skip
+    print(
+        f"  steady state (median chunk) {statistics.median(c / i for c, _, i in parts):5.2f}; start-up "
+        f"{statistics.median(f - i for _, f, i in parts):4.1f} s per run"
+    )
     print(f"ratio 1 worker / 2 workers    {t_ray1 / t_ray2:5.2f}  (target >= 1.8)")
     print(f"ratio cold / old cached       {t_cold / t_cached:5.2f}  (target >= 1.9)")
 

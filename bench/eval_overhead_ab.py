@@ -55,8 +55,7 @@ def child(samples: int) -> None:
     def settings(store: Path, workers: int, limit: int | None = None) -> EvaluateConfig:
         d = data if limit is None else data.model_copy(update={"limit": limit})
         compute = ComputeConfig(num_workers=workers, cpus_per_worker=1.0, threads_per_worker=1)
-        return EvaluateConfig(data=d, attack=attack, chunk_size=125, store=str(store), compute=compute,
-                              models=(model,))  # fmt: skip
+        return EvaluateConfig(data=d, attack=attack, chunk_size=125, store=str(store), compute=compute, models=(model,))
 
     torch.set_num_threads(2)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -77,8 +76,15 @@ def child(samples: int) -> None:
         t = time.perf_counter()
         for c in plan.chunks():
             sl = slice(c.start, c.stop)
-            evaluate_chunk(module, split.images[sl], split.labels[sl], split.sample_ids[sl], attack, num_classes=10,
-                           seed=chunk_seed(attack.seed, c.chunk_id))  # fmt: skip
+            evaluate_chunk(
+                module,
+                split.images[sl],
+                split.labels[sl],
+                split.sample_ids[sl],
+                attack,
+                num_classes=10,
+                seed=chunk_seed(attack.seed, c.chunk_id),
+            )
         direct = time.perf_counter() - t
         torch.set_num_threads(2)
         t = time.perf_counter()
@@ -92,8 +98,9 @@ def child(samples: int) -> None:
 
 def export(rev: str, dest: Path) -> str:
     """The tree of ``rev`` in ``dest``; returns the commit it resolved to."""
-    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.strip()
     dest.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
@@ -114,8 +121,11 @@ def measure(tree: Path, samples: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default="a4d250c~1", help="the commit measured first in each round (default: the "
-                    "last commit before the streaming data path)")  # fmt: skip
+    ap.add_argument(
+        "--base",
+        default="a4d250c~1",
+        help="the commit measured first in each round (default: the last commit before the streaming data path)",
+    )
     ap.add_argument("--head", default="HEAD")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=3000)
@@ -135,15 +145,20 @@ def main() -> None:
             for label, (commit, tree) in trees.items():
                 m = measure(tree, args.samples)
                 rows.append((r + 1, label, commit, m["direct"], m["ray1"]))
-                print(f"round {r + 1} {label} {commit}: direct {m['direct']:6.1f} s, Ray 1 worker {m['ray1']:6.1f} s, "
-                      f"ratio {m['direct'] / m['ray1']:5.2f}", flush=True)  # fmt: skip
+                print(
+                    f"round {r + 1} {label} {commit}: direct {m['direct']:6.1f} s, Ray 1 worker {m['ray1']:6.1f} s, "
+                    f"ratio {m['direct'] / m['ray1']:5.2f}",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nratio 1 (direct / Ray Data 1 worker), {args.samples} samples, {args.rounds} alternating rounds:")
     for label, (commit, _) in trees.items():
         ratios = [d / r for _, lab, _, d, r in rows if lab == label]
-        print(f"  {label} {commit}: median {statistics.median(ratios):5.2f}  "
-              f"(each: {', '.join(f'{x:.2f}' for x in ratios)})")  # fmt: skip
+        print(
+            f"  {label} {commit}: median {statistics.median(ratios):5.2f}  "
+            f"(each: {', '.join(f'{x:.2f}' for x in ratios)})"
+        )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,13 @@ HERE = Path(__file__).parent
 #: The order of the paper's table rows (and of the demo's methods).
 KINDS = ("at", "pct", "pcat", "rcat")
 #: (paper-table column, summary metric, printed title), in the order the issue asks for.
-COLUMNS = (("R-NFR", "r_nfr", "R-NFR"), ("S-NFR", "s_nfr", "S-NFR"), ("NFR", "nfr", "NFR"),
-           ("robust error", "rob_acc", "rob. err"), ("clean error", "acc", "clean err"))  # fmt: skip
+COLUMNS = (
+    ("R-NFR", "r_nfr", "R-NFR"),
+    ("S-NFR", "s_nfr", "S-NFR"),
+    ("NFR", "nfr", "NFR"),
+    ("robust error", "rob_acc", "rob. err"),
+    ("clean error", "acc", "clean err"),
+)
 ERRORS = {"acc", "rob_acc"}  # reported as 1 - accuracy
 
 
@@ -89,23 +94,36 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             "data": DataConfig(name="digits", split="train"),
             "old": TrainRecipe(arch="mlp", epochs=10, batch_size=64, lr=2e-3, eps=0.1, seed=0),
             "new": TrainRecipe(arch="small_cnn", epochs=20, batch_size=64, lr=2e-3, eps=0.1, seed=1),
-            "epochs": 1, "batch_size": 64, "optimizer": demo.finetune_optimizer, "eps": 0.1,
-            "finetune_samples": None, "epoch_val": ValidationConfig(
-                samples=100, attack=AttackConfig(eps=0.1, attacks=("apgd-ce",), n_iter=3)),
+            "epochs": 1,
+            "batch_size": 64,
+            "optimizer": demo.finetune_optimizer,
+            "eps": 0.1,
+            "finetune_samples": None,
+            "epoch_val": ValidationConfig(samples=100, attack=AttackConfig(eps=0.1, attacks=("apgd-ce",), n_iter=3)),
             "attack": AttackConfig(eps=0.1, attacks=("apgd-ce", "apgd-dlr"), n_iter=10),
-            "val_samples": args.val_samples or 100, "test_samples": args.test_samples or 300,
-            "seeds": list(range(args.seeds or 2)), "chunk_size": 100, "finetune_workers": 0,
-        }  # fmt: skip
+            "val_samples": args.val_samples or 100,
+            "test_samples": args.test_samples or 300,
+            "seeds": list(range(args.seeds or 2)),
+            "chunk_size": 100,
+            "finetune_workers": 0,
+        }
     return {
         "data": DataConfig(name="fashion_mnist", root=args.data_root, split="train"),
-        "old": demo.old, "new": demo.new,
-        "epochs": demo.finetune_epochs, "batch_size": demo.finetune_batch_size, "optimizer": demo.finetune_optimizer,
-        "eps": demo.attack.eps, "finetune_samples": demo.finetune_samples,
+        "old": demo.old,
+        "new": demo.new,
+        "epochs": demo.finetune_epochs,
+        "batch_size": demo.finetune_batch_size,
+        "optimizer": demo.finetune_optimizer,
+        "eps": demo.attack.eps,
+        "finetune_samples": demo.finetune_samples,
         "epoch_val": ValidationConfig(samples=demo.validation_samples),
         "attack": AttackConfig(eps=demo.attack.eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50),
-        "val_samples": args.val_samples or 2000, "test_samples": args.test_samples or 10_000,
-        "seeds": list(range(args.seeds or 3)), "chunk_size": demo.chunk_size, "finetune_workers": 2,
-    }  # fmt: skip
+        "val_samples": args.val_samples or 2000,
+        "test_samples": args.test_samples or 10_000,
+        "seeds": list(range(args.seeds or 3)),
+        "chunk_size": demo.chunk_size,
+        "finetune_workers": 2,
+    }
 
 
 def parent_models(s: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[Path, Path]:
@@ -119,12 +137,15 @@ def parent_models(s: dict[str, Any], args: argparse.Namespace, out: Path) -> tup
             paths.append(path if path.is_file() else train_checkpoint(recipe, s["data"], path, name))
         return paths[0], paths[1]
     folder = Path(args.models)
-    return (train_or_load(s["old"], folder, args.data_root, "old"),
-            train_or_load(s["new"], folder, args.data_root, "new"))  # fmt: skip
+    return (
+        train_or_load(s["old"], folder, args.data_root, "old"),
+        train_or_load(s["new"], folder, args.data_root, "new"),
+    )
 
 
-def finetune_config(s: dict[str, Any], old: Path, new: Path, out: Path, loss: LossConfig, seed: int,
-                    workers: int) -> FinetuneConfig:  # fmt: skip
+def finetune_config(
+    s: dict[str, Any], old: Path, new: Path, out: Path, loss: LossConfig, seed: int, workers: int
+) -> FinetuneConfig:
     """The demo's fine-tuning settings for one loss and seed (the sweep's base, and each final run)."""
     return FinetuneConfig(
         old=ModelConfig(source="checkpoint", name="old", label="old (MLP)", path=str(old)),
@@ -168,8 +189,12 @@ def _metric(row: pd.Series, m: str) -> dict[str, Any]:
         return None if v is None or pd.isna(v) else float(v)
 
     n = row.get(f"val_{m}_n")
-    return {"value": num(f"val_{m}"), "ci_low": num(f"val_{m}_ci_low"), "ci_high": num(f"val_{m}_ci_high"),
-            "n": None if n is None or pd.isna(n) else int(n)}  # fmt: skip
+    return {
+        "value": num(f"val_{m}"),
+        "ci_low": num(f"val_{m}_ci_low"),
+        "ci_high": num(f"val_{m}_ci_high"),
+        "n": None if n is None or pd.isna(n) else int(n),
+    }
 
 
 def _pct(v: float | None) -> str:
@@ -270,14 +295,22 @@ def main() -> None:
         out=str(out / "table"),
         pairs=tuple(
             TablePair(
-                name=f"seed {seed}", old=base.old, new=base.new,
-                finetuned=tuple(TableEntry(label=tags[k], model=ModelConfig(
-                    source="checkpoint", name=f"{tags[k]} seed {seed}", label=tags[k], path=str(tuned[k][seed])))
-                    for k in KINDS),
+                name=f"seed {seed}",
+                old=base.old,
+                new=base.new,
+                finetuned=tuple(
+                    TableEntry(
+                        label=tags[k],
+                        model=ModelConfig(
+                            source="checkpoint", name=f"{tags[k]} seed {seed}", label=tags[k], path=str(tuned[k][seed])
+                        ),
+                    )
+                    for k in KINDS
+                ),
             )
             for seed in s["seeds"]
         ),
-    )  # fmt: skip
+    )
     tables = run_table(table_cfg)
     times["test evaluation"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
@@ -290,12 +323,14 @@ def main() -> None:
         for seed, pair in zip(s["seeds"], tables, strict=True):
             r = next(r for r in pair.rows if r.label == label)
             seeds[seed] = {
-                m: {"value": None if v["value"] is None else (1 - v["value"] if m in ERRORS else v["value"]),
-                    "n": v["n"]}
+                m: {
+                    "value": None if v["value"] is None else (1 - v["value"] if m in ERRORS else v["value"]),
+                    "n": v["n"],
+                }
                 for m in ("r_nfr", "s_nfr", "nfr", "rob_acc", "acc")
                 for v in [r.summary["metrics"][m]]
                 if not (key == "old" and m in ("r_nfr", "s_nfr", "nfr"))
-            }  # fmt: skip
+            }
         agg = {}
         for m in ("r_nfr", "s_nfr", "nfr", "rob_acc", "acc"):
             vals = [d[m]["value"] for d in seeds.values() if m in d and d[m]["value"] is not None]
@@ -313,70 +348,121 @@ def main() -> None:
                 rows.append({"seed": seed, **{k: d[k] for k in ("value", "ci_low", "ci_high", "n")}})
             vals = [r["value"] for r in rows if r["value"] is not None]
             sig = sum(r["ci_low"] is not None and (r["ci_low"] > 0 or r["ci_high"] < 0) for r in rows)
-            diffs[key][title] = {"per_seed": rows, "mean": sum(vals) / len(vals) if vals else None,
-                                 "seeds_ci_excludes_0": sig}  # fmt: skip
+            diffs[key][title] = {
+                "per_seed": rows,
+                "mean": sum(vals) / len(vals) if vals else None,
+                "seeds_ci_excludes_0": sig,
+            }
 
     # -- outputs ---------------------------------------------------------------------------------------
     chosen = {}
     for kind in KINDS:
         c = choices[kind]
         chosen[kind] = {
-            "label": tags[kind], "alpha": float(c.row["alpha"]), "beta": float(c.row["beta"]),
-            "trial_id": c.row["trial_id"], "meets_bar": c.eligible,
+            "label": tags[kind],
+            "alpha": float(c.row["alpha"]),
+            "beta": float(c.row["beta"]),
+            "trial_id": c.row["trial_id"],
+            "meets_bar": c.eligible,
             "validation": {f"val_{m}": _metric(c.row, m) for m in ("s_nfr", "r_nfr", "nfr", "rob_acc", "acc")},
-        }  # fmt: skip
+        }
     test_attack = s["attack"]
     protocol = {
         "mode": "quick" if args.quick else "full",
         "data": s["data"].name,
-        "old": str(old_path), "new": str(new_path),
-        "finetune": {"epochs": s["epochs"], "batch_size": s["batch_size"], "optimizer": s["optimizer"].model_dump(),
-                     "train_attack": f"FGSM-RS eps {s['eps']:g}", "samples": s["finetune_samples"] or "train split",
-                     "final_workers": s["finetune_workers"]},
-        "grid": {"rcat": [[0.75, 0.2], [0.7, 0.2], [0.5, 0.4], [0.3, 0.6]], "pct/pcat beta (alpha 1)": [1, 2, 5, 10],
-                 "at": True},
-        "choice": {**val.to_dict(), "tolerance": cfg.tolerance, "rule": "per method: lowest val S-NFR among its "
-                   "trials with val robust accuracy >= new's - tolerance; none: lowest val S-NFR, flagged"},
+        "old": str(old_path),
+        "new": str(new_path),
+        "finetune": {
+            "epochs": s["epochs"],
+            "batch_size": s["batch_size"],
+            "optimizer": s["optimizer"].model_dump(),
+            "train_attack": f"FGSM-RS eps {s['eps']:g}",
+            "samples": s["finetune_samples"] or "train split",
+            "final_workers": s["finetune_workers"],
+        },
+        "grid": {
+            "rcat": [[0.75, 0.2], [0.7, 0.2], [0.5, 0.4], [0.3, 0.6]],
+            "pct/pcat beta (alpha 1)": [1, 2, 5, 10],
+            "at": True,
+        },
+        "choice": {
+            **val.to_dict(),
+            "tolerance": cfg.tolerance,
+            "rule": "per method: lowest val S-NFR among its "
+            "trials with val robust accuracy >= new's - tolerance; none: lowest val S-NFR, flagged",
+        },
         "test": {"samples": s["test_samples"], "attack": test_attack.model_dump(mode="json")},
         "seeds": s["seeds"],
         "differences": "per seed: paired bootstrap over the test samples (evaluate.paper_table), mean over seeds; "
-                       "not pooled",
-    }  # fmt: skip
-    result = {"protocol": protocol, "timings_s": times, "sweep_overall_choice": overall_text, "chosen": chosen,
-              "methods": per_method, "differences_rcat_minus": diffs, "tables": to_records(tables)}  # fmt: skip
+        "not pooled",
+    }
+    result = {
+        "protocol": protocol,
+        "timings_s": times,
+        "sweep_overall_choice": overall_text,
+        "chosen": chosen,
+        "methods": per_method,
+        "differences_rcat_minus": diffs,
+        "tables": to_records(tables),
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     chosen_yaml = (
         f"# Each method's weights as bench/fidelity.py ({protocol['mode']} run) chose them, by the sweep's rule\n"
         f"# (tolerance {cfg.tolerance}) applied per method, on the {val.describe()}.\n"
         f"# Point the demo at them:  rcat-ray demo --config {out / 'chosen.yaml'}\n"
-        + "".join(f"# {tags[k]}: keeps the new model's validation robust accuracy (the rule's bar): "
-                  f"{'yes' if chosen[k]['meets_bar'] else 'no, lowest validation S-NFR instead'}\n" for k in KINDS)
-        + yaml.safe_dump({"methods": [{"kind": "at"} if k == "at" else
-                                      {"kind": k, "alpha": chosen[k]["alpha"], "beta": chosen[k]["beta"]}
-                                      for k in KINDS],
-                          "methods_source": f"chosen per method on validation by bench/fidelity.py "
-                                            f"({protocol['mode']} run, {val.n} validation samples)"},
-                         sort_keys=False)
-    )  # fmt: skip
+        + "".join(
+            f"# {tags[k]}: keeps the new model's validation robust accuracy (the rule's bar): "
+            f"{'yes' if chosen[k]['meets_bar'] else 'no, lowest validation S-NFR instead'}\n"
+            for k in KINDS
+        )
+        + yaml.safe_dump(
+            {
+                "methods": [
+                    {"kind": "at"} if k == "at" else {"kind": k, "alpha": chosen[k]["alpha"], "beta": chosen[k]["beta"]}
+                    for k in KINDS
+                ],
+                "methods_source": f"chosen per method on validation by bench/fidelity.py "
+                f"({protocol['mode']} run, {val.n} validation samples)",
+            },
+            sort_keys=False,
+        )
+    )
     (out / "chosen.yaml").write_text(chosen_yaml)
 
     a = test_attack
     lines = [
-        f"# Fidelity: the paper's protocol on {s['data'].name} ({protocol['mode']})", "",
+        f"# Fidelity: the paper's protocol on {s['data'].name} ({protocol['mode']})",
+        "",
         f"Old `{old_path.name}`, new `{new_path.name}`; fine-tuning {s['epochs']} epoch(s), SGD lr "
         f"{s['optimizer'].lr:g} momentum {s['optimizer'].momentum:g}, global batch {s['batch_size']}, FGSM-RS eps "
         f"{s['eps']:g}. Test: {' + '.join(x.upper() for x in a.cascade)}, {a.n_iter} iterations, eps {a.eps:g}, "
-        f"{s['test_samples']} test images; seeds {s['seeds']}.", "",
+        f"{s['test_samples']} test images; seeds {s['seeds']}.",
+        "",
         f"## Chosen weights ({val.describe()}; bar: new model's val robust accuracy "
         f"{_ci({'value': val.new_rob_acc, **{k: val.new['rob_acc'].get(k) for k in ('ci_low', 'ci_high')}})}% "
-        f"minus {100 * cfg.tolerance:g} points)", "",
-        *_md(["method", "weights", "meets bar", "val S-NFR", "val R-NFR", "val rob. acc", "trial"],
-             [[k.upper(), tags[k], "yes" if chosen[k]["meets_bar"] else "**no** (lowest S-NFR)",
-               _ci(chosen[k]["validation"]["val_s_nfr"]), _ci(chosen[k]["validation"]["val_r_nfr"]),
-               _ci(chosen[k]["validation"]["val_rob_acc"]), str(chosen[k]["trial_id"])] for k in KINDS]),
-        "", f"The sweep's overall choice (all methods together): {overall_text}.", "",
-        f"## Test ({len(s['seeds'])} seeds: mean [min, max] in %)", "",
-    ]  # fmt: skip
+        f"minus {100 * cfg.tolerance:g} points)",
+        "",
+        *_md(
+            ["method", "weights", "meets bar", "val S-NFR", "val R-NFR", "val rob. acc", "trial"],
+            [
+                [
+                    k.upper(),
+                    tags[k],
+                    "yes" if chosen[k]["meets_bar"] else "**no** (lowest S-NFR)",
+                    _ci(chosen[k]["validation"]["val_s_nfr"]),
+                    _ci(chosen[k]["validation"]["val_r_nfr"]),
+                    _ci(chosen[k]["validation"]["val_rob_acc"]),
+                    str(chosen[k]["trial_id"]),
+                ]
+                for k in KINDS
+            ],
+        ),
+        "",
+        f"The sweep's overall choice (all methods together): {overall_text}.",
+        "",
+        f"## Test ({len(s['seeds'])} seeds: mean [min, max] in %)",
+        "",
+    ]
     rows = []
     for key, pm in per_method.items():
         cells = [pm["label"]]
@@ -390,8 +476,12 @@ def main() -> None:
                 cells.append(f"{_pct(g['mean'])} [{_pct(g['min'])}, {_pct(g['max'])}]")
         rows.append(cells)
     lines += _md(["model", *(c[2] for c in COLUMNS)], rows)
-    lines += ["", f"## Paired differences {tags['rcat']} minus each (points; per seed with its 95% paired-bootstrap "
-              "CI over the test samples; mean over seeds; * = the seed's CI excludes 0)", ""]  # fmt: skip
+    lines += [
+        "",
+        f"## Paired differences {tags['rcat']} minus each (points; per seed with its 95% paired-bootstrap "
+        "CI over the test samples; mean over seeds; * = the seed's CI excludes 0)",
+        "",
+    ]
     rows = []
     for key in ("at", "pcat", "pct", "new"):
         for i, seed in enumerate(s["seeds"]):
@@ -401,17 +491,36 @@ def main() -> None:
                 sig = d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
                 cells.append(_ci(d, signed=True) + (" *" if sig else ""))
             rows.append(cells)
-        rows.append(["", "mean", *(
-            f"{100 * diffs[key][t]['mean']:+.2f} ({diffs[key][t]['seeds_ci_excludes_0']}/{len(s['seeds'])} *)"
-            if diffs[key][t]["mean"] is not None else "-" for t, _, _ in COLUMNS)])  # fmt: skip
+        rows.append(
+            [
+                "",
+                "mean",
+                *(
+                    f"{100 * diffs[key][t]['mean']:+.2f} ({diffs[key][t]['seeds_ci_excludes_0']}/{len(s['seeds'])} *)"
+                    if diffs[key][t]["mean"] is not None
+                    else "-"
+                    for t, _, _ in COLUMNS
+                ),
+            ]
+        )
     lines += _md(["minus", "seed", *(c[2] for c in COLUMNS)], rows)
-    lines += ["", "## Timings (s)", "", *_md(["phase", "s"], [[k, f"{v:.0f}"] for k, v in times.items()]), "",
-              "## Per-seed paper tables", "", to_markdown(tables)]  # fmt: skip
+    lines += [
+        "",
+        "## Timings (s)",
+        "",
+        *_md(["phase", "s"], [[k, f"{v:.0f}"] for k, v in times.items()]),
+        "",
+        "## Per-seed paper tables",
+        "",
+        to_markdown(tables),
+    ]
     text = "\n".join(lines)
     (out / "result.md").write_text(text + "\n")
     print(text)
-    print(f"\nwritten: {out / 'result.json'}, {out / 'result.md'}, {out / 'chosen.yaml'}; sweep report "
-          f"{out / 'sweep' / 'report.html'}; Tune's log {log_path}")  # fmt: skip
+    print(
+        f"\nwritten: {out / 'result.json'}, {out / 'result.md'}, {out / 'chosen.yaml'}; sweep report "
+        f"{out / 'sweep' / 'report.html'}; Tune's log {log_path}"
+    )
 
 
 if __name__ == "__main__":

@@ -132,11 +132,15 @@ def finetune_section(args, source: str, where: Path, parents: tuple[Path, Path],
         "loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4},
         "train_attack": {"kind": "fgsm-rs", "eps": EPS},
         "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "epochs": 1, "batch_size": args.batch_size,
+        "epochs": 1,
+        "batch_size": args.batch_size,
         "validation": {"samples": args.val_samples, "attack": attack},
-        "compute": {"num_workers": workers, "threads_per_worker": 1}, "max_failures": 0,
-        "store": str(work / "store"), "storage": str(work / "ray_results"), "out": str(work / "out"),
-    }  # fmt: skip
+        "compute": {"num_workers": workers, "threads_per_worker": 1},
+        "max_failures": 0,
+        "store": str(work / "store"),
+        "storage": str(work / "ray_results"),
+        "out": str(work / "out"),
+    }
 
 
 def sweep_config(args, source: str, where: Path, parents: tuple[Path, Path], work: Path) -> dict:
@@ -145,13 +149,18 @@ def sweep_config(args, source: str, where: Path, parents: tuple[Path, Path], wor
     if args.sweep_workers > 1:  # a trial's own 0.01 CPU beside its workers must fit the local Ray's CPUs
         base["compute"]["cpus_per_worker"] = 0.99
     return {
-        "base": base, "mode": "grid", "space": {"losses": ["at"], "lr": [0.01, 0.001]},
-        "asha": {"enabled": False}, "cpus_per_trial": 1,
+        "base": base,
+        "mode": "grid",
+        "space": {"losses": ["at"], "lr": [0.01, 0.001]},
+        "asha": {"enabled": False},
+        "cpus_per_trial": 1,
         "choice": {"samples": args.val_samples, "attack": base["validation"]["attack"], "chunk_size": 100},
         "compute": {"num_workers": 1, "threads_per_worker": 1},
-        "name": "scale-sweep", "storage": str(work / "ray_results"), "out": str(work / "sweep-out"),
+        "name": "scale-sweep",
+        "storage": str(work / "ray_results"),
+        "out": str(work / "sweep-out"),
         "bootstrap": {"n_resamples": 200},
-    }  # fmt: skip
+    }
 
 
 def write_yaml(path: Path, cfg: dict) -> Path:
@@ -174,12 +183,33 @@ def run_command(args, source: str, command: str, n: int, where: Path, parents, w
     log = work / f"{command}.log"
     arch = args.arch if source == "tensors" else args.imagenet_arch
     if command == "evaluate":
-        data = ["--data", "tensors", "--data-path", str(where)] if source == "tensors" else \
-            ["--data", "imagenet", "--data-root", str(where)]  # fmt: skip
-        cmd = [RCAT_RAY, "evaluate", *data, "--model", f"builtin:{arch}", "--eps", str(EPS),
-               "--attacks", "apgd-ce", "--n-iter", str(args.n_iter), "--chunk-size", str(args.chunk_size),
-               "--workers", str(args.eval_workers), "--threads-per-worker", "1", "--store", str(work / "store"),
-               "--json"]  # fmt: skip
+        data = (
+            ["--data", "tensors", "--data-path", str(where)]
+            if source == "tensors"
+            else ["--data", "imagenet", "--data-root", str(where)]
+        )
+        cmd = [
+            RCAT_RAY,
+            "evaluate",
+            *data,
+            "--model",
+            f"builtin:{arch}",
+            "--eps",
+            str(EPS),
+            "--attacks",
+            "apgd-ce",
+            "--n-iter",
+            str(args.n_iter),
+            "--chunk-size",
+            str(args.chunk_size),
+            "--workers",
+            str(args.eval_workers),
+            "--threads-per-worker",
+            "1",
+            "--store",
+            str(work / "store"),
+            "--json",
+        ]
     elif command == "finetune":
         cfg = finetune_section(args, source, where, parents, work, args.workers)
         cfg["output"] = str(work / "out" / "finetuned.pt")
@@ -197,8 +227,9 @@ def run_command(args, source: str, command: str, n: int, where: Path, parents, w
         row["reads"] = epoch_reads(work / "out" / "finetuned.json", train_rows * row_nbytes)
         row["train_rows"] = train_rows
     elif command == "sweep":
-        row["reads"] = [epoch_reads(p, train_rows * row_nbytes)
-                        for p in sorted((work / "sweep-out" / "trials").glob("*.json"))]  # fmt: skip
+        row["reads"] = [
+            epoch_reads(p, train_rows * row_nbytes) for p in sorted((work / "sweep-out" / "trials").glob("*.json"))
+        ]
         row["train_rows"] = train_rows
     return row
 
@@ -214,14 +245,18 @@ def reads_text(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| source | command | N | run | driver peak MiB (at s) | largest worker peak MiB | that worker | wall s | "
-             "CPU s | bytes read per worker / training set | exit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| source | command | N | run | driver peak MiB (at s) | largest worker peak MiB | that worker | wall s | "
+        "CPU s | bytes read per worker / training set | exit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         at = "" if r.get("driver_peak_at_s") is None else f" ({r['driver_peak_at_s']:.0f})"
-        lines.append(f"| {r['source']} | {r['command']} | {r['n']:,} | {r['rep'] + 1} | {mib(r['driver_peak'])}{at} | "
-                     f"{mib(r['worker_peak'])} | {short_title(r.get('worker_title'))} | {r['wall_s']:.0f} | "
-                     f"{r['cpu_s']:.0f} | {reads_text(r)} | {r['returncode']} |")  # fmt: skip
+        lines.append(
+            f"| {r['source']} | {r['command']} | {r['n']:,} | {r['rep'] + 1} | {mib(r['driver_peak'])}{at} | "
+            f"{mib(r['worker_peak'])} | {short_title(r.get('worker_title'))} | {r['wall_s']:.0f} | "
+            f"{r['cpu_s']:.0f} | {reads_text(r)} | {r['returncode']} |"
+        )
     return lines
 
 
@@ -253,8 +288,10 @@ def ratios(rows: list[dict]) -> list[str]:
             if command in ("evaluate", "finetune"):
                 target = f" (target <= 1.10: {'met' if d <= 1.10 else 'NOT met'})"
             of = f", medians of {runs} runs" if runs > 1 else ""
-            out.append(f"- {source} {command}: driver peak {hi:,} / {lo:,} = {d:.3f} ({mib(med('driver_peak', lo))} "
-                       f"-> {mib(med('driver_peak', hi))} MiB{of}){target}; largest worker peak {w}")  # fmt: skip
+            out.append(
+                f"- {source} {command}: driver peak {hi:,} / {lo:,} = {d:.3f} ({mib(med('driver_peak', lo))} "
+                f"-> {mib(med('driver_peak', hi))} MiB{of}){target}; largest worker peak {w}"
+            )
     return out
 
 
@@ -300,8 +337,14 @@ def report(args, rows: list[dict], started: str, machine: str, wall: float) -> s
     ]
     failed = [r for r in rows if r["returncode"] != 0]
     for r in failed:
-        lines += ["", f"{r['source']} {r['command']} N={r['n']:,} exited {r['returncode']}; the end of its output:",
-                  "", "```", r.get("error", "").strip()[-1500:], "```"]  # fmt: skip
+        lines += [
+            "",
+            f"{r['source']} {r['command']} N={r['n']:,} exited {r['returncode']}; the end of its output:",
+            "",
+            "```",
+            r.get("error", "").strip()[-1500:],
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -365,10 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_command(args, source, command, n, where, parents, folder / command)
                     row["rep"] = rep
                     rows.append(row)
-                    print(f"[{source} N={n:,}] {command}: exit {row['returncode']}, {row['wall_s']:.0f} s, driver "
-                          f"{mib(row['driver_peak'])} MiB, largest worker {mib(row['worker_peak'])} MiB "
-                          f"({short_title(row.get('worker_title'))}), reads {reads_text(row)}",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"[{source} N={n:,}] {command}: exit {row['returncode']}, {row['wall_s']:.0f} s, driver "
+                        f"{mib(row['driver_peak'])} MiB, largest worker {mib(row['worker_peak'])} MiB "
+                        f"({short_title(row.get('worker_title'))}), reads {reads_text(row)}",
+                        flush=True,
+                    )
                     if row["returncode"]:
                         print(row.get("error", "")[-2000:], file=sys.stderr)
                 if not args.keep:

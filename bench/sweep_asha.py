@@ -38,31 +38,41 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=5000)
     args = ap.parse_args()
     old = train_or_load(TrainRecipe(arch="mlp", epochs=2, train_samples=10_000, seed=0), OUT / "models", None, "sw-old")
-    new = train_or_load(TrainRecipe(arch="small_cnn", epochs=2, train_samples=10_000, seed=1), OUT / "models", None,
-                        "sw-new")  # fmt: skip
+    new = train_or_load(
+        TrainRecipe(arch="small_cnn", epochs=2, train_samples=10_000, seed=1), OUT / "models", None, "sw-new"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="rcat-sweep-bench-"))
 
     def cfg(asha: bool) -> SweepConfig:
-        return parse_config(SweepConfig, {
-            "base": {
-                "old": {"source": "checkpoint", "name": "old", "path": str(old)},
-                "new": {"source": "checkpoint", "name": "new", "path": str(new)},
-                "data": {"name": "fashion_mnist", "split": "train", "limit": args.samples},
-                "train_attack": {"eps": 0.1},
-                "optimizer": {"lr": 0.01},
-                "epochs": args.epochs,
-                "batch_size": 128,
-                "validation": {"samples": 300, "attack": {"eps": 0.1, "attacks": ["apgd-ce"], "n_iter": 5}},
-                "compute": {"num_workers": 0, "threads_per_worker": 1},
-                "storage": str(tmp / "ft"),
-                "store": str(tmp / "store"),
+        return parse_config(
+            SweepConfig,
+            {
+                "base": {
+                    "old": {"source": "checkpoint", "name": "old", "path": str(old)},
+                    "new": {"source": "checkpoint", "name": "new", "path": str(new)},
+                    "data": {"name": "fashion_mnist", "split": "train", "limit": args.samples},
+                    "train_attack": {"eps": 0.1},
+                    "optimizer": {"lr": 0.01},
+                    "epochs": args.epochs,
+                    "batch_size": 128,
+                    "validation": {"samples": 300, "attack": {"eps": 0.1, "attacks": ["apgd-ce"], "n_iter": 5}},
+                    "compute": {"num_workers": 0, "threads_per_worker": 1},
+                    "storage": str(tmp / "ft"),
+                    "store": str(tmp / "store"),
+                },
+                "mode": "search",
+                "algorithm": "random",
+                "num_samples": args.trials,
+                "seed": 0,
+                "space": {"losses": ["rcat"]},
+                "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 2},
+                "choice": {"enabled": False},  # times the search itself; strong judging is the same for both
+                "tolerance": 0.05,
+                "name": f"asha-{asha}",
+                "storage": str(tmp / "tune"),
+                "out": str(tmp / f"out-{asha}"),
             },
-            "mode": "search", "algorithm": "random", "num_samples": args.trials, "seed": 0,
-            "space": {"losses": ["rcat"]},
-            "asha": {"enabled": asha, "grace_period": 1, "reduction_factor": 2},
-            "choice": {"enabled": False},  # times the search itself; strong judging is the same for both
-            "tolerance": 0.05, "name": f"asha-{asha}", "storage": str(tmp / "tune"), "out": str(tmp / f"out-{asha}"),
-        })  # fmt: skip
+        )
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -107,12 +107,22 @@ def main() -> None:
         )
 
     def cfg(workers: int, batch: int) -> FinetuneConfig:
-        return parse_config(FinetuneConfig, _ft_raw(
-            old=paths["old"], new=paths["new"], data={"name": "fashion_mnist", "split": "train", "limit": args.samples},
-            loss={"kind": "rcat", "alpha": 0.5, "beta": 0.4}, epochs=1, batch_size=batch,
-            validation={"samples": 50}, compute={"num_workers": workers, "threads_per_worker": 1},
-            out=str(tmp / f"out{workers}"), storage=str(tmp / "ray_results"), name=f"bench-{workers}",
-        ))  # fmt: skip
+        return parse_config(
+            FinetuneConfig,
+            _ft_raw(
+                old=paths["old"],
+                new=paths["new"],
+                data={"name": "fashion_mnist", "split": "train", "limit": args.samples},
+                loss={"kind": "rcat", "alpha": 0.5, "beta": 0.4},
+                epochs=1,
+                batch_size=batch,
+                validation={"samples": 50},
+                compute={"num_workers": workers, "threads_per_worker": 1},
+                out=str(tmp / f"out{workers}"),
+                storage=str(tmp / "ray_results"),
+                name=f"bench-{workers}",
+            ),
+        )
 
     # the plain loop: the same epoch function on the same data, no Ray
     c = cfg(1, args.batch)

@@ -603,8 +603,8 @@ _INTERRUPT_NOTES = {
 
 def _interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     """One line saying what was kept, Ray shut down, and the exit status a shell expects (130 / 143)."""
-    from rcat_ray.runtime.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
     from rcat_ray.runtime.environment import shutdown_ray_if_started
+    from rcat_ray.runtime.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
 
     if isinstance(err, EvaluationInterrupted) and args.command != "sweep":
         note = str(err)

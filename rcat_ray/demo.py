@@ -50,7 +50,13 @@ class DemoConfig(StrictConfig):
     )
     new: TrainRecipe = Field(
         TrainRecipe(
-            arch="small_cnn", epochs=8, train_samples=50_000, batch_size=128, lr=2e-3, schedule="onecycle", eps=0.1,
+            arch="small_cnn",
+            epochs=8,
+            train_samples=50_000,
+            batch_size=128,
+            lr=2e-3,
+            schedule="onecycle",
+            eps=0.1,
             seed=1,
         ),
         description="how the new model is trained (a small CNN)",
@@ -179,14 +185,18 @@ def run_demo(cfg: DemoConfig) -> None:
         compute=cfg.compute,
         bootstrap=cfg.bootstrap,
         out=str(out / "table"),
-        pairs=(TablePair(
-            name=f"Fashion-MNIST, MLP -> CNN (Linf eps {cfg.attack.eps:g}, {cfg.test_samples} test images)",
-            old=ModelConfig(source="checkpoint", name="old", label="old (MLP)", path=str(old_path)),
-            new=ModelConfig(source="checkpoint", name="new", label="new (CNN)", path=str(new_path)),
-            finetuned=tuple(TableEntry(label=tag, model=ModelConfig(source="checkpoint", name=tag, label=tag,
-                                                                    path=str(p))) for tag, p in tuned),
-        ),),
-    )  # fmt: skip
+        pairs=(
+            TablePair(
+                name=f"Fashion-MNIST, MLP -> CNN (Linf eps {cfg.attack.eps:g}, {cfg.test_samples} test images)",
+                old=ModelConfig(source="checkpoint", name="old", label="old (MLP)", path=str(old_path)),
+                new=ModelConfig(source="checkpoint", name="new", label="new (CNN)", path=str(new_path)),
+                finetuned=tuple(
+                    TableEntry(label=tag, model=ModelConfig(source="checkpoint", name=tag, label=tag, path=str(p)))
+                    for tag, p in tuned
+                ),
+            ),
+        ),
+    )
     t2 = time.perf_counter()
     (table,) = run_table(table_cfg)
     t_eval = time.perf_counter() - t2

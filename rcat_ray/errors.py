@@ -9,12 +9,33 @@ continues it). Each keeps its built-in base (``ValueError`` or ``RuntimeError``)
 from __future__ import annotations
 
 __all__ = [
-    "ChoiceError", "ComparisonError", "ConfigError", "DamagedArtifactError", "DamagedSetError", "DataError",
-    "EvaluationInputError", "EvaluationRunError", "FinetuneInputError", "FlipInputError", "IncompleteRunError",
-    "InputError", "LossConfigError", "ModelError", "ModelFingerprintError", "NightlyError", "NonFiniteOutputError",
-    "NotASetError", "RayStartError", "RcatRayError", "RunError", "RunIdentityError",
-    "StoreError", "SweepFailedError", "SweepInterruptedError", "UncheckedArtifactError",
-]  # fmt: skip
+    "ChoiceError",
+    "ComparisonError",
+    "ConfigError",
+    "DamagedArtifactError",
+    "DamagedSetError",
+    "DataError",
+    "EvaluationInputError",
+    "EvaluationRunError",
+    "FinetuneInputError",
+    "FlipInputError",
+    "IncompleteRunError",
+    "InputError",
+    "LossConfigError",
+    "ModelError",
+    "ModelFingerprintError",
+    "NightlyError",
+    "NonFiniteOutputError",
+    "NotASetError",
+    "RayStartError",
+    "RcatRayError",
+    "RunError",
+    "RunIdentityError",
+    "StoreError",
+    "SweepFailedError",
+    "SweepInterruptedError",
+    "UncheckedArtifactError",
+]
 
 
 class RcatRayError(Exception):

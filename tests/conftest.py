@@ -29,7 +29,7 @@ def ray_session():
     """A real local Ray instance with 2 CPUs, shared by every test that needs Ray."""
     import ray
 
-    # a failed evaluation must give its actors' CPUs back (tests/test_evaluate_ray.py checks it): with only 2,
+    # a failed evaluation must give its actors' CPUs back (tests/evaluate/test_evaluate_ray.py checks it): with only 2,
     # an actor left behind would starve the 2-worker Ray Train tests that follow in this one session
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024**2)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -86,8 +86,14 @@ def digits_checkpoints(tmp_path, digits_models) -> dict[str, Path]:
     paths = {}
     for name, m in zip(("old", "new"), digits_models, strict=True):
         paths[name] = tmp_path / f"{name}.pt"
-        save_checkpoint(paths[name], m.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
-                        arch_kwargs={"hidden": [m.module[1].out_features]})  # fmt: skip
+        save_checkpoint(
+            paths[name],
+            m.module,
+            arch="mlp",
+            num_classes=10,
+            input_shape=(1, 8, 8),
+            arch_kwargs={"hidden": [m.module[1].out_features]},
+        )
     return paths
 
 

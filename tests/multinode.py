@@ -22,8 +22,8 @@ helper started when that fails.
 Environment variables given to :class:`ClusterProcess` reach every Ray worker (they inherit the raylets'
 environment): the way to switch on a testing aid inside workers.
 
-Shared by tests/test_multinode_eval.py and tests/test_multinode_train.py (a plain module, not a conftest, so
-importing it has no side effects).
+Shared by tests/evaluate/test_multinode_eval.py and tests/finetune/test_multinode_train.py (a plain module, not a
+conftest, so importing it has no side effects).
 """
 
 from __future__ import annotations
@@ -91,9 +91,14 @@ class ClusterProcess:
         self.worker_cpus = worker_cpus
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.multinode", str(head_cpus)],
-            cwd=ROOT, env=ray_env(**(env or {})), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-            text=True, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=ray_env(**(env or {})),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            start_new_session=True,
+        )
         self.workers: list[str] = []
         try:
             self.address = self._reply()["address"]

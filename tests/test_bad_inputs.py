@@ -53,7 +53,8 @@ CASES = {
         "cifar-10-batches-py",
     ),
     "corrupt checkpoint": (
-        lambda s, c, t: _compare(s, str(c["digits"]), str(c["corrupt"])), "not a readable PyTorch checkpoint"
+        lambda s, c, t: _compare(s, str(c["digits"]), str(c["corrupt"])),
+        "not a readable PyTorch checkpoint",
     ),
     "pickled object": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["pickled"])), "pickled Python objects"),
     "class mismatch": (lambda s, c, t: _compare(s, str(c["digits"]), str(c["five"])), "disagree on the number"),

@@ -64,9 +64,25 @@ def test_the_synthetic_tensors_file_is_what_the_project_reads(tmp_path):
 @pytest.mark.slow
 def test_scale_memory_runs_an_evaluation_through_the_cli(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(BENCH / "scale_memory.py"), "--sizes", "260", "--commands", "evaluate",
-         "--val-size", "10", "--chunk-size", "130", "--keep", str(tmp_path), "--no-write"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(BENCH / "scale_memory.py"),
+            "--sizes",
+            "260",
+            "--commands",
+            "evaluate",
+            "--val-size",
+            "10",
+            "--chunk-size",
+            "130",
+            "--keep",
+            str(tmp_path),
+            "--no-write",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "| tensors | evaluate | 260 | 1 |" in out.stdout

@@ -22,9 +22,14 @@ from rcat_ray.sweep.config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
-    "evaluate": EvaluateConfig, "compare": CompareConfig, "table": TableConfig, "finetune": FinetuneConfig,
-    "sweep": SweepConfig, "nightly": NightlyConfig, "demo": DemoConfig,
-}  # fmt: skip
+    "evaluate": EvaluateConfig,
+    "compare": CompareConfig,
+    "table": TableConfig,
+    "finetune": FinetuneConfig,
+    "sweep": SweepConfig,
+    "nightly": NightlyConfig,
+    "demo": DemoConfig,
+}
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -49,10 +54,25 @@ def test_flags_override_the_yaml_key_by_key(tmp_path):
         yaml.safe_dump({"attack": {"eps": 0.2, "n_iter": 9}, "data": {"name": "digits", "limit": 50}, "chunk_size": 25})
     )
     args = build_parser().parse_args(
-        ["evaluate", "--config", str(cfg_file), "--eps", "0.1", "--attack.n_restarts", "3",
-         "--attacks", "apgd-ce,apgd-dlr", "--model", "builtin:mlp", "--model", "checkpoint:x.pt",
-         "--no-save_adversarial", "--compute.chunks_in_flight", "4"]
-    )  # fmt: skip
+        [
+            "evaluate",
+            "--config",
+            str(cfg_file),
+            "--eps",
+            "0.1",
+            "--attack.n_restarts",
+            "3",
+            "--attacks",
+            "apgd-ce,apgd-dlr",
+            "--model",
+            "builtin:mlp",
+            "--model",
+            "checkpoint:x.pt",
+            "--no-save_adversarial",
+            "--compute.chunks_in_flight",
+            "4",
+        ]
+    )
     cfg = _parse(args, EvaluateConfig)
     assert cfg.attack.eps == 0.1 and cfg.attack.n_iter == 9 and cfg.attack.n_restarts == 3  # flag > YAML > default
     assert cfg.attack.attacks == ("apgd-ce", "apgd-dlr")

@@ -48,10 +48,15 @@ def test_relative_paths_resolve_against_the_readers_working_directory(tmp_path, 
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(
         FinetuneConfig,
-        {"old": {"source": "checkpoint", "path": "models/old.pt"}, "new": {"source": "checkpoint", "path": "new.pt"},
-         "data": {"name": "tensors", "path": "data/x.npz", "split": "train"}, "train_attack": {"eps": 0.1},
-         "storage": "s3://bucket/ray", "out": "~/ft"},
-    )  # fmt: skip
+        {
+            "old": {"source": "checkpoint", "path": "models/old.pt"},
+            "new": {"source": "checkpoint", "path": "new.pt"},
+            "data": {"name": "tensors", "path": "data/x.npz", "split": "train"},
+            "train_attack": {"eps": 0.1},
+            "storage": "s3://bucket/ray",
+            "out": "~/ft",
+        },
+    )
     assert cfg.old.path == str(tmp_path / "models" / "old.pt")
     assert cfg.new.name == "new"  # a checkpoint's name defaults to its file stem
     assert cfg.data.path == str(tmp_path / "data" / "x.npz")
@@ -64,20 +69,31 @@ def test_relative_paths_resolve_against_the_readers_working_directory(tmp_path, 
     again = parse_config(FinetuneConfig, cfg.model_dump(mode="json"))
     assert again == cfg
 
-    nightly = parse_config(NightlyConfig, {
-        "attack": {"eps": 0.1}, "baseline": {"source": "builtin", "name": "mlp"}, "candidate_dir": "cands",
-        "notify": {"kind": "file", "path": "n.jsonl"},
-    })  # fmt: skip
+    nightly = parse_config(
+        NightlyConfig,
+        {
+            "attack": {"eps": 0.1},
+            "baseline": {"source": "builtin", "name": "mlp"},
+            "candidate_dir": "cands",
+            "notify": {"kind": "file", "path": "n.jsonl"},
+        },
+    )
     assert nightly.candidate_dir == "/cands" and nightly.notify.path == "/n.jsonl" and nightly.history == "/history"
 
 
 def test_sweep_and_model_sources_resolve_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    sweep = parse_config(SweepConfig, {
-        "base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
-                 "train_attack": {"eps": 0.1}},
-        "out": "sweep-out/x",
-    })  # fmt: skip
+    sweep = parse_config(
+        SweepConfig,
+        {
+            "base": {
+                "old": {"source": "builtin", "name": "mlp"},
+                "new": {"source": "builtin", "name": "mlp"},
+                "train_attack": {"eps": 0.1},
+            },
+            "out": "sweep-out/x",
+        },
+    )
     assert sweep.out == str(tmp_path / "sweep-out" / "x") and sweep.storage == str(tmp_path / "ray_results")
     assert sweep.base.storage == str(tmp_path / "ray_results")
     with pytest.raises(ConfigError, match=r"name .the RobustBench zoo name. is required"):
@@ -101,8 +117,10 @@ def test_invalid_yaml_is_one_line_with_file_line_and_column(tmp_path, no_compute
 def test_errors_name_the_flag_the_user_typed(no_compute, capsys):
     assert main(["evaluate", "--data", "digits", "--model", "builtin:mlp"]) == 2
     assert "--eps is required" in capsys.readouterr().err
-    assert main(["finetune", "--old", "a.pt", "--new", "b.pt", "--alpha", "0.7", "--beta", "0.6",
-                 "--train-eps", "0.1"]) == 2  # fmt: skip
+    assert (
+        main(["finetune", "--old", "a.pt", "--new", "b.pt", "--alpha", "0.7", "--beta", "0.6", "--train-eps", "0.1"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "alpha=0.7 + beta=0.6 = 1.3" in err and "1.29999" not in err
     assert main(["finetune", "--old", "a.pt", "--new", "b.pt"]) == 2
@@ -115,11 +133,30 @@ def test_finetune_checks_inputs_before_ray(digits_checkpoints, tmp_path, no_comp
     from rcat_ray.core.models import build_architecture, save_checkpoint
 
     fashion = tmp_path / "fashion.pt"
-    save_checkpoint(fashion, build_architecture("small_cnn", num_classes=10, input_shape=(1, 28, 28)),
-                    arch="small_cnn", num_classes=10, input_shape=(1, 28, 28))  # fmt: skip
-    base = ["finetune", "--old", str(digits_checkpoints["old"]), "--train-eps", "0.1", "--workers", "2",
-            "--data", "digits", "--storage", str(tmp_path / "rr"), "--out", str(tmp_path / "ft"),
-            "--store", str(tmp_path / "store")]  # fmt: skip
+    save_checkpoint(
+        fashion,
+        build_architecture("small_cnn", num_classes=10, input_shape=(1, 28, 28)),
+        arch="small_cnn",
+        num_classes=10,
+        input_shape=(1, 28, 28),
+    )
+    base = [
+        "finetune",
+        "--old",
+        str(digits_checkpoints["old"]),
+        "--train-eps",
+        "0.1",
+        "--workers",
+        "2",
+        "--data",
+        "digits",
+        "--storage",
+        str(tmp_path / "rr"),
+        "--out",
+        str(tmp_path / "ft"),
+        "--store",
+        str(tmp_path / "store"),
+    ]
     assert main([*base, "--new", str(fashion)]) == 2
     assert "cannot run on digits" in capsys.readouterr().err
     # --data is honoured (today it silently trained on Fashion-MNIST): a val tail as large as digits' train file
@@ -139,10 +176,13 @@ def test_a_sweep_whose_trials_all_failed_says_why_in_one_message():
     from rcat_ray.errors import SweepFailedError
     from rcat_ray.sweep.trials import raise_if_all_failed as _raise_if_all_failed
 
-    trials = pd.DataFrame({
-        "trial_id": ["a_00000", "a_00001"], "val_s_nfr": [None, None],
-        "error": ["Traceback (most recent call last):\n  ...\nModelError: checkpoint not found: m.pt", "boom"],
-    })  # fmt: skip
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["a_00000", "a_00001"],
+            "val_s_nfr": [None, None],
+            "error": ["Traceback (most recent call last):\n  ...\nModelError: checkpoint not found: m.pt", "boom"],
+        }
+    )
     with pytest.raises(SweepFailedError, match=r"all 2 trials failed; the first \(a_00000\): ModelError: checkpoint"):
         _raise_if_all_failed(trials)
     trials.loc[1, ["val_s_nfr", "error"]] = [0.1, None]
@@ -160,8 +200,25 @@ def test_version():
 
 
 def _digits_eval(store: Path, *extra: str) -> list[str]:
-    return ["--data", "digits", "--limit", "80", "--eps", "0.1", "--n-iter", "5", "--chunk-size", "40",
-            "--store", str(store), "--workers", "1", "--threads-per-worker", "1", *extra]  # fmt: skip
+    return [
+        "--data",
+        "digits",
+        "--limit",
+        "80",
+        "--eps",
+        "0.1",
+        "--n-iter",
+        "5",
+        "--chunk-size",
+        "40",
+        "--store",
+        str(store),
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.mark.ray
@@ -174,8 +231,19 @@ def test_incomplete_runs_exit_3_and_say_what_remains(ray_session, digits_checkpo
     assert "new: 2 of 2 chunks remain" in capsys.readouterr().err
     assert not (store / "comparisons").exists()
     table = tmp_path / "t.yaml"
-    table.write_text(json.dumps({"pairs": [{"name": "p", "old": {"source": "checkpoint", "path": old},
-                                            "new": {"source": "checkpoint", "path": new}}]}))  # fmt: skip
+    table.write_text(
+        json.dumps(
+            {
+                "pairs": [
+                    {
+                        "name": "p",
+                        "old": {"source": "checkpoint", "path": old},
+                        "new": {"source": "checkpoint", "path": new},
+                    }
+                ]
+            }
+        )
+    )
     out = tmp_path / "tab"
     assert (
         main(["table", "--config", str(table), *_digits_eval(store, "--max-new-chunks", "1"), "--out", str(out)]) == 3
@@ -198,8 +266,20 @@ def test_evaluate_prints_accuracy_and_tells_same_named_models_apart(ray_session,
     twin = tmp_path / "b" / "old.pt"  # another model whose file is also called old.pt
     twin.parent.mkdir()
     twin.write_bytes(digits_checkpoints["new"].read_bytes())
-    assert main(["evaluate", *_digits_eval(store), "--model", str(digits_checkpoints["old"]), "--model", str(twin),
-                 "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                *_digits_eval(store),
+                "--model",
+                str(digits_checkpoints["old"]),
+                "--model",
+                str(twin),
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     tables = json.loads(captured.out)["tables"]
     names = [t["model"] for t in tables]

@@ -116,9 +116,16 @@ def test_one_evaluation_chunk_on_cuda(digits_models, cuda):
 
     def run():
         return evaluate_chunk(
-            copy.deepcopy(new.module), split.images, split.labels, split.sample_ids, cfg,
-            num_classes=10, seed=3, device=cuda, keep_adversarial=True,
-        )  # fmt: skip
+            copy.deepcopy(new.module),
+            split.images,
+            split.labels,
+            split.sample_ids,
+            cfg,
+            num_classes=10,
+            seed=3,
+            device=cuda,
+            keep_adversarial=True,
+        )
 
     a, b = run(), run()
     df = a.table.to_pandas()

@@ -83,9 +83,26 @@ def _data(root: Path, split: str = "test", **kw) -> DataConfig:
 
 
 def _eval_args(root: Path, store: Path) -> list[str]:
-    return ["--data", "imagenet", "--data-root", str(root), "--eps", str(EPS), "--attacks", "apgd-ce,apgd-dlr",
-            "--n-iter", "3", "--chunk-size", str(CHUNK), "--store", str(store), "--workers", "1",
-            "--threads-per-worker", "1"]  # fmt: skip
+    return [
+        "--data",
+        "imagenet",
+        "--data-root",
+        str(root),
+        "--eps",
+        str(EPS),
+        "--attacks",
+        "apgd-ce,apgd-dlr",
+        "--n-iter",
+        "3",
+        "--chunk-size",
+        str(CHUNK),
+        "--store",
+        str(store),
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+    ]
 
 
 def test_prepare_and_evaluate_an_imagefolder_as_load_split_would(
@@ -93,8 +110,22 @@ def test_prepare_and_evaluate_an_imagefolder_as_load_split_would(
 ):
     store = tmp_path / "store"
     # 1. prepared once by the CLI, with its default layout (row groups of 256: not the evaluation's chunk size)
-    assert main(["data", "prepare", "--data", "imagenet", "--data-root", str(imagenet_root), "--store", str(store),
-                 "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--data",
+                "imagenet",
+                "--data-root",
+                str(imagenet_root),
+                "--store",
+                str(store),
+                "--json",
+            ]
+        )
+        == 0
+    )
     prepared = json.loads(capsys.readouterr().out)
     location = samples_location(str(store), _data(imagenet_root))
     assert prepared["location"] == location and prepared["n_samples"] == len(CLASSES) * PER_CLASS
@@ -154,11 +185,14 @@ def test_a_comparison_report_reads_its_images_from_the_set(ray_session, imagenet
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(workflows, "load_split", probe_only)
         cfg = CompareConfig(
-            data=_data(imagenet_root), attack=AttackConfig(eps=EPS, attacks=("apgd-ce",), n_iter=3), chunk_size=CHUNK,
-            store=str(tmp_path / "store"), compute=ComputeConfig(num_workers=1, threads_per_worker=1),
+            data=_data(imagenet_root),
+            attack=AttackConfig(eps=EPS, attacks=("apgd-ce",), n_iter=3),
+            chunk_size=CHUNK,
+            store=str(tmp_path / "store"),
+            compute=ComputeConfig(num_workers=1, threads_per_worker=1),
             old=ModelConfig(source="builtin", name="tiny_convnet", seed=0),
             new=ModelConfig(source="builtin", name="tiny_convnet", seed=1),
-        )  # fmt: skip
+        )
         outcomes, comparison, prepared = run_compare(cfg)
     assert probes == [2] and comparison is not None and all(o.complete for o in outcomes)
     assert prepared.samples.info.rows_per_group == CHUNK  # prepared by the evaluation: chunk-aligned
@@ -183,17 +217,24 @@ def test_one_epoch_fine_tune_streams_from_a_prepared_set(imagenet_root, tmp_path
         module = build_architecture("tiny_convnet", num_classes=3, input_shape=(3, 224, 224))
         parents[name] = tmp_path / f"{name}.pt"
         save_checkpoint(parents[name], module, arch="tiny_convnet", num_classes=3, input_shape=(3, 224, 224))
-    cfg = parse_config(FinetuneConfig, {
-        "old": {"source": "checkpoint", "path": str(parents["old"])},
-        "new": {"source": "checkpoint", "path": str(parents["new"])},
-        "data": {"name": "imagenet", "root": str(imagenet_root), "split": "train", "val_size": 6},
-        "loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4},
-        "train_attack": {"kind": "fgsm-rs", "eps": EPS},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "epochs": 1, "batch_size": 6, "validation": {"samples": 6},
-        "out": str(tmp_path / "out"), "storage": str(tmp_path / "ray_results"), "store": str(tmp_path / "store"),
-        "compute": {"num_workers": 0, "threads_per_worker": 1},
-    })  # fmt: skip
+    cfg = parse_config(
+        FinetuneConfig,
+        {
+            "old": {"source": "checkpoint", "path": str(parents["old"])},
+            "new": {"source": "checkpoint", "path": str(parents["new"])},
+            "data": {"name": "imagenet", "root": str(imagenet_root), "split": "train", "val_size": 6},
+            "loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4},
+            "train_attack": {"kind": "fgsm-rs", "eps": EPS},
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+            "epochs": 1,
+            "batch_size": 6,
+            "validation": {"samples": 6},
+            "out": str(tmp_path / "out"),
+            "storage": str(tmp_path / "ray_results"),
+            "store": str(tmp_path / "store"),
+            "compute": {"num_workers": 0, "threads_per_worker": 1},
+        },
+    )
     outcome = train.run_finetune(cfg)
     assert Path(outcome.checkpoint).is_file()
     sets = sorted(p.name for p in (tmp_path / "store" / "samples").iterdir())

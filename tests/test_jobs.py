@@ -52,30 +52,53 @@ def ray_head():
     home = Path(temp_dir) / "home"
     home.mkdir()
     user = {k: v for k, v in os.environ.items() if k not in (*AUTH_VARIABLES, "RAY_ADDRESS")}
-    user.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-                PATH=f"{VENV_BIN}:{os.environ['PATH']}")  # fmt: skip
-    subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=user, capture_output=True,
-                   check=True, timeout=60)  # fmt: skip
+    user.update(
+        HOME=str(home),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+    )
+    subprocess.run(
+        [str(VENV_BIN / "ray"), "get-auth-token", "--generate"], env=user, capture_output=True, check=True, timeout=60
+    )
     assert (home / ".ray" / "auth_token").is_file()
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = (_free_port() for _ in range(7))
     log = Path(temp_dir) / "head.log"
     with log.open("w") as out:
         head = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
-             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-            env=user, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(VENV_BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={gcs}",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent_http}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}",
+                f"--runtime-env-agent-port={rt_env}",
+                "--num-cpus=2",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+            ],
+            env=user,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{dash}"
     without_token = {**user, "RAY_ADDRESS": address}
     client_env = {**without_token, "RAY_AUTH_MODE": "token"}
     try:
         deadline = time.monotonic() + 90
         while True:
-            ok = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=client_env, capture_output=True,
-                                text=True, check=False)  # fmt: skip
+            ok = subprocess.run(
+                [str(VENV_BIN / "ray"), "job", "list"], env=client_env, capture_output=True, text=True, check=False
+            )
             if ok.returncode == 0:
                 break
             assert head.poll() is None, log.read_text()
@@ -98,8 +121,14 @@ def _job_submit(env: dict, *args: str) -> subprocess.CompletedProcess:
     """A blocking `ray job submit`, retried while the head's job agent is still starting."""
     deadline = time.monotonic() + 90
     while True:
-        done = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", *args], env=env, capture_output=True,
-                              text=True, timeout=600, check=False)  # fmt: skip
+        done = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "submit", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
             return done
         time.sleep(2)
@@ -108,11 +137,19 @@ def _job_submit(env: dict, *args: str) -> subprocess.CompletedProcess:
 def _submit(env: dict, sid: str, config: Path) -> subprocess.CompletedProcess:
     """The nightly job, submitted as jobs/nightly.crontab does."""
     return _job_submit(
-        env, "--submission-id", sid, "--working-dir", str(ROOT),
-        "--runtime-env-json", json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
-                                          "excludes": [".venv/", "demo-out/"]}),
-        "--", "python", "jobs/nightly.py", "--config", str(config),
-    )  # fmt: skip
+        env,
+        "--submission-id",
+        sid,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}, "excludes": [".venv/", "demo-out/"]}),
+        "--",
+        "python",
+        "jobs/nightly.py",
+        "--config",
+        str(config),
+    )
 
 
 @pytest.mark.slow
@@ -135,8 +172,9 @@ def test_a_submit_needs_the_clusters_token(ray_head, tmp_path):
     done = _job_submit(ray_head.env, "--submission-id", "with-token", *job)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "joined 1 node" in done.stdout and "succeeded" in done.stdout, done.stdout
-    listed = subprocess.run([str(VENV_BIN / "ray"), "job", "list"], env=ray_head.env, capture_output=True,
-                            text=True, check=True)  # fmt: skip
+    listed = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "list"], env=ray_head.env, capture_output=True, text=True, check=True
+    )
     assert "with-token" in listed.stdout  # ... and the refused ones never reached the cluster
     assert "no-token" not in listed.stdout and "wrong-token" not in listed.stdout
 
@@ -148,8 +186,13 @@ def test_nightly_job_two_nights_on_a_real_cluster(ray_head, tmp_path):
         import torch
 
         torch.manual_seed(seed)
-        save_checkpoint(tmp_path / f"{name}.pt", build_architecture("mlp", num_classes=10, input_shape=shape),
-                        arch="mlp", num_classes=10, input_shape=shape)  # fmt: skip
+        save_checkpoint(
+            tmp_path / f"{name}.pt",
+            build_architecture("mlp", num_classes=10, input_shape=shape),
+            arch="mlp",
+            num_classes=10,
+            input_shape=shape,
+        )
     base = {
         "pair": "digits",
         "baseline": {"source": "checkpoint", "name": "production", "path": str(tmp_path / "production.pt")},
@@ -168,8 +211,13 @@ def test_nightly_job_two_nights_on_a_real_cluster(ray_head, tmp_path):
         config.write_text(yaml.safe_dump({**base, "date": night}))
         done = _submit(ray_head.env, f"nightly-{night}", config)
         assert done.returncode == 0, done.stdout + done.stderr
-        status = subprocess.run([str(VENV_BIN / "ray"), "job", "status", f"nightly-{night}"], env=ray_head.env,
-                                capture_output=True, text=True, check=False)  # fmt: skip
+        status = subprocess.run(
+            [str(VENV_BIN / "ray"), "job", "status", f"nightly-{night}"],
+            env=ray_head.env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert "succeeded" in (status.stdout + status.stderr).lower()
     history = read_history(str(tmp_path / "history"))
     assert history["date"].tolist() == ["2026-11-21", "2026-11-22"]
@@ -222,8 +270,9 @@ def test_cluster_yaml_gives_every_node_the_token(tmp_path):
     def run(command: str) -> None:
         subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, check=False, timeout=30)
 
-    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
-              if "ray start" in c]  # fmt: skip
+    starts = [
+        c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key] if "ray start" in c
+    ]
     assert len(starts) == 2
     for command in starts:
         run(command)
@@ -235,8 +284,13 @@ def test_cluster_yaml_gives_every_node_the_token(tmp_path):
         for command in shell_setup:
             run(command)
     assert (home / ".bashrc").read_text().count("RAY_AUTH_MODE") == 1
-    shell = subprocess.run(["bash", "-c", "source ~/.bashrc; echo $RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH"], env=env,
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    shell = subprocess.run(
+        ["bash", "-c", "source ~/.bashrc; echo $RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert shell.stdout.split() == ["token", token_path]
 
 

@@ -139,8 +139,15 @@ def run_line(
     stdout, stderr = logs / f"{index:02d}.stdout", logs / f"{index:02d}.stderr"
     t0 = time.perf_counter()
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=session_env(), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=cwd,
+            env=session_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -192,8 +199,9 @@ def comparison_key_prefix(cwd: Path, logs: Path) -> tuple[str | None, Ran]:
     listed = {s.rstrip("/").rsplit("/", 1)[-1] for s in _strings(listing)}
     found = sorted(listed & comparisons)
     if len(found) != 1:
-        ran.problems.append(f"expected the listing to name exactly one stored comparison {sorted(comparisons)}, "
-                            f"found {found}")  # fmt: skip
+        ran.problems.append(
+            f"expected the listing to name exactly one stored comparison {sorted(comparisons)}, found {found}"
+        )
         return None, ran
     missing = sorted(every_key - listed)
     if missing:
@@ -263,8 +271,10 @@ def check_outputs(ran: Ran, cwd: Path, state: dict[str, Any]) -> list[str]:
         if "Started a local Ray instance" in ran.err():
             problems.append("compare started Ray although both tables were stored (README: no Ray needed)")
         if any(int(n) for n in computed):
-            problems.append(f"compare recomputed chunks ({computed}): digits_quick.yaml's evaluation settings do "
-                            "not match the README's evaluate line, so its tables were not reused")  # fmt: skip
+            problems.append(
+                f"compare recomputed chunks ({computed}): digits_quick.yaml's evaluation settings do "
+                "not match the README's evaluate line, so its tables were not reused"
+            )
         if "--json" in cmd:
             target = cwd / cmd.rsplit(">", 1)[1].strip() if ">" in cmd else None
             text = target.read_text() if target and target.is_file() else ran.out()
@@ -372,8 +382,9 @@ def test_readme_commands_run_as_written(tmp_path_factory):
                 state["key"], lookup = comparison_key_prefix(cwd, logs)
                 runs.append(lookup)
                 if state["key"]:
-                    state["full_key"] = next(p.name for p in (cwd / "results/comparisons").iterdir()
-                                             if p.name.startswith(state["key"]))  # fmt: skip
+                    state["full_key"] = next(
+                        p.name for p in (cwd / "results/comparisons").iterdir() if p.name.startswith(state["key"])
+                    )
             if not state["key"]:
                 skipped = Ran(i, line, command, -2, 0.0, logs / "none", logs / "none")
                 skipped.problems.append("not run: no key to substitute for <key> (see the store ls --json entry)")

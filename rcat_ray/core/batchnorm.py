@@ -125,6 +125,8 @@ def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     converted = _convert(module, nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm)
     left = unconverted_batchnorm(converted)
     if left:
-        log.warning("BatchNorm layers of types %s keep each worker's own statistics: the model depends on the "
-                    "worker count", ", ".join(left))  # fmt: skip
+        log.warning(
+            "BatchNorm layers of types %s keep each worker's own statistics: the model depends on the worker count",
+            ", ".join(left),
+        )
     return converted

@@ -100,8 +100,12 @@ def adversarial_train(
         if progress:
             log.info(
                 "[train %s] epoch %d/%d done: loss %.4f, lr %.2e",
-                desc, epoch + 1, epochs, losses[-1], opt.param_groups[0]["lr"],
-            )  # fmt: skip
+                desc,
+                epoch + 1,
+                epochs,
+                losses[-1],
+                opt.param_groups[0]["lr"],
+            )
     if bar is not None:
         bar.close()
     model.eval()

@@ -36,9 +36,13 @@ def _chunk(data: ValidationData, start: int, stop: int) -> tuple[torch.Tensor, t
 
 
 def per_model_table(
-    model: nn.Module, data: ValidationData, attack: AttackConfig, num_classes: int, device: torch.device,
+    model: nn.Module,
+    data: ValidationData,
+    attack: AttackConfig,
+    num_classes: int,
+    device: torch.device,
     chunk: int = 500,
-) -> pa.Table:  # fmt: skip
+) -> pa.Table:
     """Per-sample results of one model on the validation subset (fixed chunks and seeds)."""
     was_training = model.training
     parts = []
@@ -61,9 +65,13 @@ def per_model_table(
 
 
 def validation_flips(
-    old_table: pa.Table, model: nn.Module, data: ValidationData, attack: AttackConfig, num_classes: int,
+    old_table: pa.Table,
+    model: nn.Module,
+    data: ValidationData,
+    attack: AttackConfig,
+    num_classes: int,
     device: torch.device,
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Acc, RobAcc, NFR, R-NFR, S-NFR (and PFRs) of ``model`` against the old model's stored table."""
     new_table = per_model_table(model, data, attack, num_classes, device)
     summary = summarize(flip_table(old_table, new_table), n_bootstrap=0)

@@ -80,5 +80,3 @@ def sample_ids(samples: Samples) -> np.ndarray:
             ids = pq.ParquetFile(f).read(columns=["sample_id"], use_threads=False).column("sample_id")
             parts.append(ids.to_numpy())
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
-
-

@@ -107,8 +107,13 @@ class ChunkEvaluator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch.set_num_threads(self.threads)  # per calling thread: Ray Data may call from a thread pool
-        descriptors = zip(batch["plan"].tolist(), batch["chunk_id"].tolist(), batch["start"].tolist(),
-                          batch["stop"].tolist(), strict=True)  # fmt: skip
+        descriptors = zip(
+            batch["plan"].tolist(),
+            batch["chunk_id"].tolist(),
+            batch["start"].tolist(),
+            batch["stop"].tolist(),
+            strict=True,
+        )
         rows = [self._run(p, Chunk(c, start, stop)) for p, c, start, stop in descriptors]
         return {
             "plan": batch["plan"].astype(np.int64),
@@ -148,8 +153,16 @@ class ChunkEvaluator:
             try:
                 ref = plan.model
                 module = self.models.get(ref, lambda: self._fetch_module(ref.fingerprint))
-                return run_chunk(plan, chunk, self.store, device=self.device, keep_adversarial=self.keep_adversarial,
-                                 module=module, rows=rows, node=self.node)  # fmt: skip
+                return run_chunk(
+                    plan,
+                    chunk,
+                    self.store,
+                    device=self.device,
+                    keep_adversarial=self.keep_adversarial,
+                    module=module,
+                    rows=rows,
+                    node=self.node,
+                )
             except BaseException:
                 with contextlib.suppress(Exception):
                     for name in self._temporary_files(plan, chunk.chunk_id) - before:  # ours: names are unique
@@ -223,10 +236,17 @@ def evaluate_plans(
         complete = table_good[i] or not plan.missing_chunks(store)
         if complete:
             assemble(plan, store, settings)
-        outcomes.append(EvaluationOutcome(
-            plan.model.name, plan.key, len(plan.chunks()), cached[i], sum(1 for p, _ in done if p == i),
-            complete, plan.table_path if complete else None,
-        ))  # fmt: skip
+        outcomes.append(
+            EvaluationOutcome(
+                plan.model.name,
+                plan.key,
+                len(plan.chunks()),
+                cached[i],
+                sum(1 for p, _ in done if p == i),
+                complete,
+                plan.table_path if complete else None,
+            )
+        )
     return outcomes
 
 
@@ -293,8 +313,10 @@ def _run_chunks_on_ray(
         modules = _in_memory_modules(plans, todo)
         # ordered by plan: the pool finishes one model's chunks before it starts the next model's
         chunking = {p: plans[p].chunks() for p in {p for p, _ in todo}}
-        items = [{"plan": p, "chunk_id": c, "start": chunking[p][c].start, "stop": chunking[p][c].stop}
-                 for p, c in sorted(todo)]  # fmt: skip
+        items = [
+            {"plan": p, "chunk_id": c, "start": chunking[p][c].start, "stop": chunking[p][c].stop}
+            for p, c in sorted(todo)
+        ]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         pipeline = ds.map_batches(
             ChunkEvaluator,

@@ -42,8 +42,9 @@ def raise_if_incomplete(outcomes: list) -> None:
     """Say what remains of an incomplete evaluation, as an error the CLI turns into exit status 3."""
     left = [o for o in outcomes if not o.complete]
     if left:
-        remaining = ", ".join(f"{o.model_name}: {o.n_chunks - o.chunks_cached - o.chunks_computed} of "
-                              f"{o.n_chunks} chunks" for o in left)  # fmt: skip
+        remaining = ", ".join(
+            f"{o.model_name}: {o.n_chunks - o.chunks_cached - o.chunks_computed} of {o.n_chunks} chunks" for o in left
+        )
         raise IncompleteRunError(f"incomplete: {remaining} remain; run the same command again to continue")
 
 
@@ -147,22 +148,28 @@ def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel
     samples = _existing_samples(location)
     probe = samples.to_split(0, min(2, len(samples))) if samples is not None else _probe(settings.data)
     loaded = [
-        m if isinstance(m, LoadedModel)
+        m
+        if isinstance(m, LoadedModel)
         else load_model(m, num_classes=probe.num_classes, input_shape=probe.input_shape, data_name=settings.data.name)
         for m in models
-    ]  # fmt: skip
+    ]
     validate_pair_inputs(loaded, probe)
     loaded = distinct_names(loaded)
     store.check_writable()
     if samples is None:
         row_bytes = 4 * int(probe.images[0].numel())  # float32 at most (uint8 when exact)
-        samples = samples_in_store(store_location(store), settings.data,
-                                   rows_per_group=rows_per_group(settings.chunk_size, row_bytes))  # fmt: skip
+        samples = samples_in_store(
+            store_location(store), settings.data, rows_per_group=rows_per_group(settings.chunk_size, row_bytes)
+        )
     refs = [
-        model_reference(m, cfg if isinstance(cfg, ModelConfig) else None, input_shape=probe.input_shape,
-                        data_name=settings.data.name)
+        model_reference(
+            m,
+            cfg if isinstance(cfg, ModelConfig) else None,
+            input_shape=probe.input_shape,
+            data_name=settings.data.name,
+        )
         for m, cfg in zip(loaded, models, strict=True)
-    ]  # fmt: skip
+    ]
     del loaded  # the driver keeps no weights it can reload
     plans = [EvaluationPlan(r, samples, settings.attack, settings.chunk_size) for r in refs]
     return Prepared(store, samples, refs, plans)
@@ -188,9 +195,11 @@ def _with_accuracy(outcomes: list, prepared: Prepared) -> list:
             clean = t.column("clean_correct").to_numpy(zero_copy_only=False)
             robust = t.column("robust").drop_null().to_numpy(zero_copy_only=False)
             o.accuracy = {
-                "acc": float(clean.mean()), "n": len(clean),
-                "rob_acc": float(robust.mean()) if len(robust) else None, "n_robust": len(robust),
-            }  # fmt: skip
+                "acc": float(clean.mean()),
+                "n": len(clean),
+                "rob_acc": float(robust.mean()) if len(robust) else None,
+                "n_robust": len(robust),
+            }
     return outcomes
 
 
@@ -206,9 +215,12 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
     comparison: Comparison | None = None
     if all(o.complete for o in outcomes):
         comparison = compare_stored(
-            prepared.store, prepared.plans[0].key, prepared.plans[1].key, cfg.bootstrap,
+            prepared.store,
+            prepared.plans[0].key,
+            prepared.plans[1].key,
+            cfg.bootstrap,
             class_names=list(prepared.class_names),
-        )  # fmt: skip
+        )
     return outcomes, comparison, prepared
 
 

@@ -136,23 +136,25 @@ def run_chunk(
     files[rows_name] = store.write_member(plan.chunk_path(chunk.chunk_id), parquet_bytes(result.table))
     store.put_bytes(
         plan.chunk_manifest_path(chunk.chunk_id),
-        json_bytes({
-            "kind": "chunk",
-            "table_key": plan.key,
-            "model": plan.model.name,
-            "chunk_id": chunk.chunk_id,
-            "start": chunk.start,
-            "stop": chunk.stop,
-            "seed": seed,
-            "n_rows": result.table.num_rows,
-            "files": files,
-            "node": node or platform.node(),
-            "host": platform.node(),
-            "pid": os.getpid(),
-            "memory": worker_memory(torch.device(device)),
-            "created_at": now_iso(),
-        }),
-    )  # fmt: skip
+        json_bytes(
+            {
+                "kind": "chunk",
+                "table_key": plan.key,
+                "model": plan.model.name,
+                "chunk_id": chunk.chunk_id,
+                "start": chunk.start,
+                "stop": chunk.stop,
+                "seed": seed,
+                "n_rows": result.table.num_rows,
+                "files": files,
+                "node": node or platform.node(),
+                "host": platform.node(),
+                "pid": os.getpid(),
+                "memory": worker_memory(torch.device(device)),
+                "created_at": now_iso(),
+            }
+        ),
+    )
     return result.table.num_rows
 
 

@@ -55,7 +55,6 @@ def check_state_identity(state: dict[str, Any], identity: FinetuneIdentity, what
         )
 
 
-
 def output_paths(cfg: FinetuneConfig, identity: FinetuneIdentity) -> tuple[Path, Path]:
     """(checkpoint, manifest) of a fine-tune: ``output`` and its ``.json`` when the config names an exact path,
     else ``<out>/<name>-<identity>.pt`` (``finetune-<loss>-<identity>.pt`` without a name), so that a run with
@@ -119,20 +118,32 @@ def write_final(
         "method": cfg.loss.tag,
         "config": cfg.model_dump(mode="json"),
         "parents": {"old": old.describe(), "new": new.describe()},
-        "batchnorm": {"model_has_batchnorm": has_batchnorm(module), "statistics": cfg.batchnorm,
-                      "workers": max(1, cfg.compute.num_workers)},
+        "batchnorm": {
+            "model_has_batchnorm": has_batchnorm(module),
+            "statistics": cfg.batchnorm,
+            "workers": max(1, cfg.compute.num_workers),
+        },
         "epochs_completed": int(state["epoch"]) + 1,
         "history": history,
         "versions": package_versions(),
         "created_at": now_iso(),
-    }  # fmt: skip
+    }
     arch_kwargs = new.source.get("arch_kwargs", {})
     fingerprint = save_checkpoint(
-        path, module, arch=new.source["arch"], num_classes=new.num_classes, input_shape=parents.input_shape,
+        path,
+        module,
+        arch=new.source["arch"],
+        num_classes=new.num_classes,
+        input_shape=parents.input_shape,
         arch_kwargs=arch_kwargs,
-        metadata={"method": cfg.loss.tag, "old_fingerprint": old.fingerprint, "new_fingerprint": new.fingerprint,
-                  "run_name": identity.run_name(cfg), "identity": identity.digest},
-    )  # fmt: skip
+        metadata={
+            "method": cfg.loss.tag,
+            "old_fingerprint": old.fingerprint,
+            "new_fingerprint": new.fingerprint,
+            "run_name": identity.run_name(cfg),
+            "identity": identity.digest,
+        },
+    )
     manifest["fingerprint"] = fingerprint
     # the manifest is written last: a checkpoint without one is not a finished fine-tune
     write_file_atomic(manifest_path, json.dumps(manifest, indent=2, default=str))

@@ -24,10 +24,22 @@ IDENTITY_VERSION = 2
 #: section), fault handling and the per-epoch validation (reported, never trained on). The parents and the data
 #: enter as fingerprints. The worker count is left out because 1 and N workers train the same model (global
 #: batches, global mask counts, global BatchNorm statistics); with ``batchnorm: per-worker`` it enters the identity.
-NOT_IN_IDENTITY = frozenset({
-    "old", "new", "data", "cached_old_table", "validation", "out", "name", "output", "storage", "store", "compute",
-    "max_failures",
-})  # fmt: skip
+NOT_IN_IDENTITY = frozenset(
+    {
+        "old",
+        "new",
+        "data",
+        "cached_old_table",
+        "validation",
+        "out",
+        "name",
+        "output",
+        "storage",
+        "store",
+        "compute",
+        "max_failures",
+    }
+)
 
 
 def model_identity(fingerprint: str, source: dict[str, Any]) -> dict[str, Any]:
@@ -48,13 +60,23 @@ class IdentityInputs:
     cached_old_table: str | None = None  # sha256 of the cached table's bytes (mask_source: cached)
 
     def to_json(self) -> dict[str, Any]:
-        return {"old": self.old, "new": self.new, "training_set": self.training_set,
-                "training_rows": self.training_rows, "cached_old_table": self.cached_old_table}  # fmt: skip
+        return {
+            "old": self.old,
+            "new": self.new,
+            "training_set": self.training_set,
+            "training_rows": self.training_rows,
+            "cached_old_table": self.cached_old_table,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> IdentityInputs:
-        return cls(old=d["old"], new=d["new"], training_set=d["training_set"], training_rows=d["training_rows"],
-                   cached_old_table=d["cached_old_table"])  # fmt: skip
+        return cls(
+            old=d["old"],
+            new=d["new"],
+            training_set=d["training_set"],
+            training_rows=d["training_rows"],
+            cached_old_table=d["cached_old_table"],
+        )
 
 
 @dataclass(frozen=True)

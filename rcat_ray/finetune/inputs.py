@@ -128,4 +128,3 @@ def check_same_inputs(cfg: FinetuneConfig, expected: IdentityInputs, here: Ident
             f"{expected.training_set[:16]}, cached table {here.cached_old_table} vs {expected.cached_old_table}): "
             "the sample set or the cached table changed during the run; run again"
         )
-

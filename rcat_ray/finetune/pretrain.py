@@ -48,14 +48,26 @@ def train_checkpoint(recipe: TrainRecipe, data: DataConfig, path: Path, name: st
     )
     t0 = time.perf_counter()
     losses = adversarial_train(
-        model, split.images, split.labels, epochs=recipe.epochs, eps=recipe.eps,
-        batch_size=recipe.batch_size, lr=recipe.lr, schedule=recipe.schedule, warmup=recipe.warmup,
-        seed=recipe.seed, desc=name,
-    )  # fmt: skip
+        model,
+        split.images,
+        split.labels,
+        epochs=recipe.epochs,
+        eps=recipe.eps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        schedule=recipe.schedule,
+        warmup=recipe.warmup,
+        seed=recipe.seed,
+        desc=name,
+    )
     print(f"[train] {name}: {recipe.arch} in {time.perf_counter() - t0:.0f} s (final loss {losses[-1]:.3f}) -> {path}")
     save_checkpoint(
-        path, model, arch=recipe.arch, num_classes=split.num_classes, input_shape=split.input_shape,
+        path,
+        model,
+        arch=recipe.arch,
+        num_classes=split.num_classes,
+        input_shape=split.input_shape,
         arch_kwargs=recipe.arch_kwargs,
         metadata={"recipe": recipe.model_dump(), "data": data.model_dump(mode="json"), "losses": losses},
-    )  # fmt: skip
+    )
     return path

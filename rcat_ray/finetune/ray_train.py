@@ -126,8 +126,14 @@ def _worker_identity(rank: int, rows_read: int, bytes_read: int) -> dict[str, An
     epoch and the stored bytes of the row groups it read for them: recorded per epoch in the history, so a run
     shows its placement and that each rank read about its share of the set."""
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    return {"rank": rank, "node_id": node, "hostname": socket.gethostname(), "pid": os.getpid(),
-            "rows_read": rows_read, "bytes_read": bytes_read}  # fmt: skip
+    return {
+        "rank": rank,
+        "node_id": node,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "rows_read": rows_read,
+        "bytes_read": bytes_read,
+    }
 
 
 def _gather_workers(info: dict[str, Any], world: int, device: torch.device) -> list[dict[str, Any]]:
@@ -144,9 +150,7 @@ def _gather_workers(info: dict[str, Any], world: int, device: torch.device) -> l
 
 
 def _epoch_line(cfg: FinetuneConfig, epoch: int, metrics: dict[str, Any]) -> str:
-    vals = ", ".join(
-        f"{k.removeprefix('val_')} {100 * v:.2f}%" for k, v in metrics.items() if k.startswith("val_")
-    )  # fmt: skip
+    vals = ", ".join(f"{k.removeprefix('val_')} {100 * v:.2f}%" for k, v in metrics.items() if k.startswith("val_"))
     return (
         f"[finetune {cfg.loss.tag}] epoch {epoch + 1}/{cfg.epochs} done in {metrics['epoch_seconds']:.0f} s: "
         f"loss {metrics['train_loss']:.4f} ({int(metrics['train_samples'])} samples, global batch "
@@ -263,20 +267,21 @@ def finetune_loop(
                 metrics.update(validation_flips(old_val, inner, val_set, val_attack, old.num_classes, device))
                 progress_log.info(_epoch_line(cfg, epoch, metrics))
                 history.append({**metrics, "workers": workers})  # placement stays out of the scalar metrics
-                torch.save({
-                    "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch,
-                    "rng_cpu": torch.get_rng_state(),
-                    "history": history,
-                    "identity": identity.digest,
-                }, Path(tmp) / STATE_FILE)  # fmt: skip
+                torch.save(
+                    {
+                        "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "epoch": epoch,
+                        "rng_cpu": torch.get_rng_state(),
+                        "history": history,
+                        "identity": identity.digest,
+                    },
+                    Path(tmp) / STATE_FILE,
+                )
             session.report(metrics, tmp if rank == 0 else None)
     return metrics
-
-
 
 
 def _storage_folder(cfg: FinetuneConfig) -> Path:
@@ -300,7 +305,6 @@ def _checkpoint_dir(cfg: FinetuneConfig, run_name: str, epoch: int, persistent: 
     folder = _storage_folder(cfg) / run_name / "local" / f"epoch-{epoch:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     yield str(folder)
-
 
 
 class _Trainer(TorchTrainer):
@@ -345,4 +349,3 @@ def scaling(cfg: FinetuneConfig) -> ScalingConfig:
     c = cfg.compute
     resources = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.use_gpu else {})}
     return ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources)
-

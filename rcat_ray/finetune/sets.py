@@ -95,4 +95,3 @@ def training_ids(samples: SampleSet) -> torch.Tensor:
         with samples.filesystem.open_input_file(path) as f:
             columns.append(pq.ParquetFile(f).read(columns=["sample_id"]).column("sample_id").to_numpy())
     return torch.from_numpy(np.concatenate(columns).astype(np.int64))
-

@@ -33,10 +33,18 @@ def _judge_one(name: str, scope: str, threshold: float, metric: dict[str, Any], 
     else:
         passed = evidence <= threshold if direction == "max" else evidence >= threshold
     return {
-        "gate": name, "scope": scope, "metric": key, "threshold": threshold, "judged_on": judge_on,
-        "evidence": evidence, "value": metric["value"], "ci_low": metric["ci_low"], "ci_high": metric["ci_high"],
-        "n": metric["n"], "passed": passed,
-    }  # fmt: skip
+        "gate": name,
+        "scope": scope,
+        "metric": key,
+        "threshold": threshold,
+        "judged_on": judge_on,
+        "evidence": evidence,
+        "value": metric["value"],
+        "ci_low": metric["ci_low"],
+        "ci_high": metric["ci_high"],
+        "n": metric["n"],
+        "passed": passed,
+    }
 
 
 def judge(summary: dict[str, Any], gates: GatesConfig) -> dict[str, Any]:
@@ -45,8 +53,9 @@ def judge(summary: dict[str, Any], gates: GatesConfig) -> dict[str, Any]:
     for name in GATE_METRICS:
         threshold = getattr(gates, name)
         if threshold is not None:
-            results.append(_judge_one(name, "overall", threshold, summary["metrics"][GATE_METRICS[name][0]],
-                                      gates.judge_on))  # fmt: skip
+            results.append(
+                _judge_one(name, "overall", threshold, summary["metrics"][GATE_METRICS[name][0]], gates.judge_on)
+            )
     per_class = {c["class"]: c for c in summary.get("per_class", [])}
     for cg in gates.per_class:
         cls = per_class.get(cg.class_index)
@@ -55,7 +64,14 @@ def judge(summary: dict[str, Any], gates: GatesConfig) -> dict[str, Any]:
         for name in GATE_METRICS:
             threshold = getattr(cg, name)
             if threshold is not None:
-                results.append(_judge_one(name, f"class {cg.class_index} ({cls['name']})", threshold,
-                                          cls["metrics"][GATE_METRICS[name][0]], gates.judge_on))  # fmt: skip
+                results.append(
+                    _judge_one(
+                        name,
+                        f"class {cg.class_index} ({cls['name']})",
+                        threshold,
+                        cls["metrics"][GATE_METRICS[name][0]],
+                        gates.judge_on,
+                    )
+                )
     failing = [f"{r['gate']} [{r['scope']}]" for r in results if r["passed"] is False]
     return {"passed": not failing, "failing": failing, "gates": results}

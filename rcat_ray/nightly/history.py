@@ -25,8 +25,19 @@ from rcat_ray.store.result_store import ResultStore
 
 log = logging.getLogger(__name__)
 
-_STRINGS = ("run_id", "timestamp", "pair", "baseline", "baseline_fingerprint", "candidate", "candidate_fingerprint",
-            "candidate_path", "verdict", "failing", "comparison")  # fmt: skip
+_STRINGS = (
+    "run_id",
+    "timestamp",
+    "pair",
+    "baseline",
+    "baseline_fingerprint",
+    "candidate",
+    "candidate_fingerprint",
+    "candidate_path",
+    "verdict",
+    "failing",
+    "comparison",
+)
 _INTS = ("n_clean", "n_robust", "baseline_chunks_computed", "candidate_chunks_computed")
 
 #: Fixed column types, so every night's file has the same schema whatever is null that night.
@@ -80,9 +91,14 @@ def read_history_checked(root: str) -> tuple[pd.DataFrame, list[dict[str, str]]]
         skipped.append(night)
     # the schema is given, not inferred, so nights written before a metric was added read with it as null
     date = pa.schema([pa.field("date", pa.string())])
-    dataset = pads.dataset(good, filesystem=store.fs, format="parquet",
-                           partitioning=pads.partitioning(date, flavor="hive"), partition_base_dir=store.root,
-                           schema=pa.unify_schemas([HISTORY_SCHEMA, date]))  # fmt: skip
+    dataset = pads.dataset(
+        good,
+        filesystem=store.fs,
+        format="parquet",
+        partitioning=pads.partitioning(date, flavor="hive"),
+        partition_base_dir=store.root,
+        schema=pa.unify_schemas([HISTORY_SCHEMA, date]),
+    )
     df = dataset.to_table().to_pandas()
     if df.empty:
         return df, skipped
@@ -96,9 +112,10 @@ def _night_files(store: ResultStore) -> list[str]:
     infos = store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True))
     base = store.root.rstrip("/") + "/"
     return sorted(
-        i.path for i in infos
-        if i.type == pafs.FileType.File and not any(c.startswith((".", "_")) for c in i.path[len(base):].split("/"))
-    )  # fmt: skip
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and not any(c.startswith((".", "_")) for c in i.path[len(base) :].split("/"))
+    )
 
 
 def _unreadable(store: ResultStore, path: str) -> str | None:

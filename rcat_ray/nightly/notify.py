@@ -46,8 +46,7 @@ class WebhookNotifier:
 
     def send(self, verdict: dict[str, Any]) -> None:
         body = json.dumps(verdict, default=str).encode()
-        req = urllib.request.Request(self.url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(self.url, data=body, method="POST", headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
             if resp.status >= 300:
                 raise RuntimeError(f"webhook answered {resp.status}")

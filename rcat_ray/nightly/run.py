@@ -65,8 +65,11 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
     date = cfg.date or dt.datetime.now(dt.UTC).date().isoformat()
     dt.date.fromisoformat(date)  # a malformed date is an input error, before any compute
     candidate = _candidate(cfg)
-    compare_cfg = CompareConfig(**cfg.model_dump(include=set(CompareConfig.model_fields) - {"old", "new", "report"}),
-                                old=cfg.baseline, new=candidate)  # fmt: skip
+    compare_cfg = CompareConfig(
+        **cfg.model_dump(include=set(CompareConfig.model_fields) - {"old", "new", "report"}),
+        old=cfg.baseline,
+        new=candidate,
+    )
     outcomes, comparison, prepared = run_compare(compare_cfg)
     if comparison is None:
         raise NightlyError("an evaluation is incomplete (max_new_chunks); the night cannot be judged")
@@ -81,27 +84,43 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
         "passed": judged["passed"],
         "failing": judged["failing"],
         "gates": judged["gates"],
-        "baseline": {"name": base_out.model_name, "fingerprint": prepared.plans[0].model.fingerprint,
-                     "chunks_computed": base_out.chunks_computed, "chunks_reused": base_out.chunks_cached},
-        "candidate": {"name": cand_out.model_name, "fingerprint": prepared.plans[1].model.fingerprint,
-                      "path": candidate.path, "chunks_computed": cand_out.chunks_computed,
-                      "chunks_reused": cand_out.chunks_cached},
+        "baseline": {
+            "name": base_out.model_name,
+            "fingerprint": prepared.plans[0].model.fingerprint,
+            "chunks_computed": base_out.chunks_computed,
+            "chunks_reused": base_out.chunks_cached,
+        },
+        "candidate": {
+            "name": cand_out.model_name,
+            "fingerprint": prepared.plans[1].model.fingerprint,
+            "path": candidate.path,
+            "chunks_computed": cand_out.chunks_computed,
+            "chunks_reused": cand_out.chunks_cached,
+        },
         "comparison": comparison.key,
         "store": cfg.store,
         "summary": dict(comparison.summary["metrics"]),
-    }  # fmt: skip
+    }
     metrics = comparison.summary["metrics"]
     row = {
-        "run_id": run_id, "timestamp": verdict["created_at"], "pair": cfg.pair,
-        "baseline": base_out.model_name, "baseline_fingerprint": verdict["baseline"]["fingerprint"],
-        "candidate": cand_out.model_name, "candidate_fingerprint": verdict["candidate"]["fingerprint"],
-        "candidate_path": candidate.path, "verdict": "pass" if judged["passed"] else "fail",
-        "failing": ", ".join(judged["failing"]), "comparison": comparison.key,
-        "n_clean": comparison.summary["n_clean"], "n_robust": comparison.summary["n_robust"],
-        "baseline_chunks_computed": base_out.chunks_computed, "candidate_chunks_computed": cand_out.chunks_computed,
+        "run_id": run_id,
+        "timestamp": verdict["created_at"],
+        "pair": cfg.pair,
+        "baseline": base_out.model_name,
+        "baseline_fingerprint": verdict["baseline"]["fingerprint"],
+        "candidate": cand_out.model_name,
+        "candidate_fingerprint": verdict["candidate"]["fingerprint"],
+        "candidate_path": candidate.path,
+        "verdict": "pass" if judged["passed"] else "fail",
+        "failing": ", ".join(judged["failing"]),
+        "comparison": comparison.key,
+        "n_clean": comparison.summary["n_clean"],
+        "n_robust": comparison.summary["n_robust"],
+        "baseline_chunks_computed": base_out.chunks_computed,
+        "candidate_chunks_computed": cand_out.chunks_computed,
         **{f"{m}_{part}": metrics[m][part] for m in metrics for part in ("value", "ci_low", "ci_high")},
         **{f"gate_{g}": getattr(cfg.gates, g) for g in GATE_METRICS},
-    }  # fmt: skip
+    }
     out = Path(cfg.out).expanduser() / run_id
     out.mkdir(parents=True, exist_ok=True)
     verdict_path = out / "verdict.json"

@@ -192,4 +192,3 @@ def _orphans(
         moved = store.quarantine([rel], f"{store.path(rel)}: {problem}") if repair else []
         findings.append(_finding("orphan", kind, key, rel, problem, moved))
     return findings
-

@@ -49,6 +49,9 @@ def _init(compute: WorkerCompute, address: str | None, dashboard: bool) -> None:
     else:
         # "local": never attach to a cluster that a `ray start` elsewhere on this machine left behind
         ray.init(
-            address="local", num_cpus=compute.local_cpus, include_dashboard=dashboard, log_to_driver=True,
+            address="local",
+            num_cpus=compute.local_cpus,
+            include_dashboard=dashboard,
+            log_to_driver=True,
             **quiet.ray_init_options(),
-        )  # fmt: skip
+        )

@@ -75,8 +75,9 @@ def _cause_in_text(text: str) -> str | None:
             continue
         message = [m["message"] or ""]
         for more in lines[i + 1 :]:
-            if not more.strip() or more.startswith(("Traceback (most recent call last)", "The above exception",
-                                                    "During handling of the above exception")):  # fmt: skip
+            if not more.strip() or more.startswith(
+                ("Traceback (most recent call last)", "The above exception", "During handling of the above exception")
+            ):
                 break
             message.append(more)
         text = _text_lines("\n".join(message))

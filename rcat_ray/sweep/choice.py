@@ -72,8 +72,9 @@ def choose_per_kind(
     out: dict[str, KindChoice] = {}
     for name, group in trials[trials[s_nfr].notna()].groupby(kind, sort=False):
         try:
-            row = choose_trial(group, new_rob_acc=new_rob_acc, tolerance=tolerance, s_nfr=s_nfr, rob_acc=rob_acc,
-                               trial_id=trial_id)  # fmt: skip
+            row = choose_trial(
+                group, new_rob_acc=new_rob_acc, tolerance=tolerance, s_nfr=s_nfr, rob_acc=rob_acc, trial_id=trial_id
+            )
             out[str(name)] = KindChoice(str(name), row, True)
         except ChoiceError:
             ranked = group.sort_values([s_nfr, rob_acc, trial_id], ascending=[True, False, True], kind="mergesort")

@@ -89,8 +89,14 @@ def choice_settings(cfg: SweepConfig) -> EvaluationSettings:
     eps = cfg.test.attack.eps if cfg.test is not None else cfg.base.train_attack.eps
     attack = ch.attack or AttackConfig(eps=eps, attacks=("apgd-ce", "apgd-dlr"), n_iter=50)
     # adversarial images are for reports on test data; the validation tables only need their rows
-    return EvaluationSettings(data=data, attack=attack, chunk_size=ch.chunk_size, store=cfg.base.store,
-                              compute=cfg.compute, save_adversarial=False)  # fmt: skip
+    return EvaluationSettings(
+        data=data,
+        attack=attack,
+        chunk_size=ch.chunk_size,
+        store=cfg.base.store,
+        compute=cfg.compute,
+        save_adversarial=False,
+    )
 
 
 def check_choice_inputs(cfg: SweepConfig) -> int | None:
@@ -115,7 +121,6 @@ def new_model_val_rob_acc(base: FinetuneConfig, new: LoadedModel) -> float:
     val_split, val_attack = validation_setup(base)
     table = per_model_table(new.module.eval(), val_split, val_attack, new.num_classes, torch.device("cpu"))
     return float(table.column("robust").to_numpy(zero_copy_only=False).astype(bool).mean())
-
 
 
 def _metric_columns(summaries: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -189,14 +194,13 @@ def judge_on_choice_validation(
         **_metric_columns([judged[t][0].summary if t in judged else None for t in ids]),
     )
     new_metrics = {m: dict(comps[1].summary["metrics"][m]) for m in CHOICE_METRICS}
-    validation = ChoiceValidation("choice", a, prepared.split.describe(), len(prepared.split), new_metrics,
-                                  rows, labels)  # fmt: skip
+    validation = ChoiceValidation(
+        "choice", a, prepared.split.describe(), len(prepared.split), new_metrics, rows, labels
+    )
     return trials, validation
 
 
-def judge_on_epochs(
-    cfg: SweepConfig, trials: pd.DataFrame, parents: Parents
-) -> tuple[pd.DataFrame, ChoiceValidation]:
+def judge_on_epochs(cfg: SweepConfig, trials: pd.DataFrame, parents: Parents) -> tuple[pd.DataFrame, ChoiceValidation]:
     """``choice.enabled: false``: the rule reads each trial's last per-epoch validation, as it used to (no
     CIs; the bar is the new model's robust accuracy under the same cheap attack)."""
     val_split, val_attack = validation_setup(cfg.base)
@@ -210,4 +214,3 @@ def judge_on_epochs(
     new = {"rob_acc": {"value": new_rob, "ci_low": None, "ci_high": None, "n": n}}
     validation = ChoiceValidation("per-epoch", val_attack, val_split.describe(), n, new)
     return trials.assign(**cols), validation
-

@@ -74,8 +74,14 @@ def sweep_trainable(config: dict[str, Any]) -> None:
     identity = finetune_identity(cfg, inputs)
     loop_config = {"finetune": cfg.model_dump(mode="json"), "inputs": inputs.to_json()}
     run_name = f"{identity.run_name(cfg)}-{config['sweep']}-{trial_id}"
-    trainer = train_run(cfg, identity, loop_config, callbacks=[TuneReportCallback()], run_name=run_name,
-                        quiet_logs=bool(config.get("quiet")))  # fmt: skip
+    trainer = train_run(
+        cfg,
+        identity,
+        loop_config,
+        callbacks=[TuneReportCallback()],
+        run_name=run_name,
+        quiet_logs=bool(config.get("quiet")),
+    )
     trainer.fit()
 
 
@@ -127,8 +133,12 @@ def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ra
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     # "quiet": a trial's TorchTrainer logs as quietly as this driver (a trial runs in a process of its own)
-    base = {"base": cfg.base.model_dump(mode="json"), "sweep": cfg.name, "inputs": inputs.to_json(),
-            "quiet": quiet.is_quiet()}  # fmt: skip
+    base = {
+        "base": cfg.base.model_dump(mode="json"),
+        "sweep": cfg.name,
+        "inputs": inputs.to_json(),
+        "quiet": quiet.is_quiet(),
+    }
     trials = planned_trials(cfg)
     search_alg = None
     if trials is not None:
@@ -144,10 +154,15 @@ def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ra
         search_alg = ConcurrencyLimiter(search_alg, max_concurrent=cfg.max_concurrent or 2)
     max_epochs = max((*cfg.space.epochs, cfg.base.epochs))
     scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=cfg.asha.grace_period,
-                      reduction_factor=cfg.asha.reduction_factor)
-        if cfg.asha.enabled else FIFOScheduler()
-    )  # fmt: skip
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_epochs,
+            grace_period=cfg.asha.grace_period,
+            reduction_factor=cfg.asha.reduction_factor,
+        )
+        if cfg.asha.enabled
+        else FIFOScheduler()
+    )
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,

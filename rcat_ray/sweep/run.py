@@ -59,7 +59,6 @@ class SweepOutcome:
     validation_table: Any = None  # every judged trial against old on the choice validation, chosen as reference
 
 
-
 def sweep_trials(cfg: SweepConfig, *, resume: bool = False, parents: Parents | None = None) -> SweepTrials:
     """Run (or resume) the Tune sweep, then judge the finished trials on the choice validation.
 
@@ -87,8 +86,12 @@ def _entry(row: pd.Series, metric: str) -> dict[str, Any]:
         v = row.get(key)
         return None if v is None or pd.isna(v) else cast(v)
 
-    return {"value": num(f"val_{metric}"), "ci_low": num(f"val_{metric}_ci_low"),
-            "ci_high": num(f"val_{metric}_ci_high"), "n": num(f"val_{metric}_n", int)}  # fmt: skip
+    return {
+        "value": num(f"val_{metric}"),
+        "ci_low": num(f"val_{metric}_ci_low"),
+        "ci_high": num(f"val_{metric}_ci_high"),
+        "n": num(f"val_{metric}_n", int),
+    }
 
 
 def finish_sweep(cfg: SweepConfig, st: SweepTrials) -> SweepOutcome:
@@ -123,16 +126,22 @@ def finish_sweep(cfg: SweepConfig, st: SweepTrials) -> SweepOutcome:
     }
     best_yaml = out / "best.yaml"
     write_file_atomic(best_yaml, yaml.safe_dump(best, sort_keys=False))
-    trials = trials.assign(pareto_r_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_r_nfr"),
-                           pareto_s_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_s_nfr"),
-                           chosen=trials["trial_id"] == chosen["trial_id"])  # fmt: skip
+    trials = trials.assign(
+        pareto_r_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_r_nfr"),
+        pareto_s_nfr=pareto_front(trials, maximise="val_rob_acc", minimise="val_s_nfr"),
+        chosen=trials["trial_id"] == chosen["trial_id"],
+    )
     outcome = SweepOutcome(trials, chosen, val.new_rob_acc, best_yaml, checkpoint, out, validation=val)
     if val.rows:
         b = cfg.bootstrap
         outcome.validation_table = build_pair_table(
-            f"{cfg.name}, {val.describe()}", val.rows, reference=val.labels[str(chosen["trial_id"])],
-            n_bootstrap=b.n_resamples, confidence=b.confidence, seed=b.seed,
-        )  # fmt: skip
+            f"{cfg.name}, {val.describe()}",
+            val.rows,
+            reference=val.labels[str(chosen["trial_id"])],
+            n_bootstrap=b.n_resamples,
+            confidence=b.confidence,
+            seed=b.seed,
+        )
         (out / "choice").mkdir(exist_ok=True)
         write_file_atomic(out / "choice" / "table.md", to_markdown([outcome.validation_table]))
         write_file_atomic(out / "choice" / "table.csv", to_csv([outcome.validation_table]))

@@ -77,8 +77,14 @@ def planned_trials(cfg: SweepConfig) -> list[dict[str, Any]] | None:
     if cfg.mode == "grid":
         losses = paper_grid(sp.losses)
     elif cfg.algorithm == "random":
-        losses = random_trials(sp.losses, cfg.num_samples, cfg.seed, alpha_range=sp.alpha_range,
-                               beta_range=sp.beta_range, pct_beta_range=sp.pct_beta_range)  # fmt: skip
+        losses = random_trials(
+            sp.losses,
+            cfg.num_samples,
+            cfg.seed,
+            alpha_range=sp.alpha_range,
+            beta_range=sp.beta_range,
+            pct_beta_range=sp.pct_beta_range,
+        )
     else:
         return None
     return expand(losses, train_eps=sp.train_eps, lr=sp.lr, epochs=sp.epochs)
@@ -96,18 +102,22 @@ def trial_table(results: Any) -> pd.DataFrame:
         cfg = r.config or {}
         settings = trial_settings(cfg) if cfg else {}
         ck_path = metrics.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None)
-        rows.append({
-            "trial_id": metrics.get("trial_id"),
-            **{k: settings.get(k) for k in TRIAL_KEYS},
-            "epochs_run": metrics.get("training_iteration"),
-            "node_id": metrics.get("node_id"),
-            **{f"epoch_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()
-               if k.startswith(("val_", "train_loss"))},
-            "checkpoint": ck_path,
-            "error": str(r.error) if r.error else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id"),
+                **{k: settings.get(k) for k in TRIAL_KEYS},
+                "epochs_run": metrics.get("training_iteration"),
+                "node_id": metrics.get("node_id"),
+                **{
+                    f"epoch_{k}" if k.startswith("val_") else k: v
+                    for k, v in metrics.items()
+                    if k.startswith(("val_", "train_loss"))
+                },
+                "checkpoint": ck_path,
+                "error": str(r.error) if r.error else None,
+            }
+        )
     return pd.DataFrame(rows).sort_values("trial_id", kind="mergesort").reset_index(drop=True)
-
 
 
 def raise_if_all_failed(trials: pd.DataFrame) -> None:
@@ -123,7 +133,6 @@ def raise_if_all_failed(trials: pd.DataFrame) -> None:
         lines = [line for line in error.splitlines() if line.strip()]
         # Ray wraps the trial's exception in a traceback; its last line is the error itself
         raise SweepFailedError(f"all {len(trials)} trials failed; the first ({first['trial_id']}): {lines[-1]}")
-
 
 
 def completed_trials(cfg: SweepConfig, trials: pd.DataFrame) -> pd.Series:
@@ -155,4 +164,3 @@ def write_trial_model(cfg: SweepConfig, row: pd.Series, parents: Parents, out: P
     trial_cfg = trial_config(cfg, row, out)
     state = trial_state(row["checkpoint"])
     return write_final(trial_cfg, state, list(state.get("history", [])), parents).checkpoint
-

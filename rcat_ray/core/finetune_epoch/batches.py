@@ -146,9 +146,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
         window: ShuffleWindow | None = None,
-    ):  # fmt: skip
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not a worker of a group of {world_size}")
         if batch_size < world_size:
@@ -208,9 +214,14 @@ class GlobalBatches:
     """
 
     def __init__(
-        self, sampler: GlobalBatchSampler, images: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor,
-        *, augment: bool = False,
-    ):  # fmt: skip
+        self,
+        sampler: GlobalBatchSampler,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sample_ids: torch.Tensor,
+        *,
+        augment: bool = False,
+    ):
         self.sampler, self.images, self.labels, self.sample_ids = sampler, images, labels, sample_ids
         self.augment = augment
 
@@ -253,9 +264,14 @@ class StreamedGlobalBatches:
     """
 
     def __init__(
-        self, sampler: GlobalBatchSampler, samples: RowSource, *, augment: bool = False,
-        cache_bytes: int = READ_CACHE_BYTES, prefetch: int = 2,
-    ):  # fmt: skip
+        self,
+        sampler: GlobalBatchSampler,
+        samples: RowSource,
+        *,
+        augment: bool = False,
+        cache_bytes: int = READ_CACHE_BYTES,
+        prefetch: int = 2,
+    ):
         if len(samples) != sampler.num_samples:
             raise ValueError(f"the sampler covers {sampler.num_samples} rows, the sample set has {len(samples)}")
         self.sampler, self.samples, self.augment = sampler, samples, augment
@@ -284,8 +300,9 @@ class StreamedGlobalBatches:
         s = self.sampler
         positions = torch.cat([idx for _, idx, _, _ in shares]).numpy()
         sizes = [idx.numel() for _, idx, _, _ in shares]
-        reader = self.samples.iter_batches(sizes[0], positions=positions, cache_bytes=self.cache_bytes,
-                                           batch_sizes=sizes)  # fmt: skip
+        reader = self.samples.iter_batches(
+            sizes[0], positions=positions, cache_bytes=self.cache_bytes, batch_sizes=sizes
+        )
         for (index, _, offset, global_size), (x, y, ids) in zip(shares, reader, strict=True):
             self.rows_read += int(y.shape[0])
             yield _share_batch(s, index, x, y, ids, offset, global_size, self.augment)
@@ -333,4 +350,3 @@ def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
     finally:
         stop.set()
         thread.join(timeout=5)
-

@@ -272,4 +272,3 @@ def paired_difference(
         boot = _bootstrap_counts(joint, _N_CODES**2, n_bootstrap, np.random.default_rng(seed))
         result["ci_low"], result["ci_high"] = _interval(difference(boot), confidence)
     return result
-

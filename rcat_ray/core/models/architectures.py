@@ -64,10 +64,17 @@ def _small_cnn(
     c1, c2 = channels
     feat = c2 * (h // 4) * (w // 4)
     return nn.Sequential(
-        nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
-    )  # fmt: skip
+        nn.Conv2d(c, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(feat, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 @register_architecture("tiny_convnet")
@@ -78,10 +85,14 @@ def _tiny_convnet(
     and benchmarks of the data path, where a model that costs little leaves the reading and decoding visible."""
     c1, c2 = channels
     return nn.Sequential(
-        nn.Conv2d(input_shape[0], c1, stem_stride, stride=stem_stride), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, num_classes),
-    )  # fmt: skip
+        nn.Conv2d(input_shape[0], c1, stem_stride, stride=stem_stride),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, num_classes),
+    )
 
 
 class _ResidualBlock(nn.Module):
@@ -90,9 +101,12 @@ class _ResidualBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-        )  # fmt: skip
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
         self.skip = (
             nn.Identity()
             if stride == 1 and c_in == c_out
@@ -111,8 +125,12 @@ def _tiny_resnet(
     RobustBench models are built: what tests of BatchNorm under several training workers need."""
     c1, c2 = channels
     return nn.Sequential(
-        nn.Conv2d(input_shape[0], c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-        _ResidualBlock(c1, c1, 1), _ResidualBlock(c1, c2, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, num_classes),
-    )  # fmt: skip
-
+        nn.Conv2d(input_shape[0], c1, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        _ResidualBlock(c1, c1, 1),
+        _ResidualBlock(c1, c2, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, num_classes),
+    )

@@ -29,7 +29,6 @@ from rcat_ray.errors import ModelError
 CHECKPOINT_FORMAT = "rcat_ray.checkpoint/1"
 
 
-
 def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     """Hash of every parameter and buffer (name, dtype, shape, bytes), independent of device."""
     h = hashlib.sha256()
@@ -192,9 +191,11 @@ def load_model(
         torch.manual_seed(cfg.seed)
         module = build_architecture(cfg.name, num_classes=num_classes, input_shape=input_shape, **cfg.arch_kwargs)
         return from_module(
-            module, name=cfg.display_name, num_classes=num_classes,
+            module,
+            name=cfg.display_name,
+            num_classes=num_classes,
             source={"source": "builtin", "arch": cfg.name, "arch_kwargs": dict(cfg.arch_kwargs), "seed": cfg.seed},
-        )  # fmt: skip
+        )
     if cfg.source == "checkpoint":
         return _load_checkpoint_model(cfg, num_classes=num_classes, input_shape=input_shape)
     return _load_robustbench(cfg, data_name=data_name)
@@ -222,9 +223,14 @@ def _load_checkpoint_model(cfg: ModelConfig, *, num_classes: int, input_shape: t
         module=module.eval(),
         fingerprint=fingerprint_state_dict(state),
         num_classes=ck_classes,
-        source={"source": "checkpoint", "path": str(path.resolve()), "arch": arch, "arch_kwargs": kwargs,
-                "metadata": blob.get("metadata", {}) if described else {}},
-    )  # fmt: skip
+        source={
+            "source": "checkpoint",
+            "path": str(path.resolve()),
+            "arch": arch,
+            "arch_kwargs": kwargs,
+            "metadata": blob.get("metadata", {}) if described else {},
+        },
+    )
 
 
 def register_autoattack_alias() -> None:
@@ -264,10 +270,15 @@ def _load_robustbench(cfg: ModelConfig, *, data_name: str | None) -> LoadedModel
         module=module,
         fingerprint=fingerprint_module(module),
         num_classes=n_classes,
-        source={"source": "robustbench", "robustbench_name": cfg.name, "dataset": dataset,
-                "threat_model": threat, "path": str(path.resolve()),
-                "arch": f"robustbench/{dataset}/{threat}/{cfg.name}"},
-    )  # fmt: skip
+        source={
+            "source": "robustbench",
+            "robustbench_name": cfg.name,
+            "dataset": dataset,
+            "threat_model": threat,
+            "path": str(path.resolve()),
+            "arch": f"robustbench/{dataset}/{threat}/{cfg.name}",
+        },
+    )
 
 
 def robustbench_checkpoint_path(name: str, *, model_dir: Path, dataset: str, threat_model: str) -> Path:
@@ -307,4 +318,3 @@ def robustbench_checkpoint_path(name: str, *, model_dir: Path, dataset: str, thr
         )
     del rb
     return path
-

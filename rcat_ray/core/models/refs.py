@@ -71,9 +71,14 @@ def model_reference(
     if cfg is None:
         return ModelRef(model.name, model.fingerprint, model.num_classes, dict(model.source), module=model.module)
     return ModelRef(
-        model.name, model.fingerprint, model.num_classes, dict(model.source), config=cfg.model_dump(mode="json"),
-        input_shape=tuple(int(s) for s in input_shape) if input_shape is not None else None, data_name=data_name,
-    )  # fmt: skip
+        model.name,
+        model.fingerprint,
+        model.num_classes,
+        dict(model.source),
+        config=cfg.model_dump(mode="json"),
+        input_shape=tuple(int(s) for s in input_shape) if input_shape is not None else None,
+        data_name=data_name,
+    )
 
 
 def load_reference(ref: ModelRef) -> LoadedModel:
@@ -85,8 +90,9 @@ def load_reference(ref: ModelRef) -> LoadedModel:
         fingerprint = fingerprint_module(module)
     else:
         cfg = ModelConfig.model_validate(ref.config)
-        loaded = load_model(cfg, num_classes=ref.num_classes, input_shape=ref.input_shape or (1, 1, 1),
-                            data_name=ref.data_name)  # fmt: skip
+        loaded = load_model(
+            cfg, num_classes=ref.num_classes, input_shape=ref.input_shape or (1, 1, 1), data_name=ref.data_name
+        )
         module, fingerprint = loaded.module, loaded.fingerprint
     if fingerprint != ref.fingerprint:
         raise ModelFingerprintError(
@@ -94,5 +100,6 @@ def load_reference(ref: ModelRef) -> LoadedModel:
             f"was planned with {ref.fingerprint}: the source changed during the run (or this node sees another "
             "copy of it); nothing was stored for it. Make the source the same on every node and run again."
         )
-    return LoadedModel(name=ref.name, module=module, fingerprint=fingerprint, num_classes=ref.num_classes,
-                       source=dict(ref.source))  # fmt: skip
+    return LoadedModel(
+        name=ref.name, module=module, fingerprint=fingerprint, num_classes=ref.num_classes, source=dict(ref.source)
+    )

@@ -83,8 +83,19 @@ class SampleSetInfo:
 
     def static(self) -> dict[str, Any]:
         """The description every part file carries in its schema metadata (known before any row is written)."""
-        keys = ("format", "format_version", "dataset", "split", "shape", "dtype", "scale", "num_classes",
-                "class_names", "preprocessing", "selection")  # fmt: skip
+        keys = (
+            "format",
+            "format_version",
+            "dataset",
+            "split",
+            "shape",
+            "dtype",
+            "scale",
+            "num_classes",
+            "class_names",
+            "preprocessing",
+            "selection",
+        )
         d = asdict(self)
         return {k: d[k] for k in keys}
 
@@ -145,7 +156,6 @@ def _renames_folders(fs: pafs.FileSystem) -> bool:
 
 def _join(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{name}" if folder else name
-
 
 
 def _read_info(fs: pafs.FileSystem, root: str, uri: str) -> SampleSetInfo | None:

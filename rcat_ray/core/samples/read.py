@@ -168,8 +168,9 @@ class SampleSet:
         sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         expected = [min(rpg, part.num_rows - i * rpg) for i in range(len(part.row_groups))]
         if md.num_rows != part.num_rows or sizes != expected:
-            raise self._damaged(part, f"holds row groups of {sizes} rows, {INFO_FILE} records {expected}: the file "
-                                "was replaced")  # fmt: skip
+            raise self._damaged(
+                part, f"holds row groups of {sizes} rows, {INFO_FILE} records {expected}: the file was replaced"
+            )
         self._footers[k] = md
 
     def _group(self, t: pa.Table, first: int, n: int, part: PartInfo, local: int, verify: bool) -> _Group:
@@ -274,8 +275,9 @@ class SampleSet:
         # the batch after which each group is needed no more (its last occurrence: first in the reversed order)
         uniq, first_from_end = np.unique(groups_of[::-1], return_index=True)
         last_row = len(pos) - 1 - first_from_end
-        last_batch = dict(zip(uniq.tolist(), (np.searchsorted(bounds, last_row, side="right") - 1).tolist(),
-                              strict=True))  # fmt: skip
+        last_batch = dict(
+            zip(uniq.tolist(), (np.searchsorted(bounds, last_row, side="right") - 1).tolist(), strict=True)
+        )
         cache: OrderedDict[int, _Group] = OrderedDict()
         held = 0
         for b in range(len(bounds) - 1):

@@ -321,4 +321,3 @@ def _finish(fs: pafs.FileSystem, folder: str, uri: str, info: SampleSetInfo, sou
         if fi.type != pafs.FileType.File or fi.size != part.size:
             raise DataError(f"{uri}: part {part.name} was not written whole ({fi.size} of {part.size} bytes)")
     return replace(info, split_fingerprint=source.split_fingerprint)
-

@@ -57,7 +57,6 @@ def to_float(raw: np.ndarray, dtype: str, scale: float) -> np.ndarray:
     return np.array(raw, dtype=np.float32)  # a writable, native-order copy
 
 
-
 def training_file(cfg: DataConfig) -> bool:
     """Whether ``cfg`` reads the training file (``train``/``val``) rather than the test file."""
     return cfg.split in ("train", "val")

@@ -75,4 +75,3 @@ def cifar_source(cfg: DataConfig) -> RawSource:
         scale=255.0,
         rows=rows,
     )
-

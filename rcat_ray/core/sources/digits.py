@@ -30,4 +30,3 @@ def digits_source(cfg: DataConfig) -> RawSource:
         scale=UINT8_SCALE["digits"],
         rows=lambda lo, hi: pixels[lo:hi].copy(),
     )
-

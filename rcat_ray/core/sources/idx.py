@@ -41,9 +41,17 @@ FASHION_MNIST_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def prepare_fashion_mnist(root: Path, source: Path = DEBIAN_FASHION_MNIST) -> Path:
@@ -90,4 +98,3 @@ def fashion_mnist_source(cfg: DataConfig) -> RawSource:
         scale=255.0,
         rows=lambda lo, hi: np.array(images[lo:hi])[:, None],
     )
-

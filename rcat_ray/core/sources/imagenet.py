@@ -23,9 +23,12 @@ def imagenet_source(cfg: DataConfig) -> RawSource:
     if not folder.is_dir():
         raise DataError(f"ImageNet is not in {root}: place the class folders at {folder}/<wnid>/*.JPEG")
     crop = IMAGENET_PREPROCESSING["center_crop"]
-    ds = ImageFolder(str(folder), transform=transforms.Compose(
-        [transforms.Resize(IMAGENET_PREPROCESSING["resize"]), transforms.CenterCrop(crop)]
-    ))  # fmt: skip
+    ds = ImageFolder(
+        str(folder),
+        transform=transforms.Compose(
+            [transforms.Resize(IMAGENET_PREPROCESSING["resize"]), transforms.CenterCrop(crop)]
+        ),
+    )
 
     def rows(lo: int, hi: int) -> np.ndarray:
         out = np.empty((hi - lo, 3, crop, crop), dtype=np.uint8)

@@ -62,7 +62,9 @@ def _warn_whole_file(where: str, n: int) -> None:
         _WARNED_WHOLE_FILE.add(path)
         log.warning(
             "data.split 'test' of a tensors file is the whole file %s (%d samples), the same rows its 'train' and "
-            "'val' splits read: keep test samples in a file of their own", path, n,
+            "'val' splits read: keep test samples in a file of their own",
+            path,
+            n,
         )
 
 
@@ -85,4 +87,3 @@ def selection_size(cfg: DataConfig) -> int:
     src = open_source(cfg)
     start, stop = select(cfg, len(src), src.where)
     return stop - start
-

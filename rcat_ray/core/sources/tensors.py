@@ -154,4 +154,3 @@ def _pt(path: Path) -> tuple[dict, torch.Tensor]:
     images = torch.as_tensor(blob["images"])
     small = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in blob.items() if k != "images"}
     return small, images
-

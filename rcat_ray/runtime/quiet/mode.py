@@ -41,9 +41,11 @@ _BARS_OFF_NOTICE = _DropMessages("Progress bars disabled")
 #: Ray Data's log records that announce a failed execution; the exception itself reaches the caller (the CLI
 #: says it in one line), so in quiet mode they are dropped from Ray Data's console handler (its file keeps them).
 RAY_DATA_FAILURE_NOTICES = _DropMessages(
-    "An exception was raised from a task of operator", "Exception occurred in user code",
-    "Exception occurred in Ray Data or Ray Core internal code", "Full stack trace",
-)  # fmt: skip
+    "An exception was raised from a task of operator",
+    "Exception occurred in user code",
+    "Exception occurred in Ray Data or Ray Core internal code",
+    "Full stack trace",
+)
 
 _state: dict = {"verbose": None}
 
@@ -88,4 +90,3 @@ def is_configured() -> bool:
 def ray_init_options() -> dict:
     """Extra ``ray.init`` arguments: the ``ray`` logger at WARNING when quiet (Ray's default INFO otherwise)."""
     return {"logging_level": logging.WARNING} if is_quiet() else {}
-

@@ -117,4 +117,3 @@ def attach_log_handlers_to_ray() -> None:
         for handler in _LOG_HANDLERS:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
-

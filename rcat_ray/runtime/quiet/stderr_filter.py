@@ -74,8 +74,11 @@ def start_native_filter() -> None:
         real = os.dup(2)
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _FILTER_PROGRAM, *HARMLESS_NATIVE_LINES],
-            stdin=subprocess.PIPE, stdout=real, stderr=real, start_new_session=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=real,
+            stderr=real,
+            start_new_session=True,
+        )
     except OSError:  # no filter is better than no run
         return
     os.dup2(proc.stdin.fileno(), 2)

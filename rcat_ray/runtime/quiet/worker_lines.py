@@ -25,8 +25,11 @@ HELD_BACK_LINES: tuple[str, ...] = (r"Reporting training result \d+: TrainingRep
 _HELD_BACK = re.compile("|".join(HELD_BACK_LINES))
 #: How a Python traceback goes on after its first line: indented frames, the chaining notes, blank lines, the
 #: exception line (``ValueError: ...``, ``ray.exceptions.GetTimeoutError: ...``).
-_TRACEBACK_START = ("Traceback (most recent call last):", "The above exception was the direct cause",
-                    "During handling of the above exception")  # fmt: skip
+_TRACEBACK_START = (
+    "Traceback (most recent call last):",
+    "The above exception was the direct cause",
+    "During handling of the above exception",
+)
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Interrupted|Warning)\b")
 
 

@@ -192,8 +192,9 @@ def test_model_cache_loads_each_model_once_and_checks_its_fingerprint(tmp_path, 
     refs = {}
     for name in ("old", "new"):
         cfg = ModelConfig(source="checkpoint", path=str(digits_checkpoints[name]))
-        refs[name] = model_reference(load_model(cfg, num_classes=10, input_shape=(1, 8, 8)), cfg,
-                                     input_shape=(1, 8, 8), data_name="digits").without_module()  # fmt: skip
+        refs[name] = model_reference(
+            load_model(cfg, num_classes=10, input_shape=(1, 8, 8)), cfg, input_shape=(1, 8, 8), data_name="digits"
+        ).without_module()
     assert refs["old"].fingerprint == old.fingerprint and refs["new"].fingerprint == new.fingerprint
     cache = ModelCache(2)
     for name in ("old", "old", "new", "old", "new"):
@@ -207,14 +208,21 @@ def test_model_cache_loads_each_model_once_and_checks_its_fingerprint(tmp_path, 
     assert cache.get(memory, lambda: other.module) is other.module and cache.loads == 3
     assert cache.get(refs["old"]) is not None and cache.loads == 4  # evicted by the third model: loaded again
     # the checkpoint replaced after planning: a worker refuses it, naming the model
-    save_checkpoint(digits_checkpoints["old"], new.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
-                    arch_kwargs={"hidden": [64]})  # fmt: skip
+    save_checkpoint(
+        digits_checkpoints["old"],
+        new.module,
+        arch="mlp",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        arch_kwargs={"hidden": [64]},
+    )
     with pytest.raises(ModelFingerprintError, match=r"model 'old' loaded from checkpoint .*old\.pt has weights"):
         ModelCache(2).get(refs["old"])
 
 
-def test_a_checkpoint_replaced_during_a_run_is_refused_by_the_workers(ray_session, tmp_path, digits_models,
-                                                                      digits_checkpoints):  # fmt: skip
+def test_a_checkpoint_replaced_during_a_run_is_refused_by_the_workers(
+    ray_session, tmp_path, digits_models, digits_checkpoints
+):
     from rcat_ray.config import ModelConfig
     from rcat_ray.core.models import save_checkpoint
     from rcat_ray.errors import EvaluationRunError
@@ -226,8 +234,14 @@ def test_a_checkpoint_replaced_during_a_run_is_refused_by_the_workers(ray_sessio
         update={"models": (ModelConfig(source="checkpoint", path=str(digits_checkpoints["old"])),)}
     )
     prepared = prepare(cfg, list(cfg.models))
-    save_checkpoint(digits_checkpoints["old"], new.module, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
-                    arch_kwargs={"hidden": [64]})  # fmt: skip
+    save_checkpoint(
+        digits_checkpoints["old"],
+        new.module,
+        arch="mlp",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        arch_kwargs={"hidden": [64]},
+    )
     with pytest.raises(EvaluationRunError, match=r"model 'old' loaded from checkpoint") as err:
         evaluate_plans(prepared.plans, prepared.store, cfg)
     assert "fingerprint" in str(err.value)

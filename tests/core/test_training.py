@@ -105,4 +105,3 @@ def test_the_demo_recipes_are_the_specified_ones():
     for recipe in (defaults.old, defaults.new):
         assert (recipe.lr, recipe.schedule, recipe.batch_size, recipe.eps) == (2e-3, "onecycle", 128, 0.1)
     assert defaults.finetune_batch_size == 128  # the global batch
-

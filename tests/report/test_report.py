@@ -22,8 +22,7 @@ from rcat_ray.evaluate.plan import EvaluationPlan, assemble, run_chunk
 from rcat_ray.report import flip_report as report
 from rcat_ray.report.flip_report import CLEAN_GRID_PNG, PER_CLASS_PNG, REPORT_NAME, ROBUST_GRID_PNG, write_report
 from rcat_ray.store.result_store import ResultStore
-
-from .conftest import fit
+from tests.conftest import fit
 
 OLD_LABEL = "old <b>mlp</b>"
 NEW_LABEL = "new mlp & co"

@@ -10,8 +10,7 @@ import pytest
 
 from rcat_ray.core.flips import flip_table, summarize
 from rcat_ray.evaluate.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
-
-from .test_flips import model_table
+from tests.core.test_flips import model_table
 
 N = 400
 

@@ -51,9 +51,23 @@ PROGRESS = re.compile(r"^\[evaluate\] (\d+)/(\d+) chunks \(\d+%\)", re.MULTILINE
 
 def _argv(store: Path, *extra: str, limit: int = 20 * N_CHUNKS) -> list[str]:
     return [
-        "evaluate", "--data", "digits", "--eps", "0.1", "--n-iter", "50", "--chunk-size", "20",
-        "--limit", str(limit), "--model", "builtin:mlp", "--store", str(store), *extra,
-    ]  # fmt: skip
+        "evaluate",
+        "--data",
+        "digits",
+        "--eps",
+        "0.1",
+        "--n-iter",
+        "50",
+        "--chunk-size",
+        "20",
+        "--limit",
+        str(limit),
+        "--model",
+        "builtin:mlp",
+        "--store",
+        str(store),
+        *extra,
+    ]
 
 
 @contextlib.contextmanager
@@ -118,8 +132,9 @@ def test_interrupt_keeps_finished_chunks_and_the_same_command_continues(tmp_path
     store = tmp_path / "store"
     argv = _argv(store)
     with sigint_delivered():
-        proc = subprocess.Popen(_command(argv), cwd=tmp_path, env=_env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            _command(argv), cwd=tmp_path, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
     try:
         _wait_for_first_chunk(proc, store)
         proc.send_signal(signum)

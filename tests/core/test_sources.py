@@ -181,9 +181,10 @@ def test_imagenet_folder_matches_torchvision_totensor(tmp_path: Path) -> None:
         folder.mkdir(parents=True)
         for i in range(4):
             Image.fromarray(rng.integers(0, 256, (60, 50, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
-    ref = ImageFolder(str(tmp_path / "img" / "val"), transform=transforms.Compose(
-        [transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()]
-    ))  # fmt: skip
+    ref = ImageFolder(
+        str(tmp_path / "img" / "val"),
+        transform=transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()]),
+    )
     cfg = DataConfig(name="imagenet", root=str(tmp_path / "img"), split="test", offset=1, limit=6)
     expected = torch.stack([ref[i][0] for i in range(1, 7)])
     _check_set(cfg, tmp_path / "inet", expected, rows_per_group=4)

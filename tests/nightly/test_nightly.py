@@ -21,8 +21,7 @@ from rcat_ray.nightly.config import GatesConfig, NotifyConfig
 from rcat_ray.nightly.gates import judge
 from rcat_ray.nightly.history import append_night, read_history
 from rcat_ray.nightly.notify import WebhookNotifier, deliver, make_notifier
-
-from .conftest import snapshot
+from tests.conftest import snapshot
 
 
 def _metric(value, lo, hi, n=100):
@@ -37,10 +36,20 @@ SUMMARY = {
         "acc": _metric(0.80, 0.78, 0.82),
         "rob_acc": _metric(0.50, 0.47, 0.53),
     },
-    "per_class": [{"class": 3, "name": "cat", "metrics": {
-        "nfr": _metric(0.2, 0.12, 0.28, 10), "r_nfr": _metric(None, None, None, 0), "s_nfr": _metric(0.2, 0.1, 0.3),
-        "acc": _metric(0.5, 0.4, 0.6), "rob_acc": _metric(0.2, 0.1, 0.3)}}],
-}  # fmt: skip
+    "per_class": [
+        {
+            "class": 3,
+            "name": "cat",
+            "metrics": {
+                "nfr": _metric(0.2, 0.12, 0.28, 10),
+                "r_nfr": _metric(None, None, None, 0),
+                "s_nfr": _metric(0.2, 0.1, 0.3),
+                "acc": _metric(0.5, 0.4, 0.6),
+                "rob_acc": _metric(0.2, 0.1, 0.3),
+            },
+        }
+    ],
+}
 
 
 def test_gates_fail_only_on_evidence():
@@ -63,8 +72,11 @@ def test_gates_fail_only_on_evidence():
 def test_history_appends_never_rewrite(tmp_path):
     root = str(tmp_path / "history")
     assert read_history(root).empty
-    append_night(root, "2026-11-20", {"run_id": "a", "timestamp": "2026-11-20T02:30:00", "pair": "p", "verdict": "pass",
-                                      "nfr_value": 0.01})  # fmt: skip
+    append_night(
+        root,
+        "2026-11-20",
+        {"run_id": "a", "timestamp": "2026-11-20T02:30:00", "pair": "p", "verdict": "pass", "nfr_value": 0.01},
+    )
     first = snapshot(tmp_path / "history")
     second = {"run_id": "b", "timestamp": "2026-11-21T02:30:00", "pair": "p", "verdict": "fail"}
     append_night(root, "2026-11-21", second)

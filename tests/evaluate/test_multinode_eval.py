@@ -70,8 +70,13 @@ def _start(tmp_path: Path, name: str, command: str, raw: dict, address: str) -> 
     config.write_text(yaml.safe_dump(raw))
     cli = Path(sys.executable).parent / "rcat-ray"
     out, err = (tmp_path / f"{name}.json").open("w"), (tmp_path / f"{name}.log").open("w")
-    return subprocess.Popen([str(cli), command, "--config", str(config), "--address", address, "--json"],
-                            cwd=tmp_path, env=ray_env(), stdout=out, stderr=err)  # fmt: skip
+    return subprocess.Popen(
+        [str(cli), command, "--config", str(config), "--address", address, "--json"],
+        cwd=tmp_path,
+        env=ray_env(),
+        stdout=out,
+        stderr=err,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
@@ -96,8 +101,10 @@ def _log(tmp_path: Path, name: str) -> str:
 
 
 def _chunk_manifests(store: Path) -> dict[tuple[str, int], dict]:
-    return {(p.parts[-3], json.loads(p.read_text())["chunk_id"]): json.loads(p.read_text())
-            for p in store.glob("tables/*/chunks/chunk-*.json")}  # fmt: skip
+    return {
+        (p.parts[-3], json.loads(p.read_text())["chunk_id"]): json.loads(p.read_text())
+        for p in store.glob("tables/*/chunks/chunk-*.json")
+    }
 
 
 def _assert_same_as_one_node(tmp_path: Path, checkpoints: dict[str, Path], store: Path, keys: list[str]) -> None:
@@ -203,8 +210,10 @@ def test_a_node_lost_in_the_middle_of_a_chunk(cluster, tmp_path, digits_checkpoi
                 first[chunk] = node
                 (gate / f"open-{chunk}").touch()
         wait_for("one stored chunk per node", lambda: len(stored()) == 2)
-        wait_for("a held chunk on each node",
-                 lambda: {n for c, n in arrivals().items() if c not in first} == set(cluster.workers))  # fmt: skip
+        wait_for(
+            "a held chunk on each node",
+            lambda: {n for c, n in arrivals().items() if c not in first} == set(cluster.workers),
+        )
         doomed, survivor = cluster.workers
         held = sorted(c for c, n in arrivals().items() if n == doomed and c not in first)
         cluster.remove(doomed)  # killed while its actor holds chunks `held`

@@ -46,10 +46,32 @@ def cli(tmp_path, digits_checkpoints, capsys):
     base.write_text(yaml.safe_dump({"validation": {"samples": 50}}))
 
     def run(*flags: str) -> tuple[int, str]:
-        argv = ["finetune", "--config", str(base), "--old", str(digits_checkpoints["old"]),
-                "--new", str(digits_checkpoints["new"]), "--data", "digits", "--train-eps", "0.1", "--epochs", "1",
-                "--batch-size", "64", "--workers", "0", "--out", str(tmp_path / "out"),
-                "--storage", str(tmp_path / "ray_results"), "--store", str(tmp_path / "store"), *flags]  # fmt: skip
+        argv = [
+            "finetune",
+            "--config",
+            str(base),
+            "--old",
+            str(digits_checkpoints["old"]),
+            "--new",
+            str(digits_checkpoints["new"]),
+            "--data",
+            "digits",
+            "--train-eps",
+            "0.1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+            "--storage",
+            str(tmp_path / "ray_results"),
+            "--store",
+            str(tmp_path / "store"),
+            *flags,
+        ]
         rc = main(argv)
         captured = capsys.readouterr()
         return rc, captured.out + captured.err
@@ -78,8 +100,12 @@ def test_a_named_finetune_rerun_with_other_settings_trains_a_new_model(tmp_path,
     assert len({m["identity"] for m in manifests}) == 3
     for path, m in zip((first, second, third), manifests, strict=True):
         assert path.name == f"same-{m['identity'][:16]}.pt"
-        assert load_model(ModelConfig(source="checkpoint", path=str(path)), num_classes=10,
-                          input_shape=(1, 8, 8)).fingerprint == m["fingerprint"]  # fmt: skip
+        assert (
+            load_model(
+                ModelConfig(source="checkpoint", path=str(path)), num_classes=10, input_shape=(1, 8, 8)
+            ).fingerprint
+            == m["fingerprint"]
+        )
     # the first command again: the same identity, so its result is reused, untouched
     mtime = first.stat().st_mtime_ns
     rc, text = cli("--name", "same", "--loss", "rcat", "--alpha", "0.5", "--beta", "0.4")
@@ -108,13 +134,20 @@ def test_a_parent_retrained_in_place_gives_a_new_finetune(tmp_path, cli, digits_
     out = tmp_path / "out"
     assert cli("--name", "p", "--loss", "at")[0] == 0
     first = _only_new(out, set())
-    new = load_model(ModelConfig(source="checkpoint", path=str(digits_checkpoints["new"])), num_classes=10,
-                     input_shape=(1, 8, 8))  # fmt: skip
+    new = load_model(
+        ModelConfig(source="checkpoint", path=str(digits_checkpoints["new"])), num_classes=10, input_shape=(1, 8, 8)
+    )
     with torch.no_grad():
         for p in new.module.parameters():
             p.mul_(0.9)  # "retrained": other weights under the same path
-    retrained = save_checkpoint(digits_checkpoints["new"], new.module, arch="mlp", num_classes=10,
-                                input_shape=(1, 8, 8), arch_kwargs=new.source["arch_kwargs"])  # fmt: skip
+    retrained = save_checkpoint(
+        digits_checkpoints["new"],
+        new.module,
+        arch="mlp",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        arch_kwargs=new.source["arch_kwargs"],
+    )
     rc, text = cli("--name", "p", "--loss", "at")
     assert rc == 0 and "reused" not in text
     second = _only_new(out, {first})
@@ -168,13 +201,27 @@ class _Session:
 def test_identity_ignores_placement_and_outputs_and_covers_every_training_setting(tmp_path, digits_checkpoints):
     cfg = _cfg(tmp_path, digits_checkpoints)
     inputs = run_mod.check_finetune_inputs(cfg).inputs
-    same = _cfg(tmp_path / "elsewhere", digits_checkpoints, num_workers=2, name="x", threads_per_worker=2,
-                validation={"samples": 20}, max_failures=3)  # fmt: skip
+    same = _cfg(
+        tmp_path / "elsewhere",
+        digits_checkpoints,
+        num_workers=2,
+        name="x",
+        threads_per_worker=2,
+        validation={"samples": 20},
+        max_failures=3,
+    )
     assert finetune_identity(same, inputs) == finetune_identity(cfg, inputs)
-    changes = [{"seed": 1}, {"epochs": 2}, {"batch_size": 32}, {"augment": True}, {"read_cache_mib": 1.0},
-               {"loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4, "normalisation": "batch"}},
-               {"train_attack": {"kind": "pgd", "eps": 0.1}}, {"optimizer": {"name": "sgd", "lr": 0.02}},
-               {"batchnorm": "per-worker"}]  # fmt: skip
+    changes = [
+        {"seed": 1},
+        {"epochs": 2},
+        {"batch_size": 32},
+        {"augment": True},
+        {"read_cache_mib": 1.0},
+        {"loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4, "normalisation": "batch"}},
+        {"train_attack": {"kind": "pgd", "eps": 0.1}},
+        {"optimizer": {"name": "sgd", "lr": 0.02}},
+        {"batchnorm": "per-worker"},
+    ]
     digests = {finetune_identity(_cfg(tmp_path, digits_checkpoints, **c), inputs).digest for c in changes}
     assert len(digests) == len(changes) and finetune_identity(cfg, inputs).digest not in digests
     # mixed precision counts where it runs (CUDA): on the CPU the setting changes nothing
@@ -186,8 +233,9 @@ def test_identity_ignores_placement_and_outputs_and_covers_every_training_settin
         finetune_identity(_cfg(tmp_path, digits_checkpoints, **gpu), inputs)
     )
     # the worker count enters only where it changes the steps: 1097 rows at batch 64 leave 9, at batch 548 leave 1
-    one, two = (finetune_identity(_cfg(tmp_path, digits_checkpoints, batch_size=548, num_workers=w), inputs)
-                for w in (1, 2))  # fmt: skip
+    one, two = (
+        finetune_identity(_cfg(tmp_path, digits_checkpoints, batch_size=548, num_workers=w), inputs) for w in (1, 2)
+    )
     assert one != two
     for field in ("old", "new"):
         other = IdentityInputs(**{**inputs.__dict__, field: {**getattr(inputs, field), "fingerprint": "0" * 16}})
@@ -220,8 +268,14 @@ def test_a_snapshot_of_another_identity_is_never_resumed(tmp_path, digits_checkp
     folder = tmp_path / "snapshot"
     folder.mkdir()
     model = load_model(cfg.new, num_classes=10, input_shape=(1, 8, 8)).module
-    state = {"model": model.state_dict(), "optimizer": {}, "epoch": 0, "rng_cpu": torch.get_rng_state(),
-             "history": [], "identity": "another"}  # fmt: skip
+    state = {
+        "model": model.state_dict(),
+        "optimizer": {},
+        "epoch": 0,
+        "rng_cpu": torch.get_rng_state(),
+        "history": [],
+        "identity": "another",
+    }
     torch.save(state, folder / STATE_FILE)
     session = _Session(ray.train.Checkpoint.from_directory(str(folder)))
     with pytest.raises(RunIdentityError, match=r"belongs to fine-tune another, not to this run"):
@@ -271,17 +325,39 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
 
     from rcat_ray.runtime.hooks import EPOCH_GATE_ENV
     from tests.multinode import ray_env
-    from tests.test_progress_interrupt import sigint_delivered
+    from tests.runtime.test_progress_interrupt import sigint_delivered
 
     gate = tmp_path / "gate"
     gate.mkdir()
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"validation": {"samples": 50}}))
     output = tmp_path / "out" / "resumed.pt"
-    argv = [str(Path(sys.executable).parent / "rcat-ray"), "finetune", "--config", str(base),
-            "--old", str(digits_checkpoints["old"]), "--new", str(digits_checkpoints["new"]), "--data", "digits",
-            "--train-eps", "0.1", "--epochs", "3", "--batch-size", "64", "--workers", "2",
-            "--output", str(output), "--storage", str(tmp_path / "ray_results"), "--store", str(tmp_path / "store")]
+    argv = [
+        str(Path(sys.executable).parent / "rcat-ray"),
+        "finetune",
+        "--config",
+        str(base),
+        "--old",
+        str(digits_checkpoints["old"]),
+        "--new",
+        str(digits_checkpoints["new"]),
+        "--data",
+        "digits",
+        "--train-eps",
+        "0.1",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--workers",
+        "2",
+        "--output",
+        str(output),
+        "--storage",
+        str(tmp_path / "ray_results"),
+        "--store",
+        str(tmp_path / "store"),
+    ]
     env = ray_env(**{EPOCH_GATE_ENV: str(gate)})
     log = tmp_path / "first.log"
     with log.open("w") as out:
@@ -290,9 +366,13 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
         try:
             deadline = time.monotonic() + 300
             snapshots = tmp_path / "ray_results"
-            while not (len(list(gate.glob("arrived-e1-*"))) >= 2 and any(
+            while not (
+                len(list(gate.glob("arrived-e1-*"))) >= 2
+                and any(
                     json.loads(p.read_text() or "{}").get("checkpoint_results")
-                    for p in snapshots.glob("**/checkpoint_manager_snapshot.json"))):  # fmt: skip
+                    for p in snapshots.glob("**/checkpoint_manager_snapshot.json")
+                )
+            ):
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "epoch 2 never started"
                 time.sleep(0.2)
@@ -311,8 +391,13 @@ def test_an_interrupted_finetune_resumes_its_own_run_at_the_uninterrupted_weight
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     manifest = json.loads(output.with_suffix(".json").read_text())
     assert [h["attempt_start_epoch"] for h in manifest["history"]] == [0, 1, 1], "resumed from epoch 1's snapshot"
-    reference = _cfg(tmp_path / "reference", digits_checkpoints, loss={"kind": "rcat", "alpha": 0.5, "beta": 0.4},
-                     epochs=3, optimizer={"name": "sgd", "lr": 0.001, "momentum": 0.9})  # fmt: skip
+    reference = _cfg(
+        tmp_path / "reference",
+        digits_checkpoints,
+        loss={"kind": "rcat", "alpha": 0.5, "beta": 0.4},
+        epochs=3,
+        optimizer={"name": "sgd", "lr": 0.001, "momentum": 0.9},
+    )
     ref = run_mod.run_finetune(reference)
     assert not ref.reused
     assert json.loads(ref.manifest.read_text())["identity"] == manifest["identity"]

@@ -25,8 +25,7 @@ from rcat_ray.core.samples import write as samples_write
 from rcat_ray.errors import DamagedSetError, DataError
 from rcat_ray.report.inventory import verify_store
 from rcat_ray.store.result_store import QUARANTINE_DIR
-
-from .conftest import snapshot
+from tests.conftest import snapshot
 
 CFG = DataConfig(name="digits", split="test", limit=100)
 
@@ -233,8 +232,11 @@ def test_two_preparers_on_a_filesystem_without_folder_rename(monkeypatch, ordere
     """An in-memory pyarrow filesystem (no folder rename, as on object storage): each preparer writes its parts
     into a subfolder of its own, dataset.json names one of them, and the loser removes only its own."""
     fs = pafs.SubTreeFileSystem("bucket", pafs._MockFileSystem())
-    results = _race(monkeypatch, lambda: prepare_samples(CFG, "sets/digits", filesystem=fs, rows_per_group=_layout()),
-                    ordered=ordered)  # fmt: skip
+    results = _race(
+        monkeypatch,
+        lambda: prepare_samples(CFG, "sets/digits", filesystem=fs, rows_per_group=_layout()),
+        ordered=ordered,
+    )
     assert not [r for r in results.values() if isinstance(r, BaseException)], results
     samples = open_samples("sets/digits", filesystem=fs)
     samples.verify()

@@ -82,8 +82,13 @@ def _start_cli(tmp_path: Path, raw: dict, address: str) -> subprocess.Popen:
     config.write_text(yaml.safe_dump(raw))
     log = (tmp_path / f"{raw['name']}.log").open("w")
     cli = Path(sys.executable).parent / "rcat-ray"
-    return subprocess.Popen([str(cli), "finetune", "--config", str(config), "--address", address],
-                            cwd=tmp_path, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [str(cli), "finetune", "--config", str(config), "--address", address],
+        cwd=tmp_path,
+        env=ray_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _finish(proc: subprocess.Popen, tmp_path: Path, name: str, timeout: float = 400) -> dict:
@@ -173,8 +178,9 @@ def test_two_workers_on_two_nodes_train_the_one_process_model(cluster, tmp_path,
     _clear(cluster.gate)
     _open_gates(cluster.gate, 1, 2, 3)
     t0 = time.monotonic()
-    manifest = _finish(_start_cli(tmp_path, _raw(tmp_path, digits_checkpoints, "two-nodes"), cluster.address),
-                       tmp_path, "two-nodes")  # fmt: skip
+    manifest = _finish(
+        _start_cli(tmp_path, _raw(tmp_path, digits_checkpoints, "two-nodes"), cluster.address), tmp_path, "two-nodes"
+    )
     print(f"two-node fine-tune: {time.monotonic() - t0:.1f} s")
     for h in manifest["history"]:
         workers = h["workers"]
@@ -204,8 +210,9 @@ def test_a_two_trial_sweep_runs_one_trial_per_node(cluster, tmp_path, digits_che
     t0 = time.monotonic()
     with (tmp_path / "sweep.log").open("w") as log:
         command = [str(cli), "sweep", "--config", str(config), "--address", cluster.address]
-        proc = subprocess.run(command, cwd=tmp_path, env=ray_env(), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=600, check=False)  # fmt: skip
+        proc = subprocess.run(
+            command, cwd=tmp_path, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, timeout=600, check=False
+        )
     print(f"two-node sweep: {time.monotonic() - t0:.1f} s")
     assert proc.returncode == 0, (tmp_path / "sweep.log").read_text()[-4000:]
     trials = pd.read_parquet(tmp_path / "sweep-out" / "trials.parquet")

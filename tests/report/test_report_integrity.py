@@ -19,8 +19,7 @@ from rcat_ray.evaluate.comparison import Comparison
 from rcat_ray.report.comparison_data import worst_flips
 from rcat_ray.report.flip_report import REPORT_NAME, ROBUST_GRID_PNG, write_report
 from rcat_ray.store.result_store import ResultStore
-
-from .test_report import DATA, _build_store
+from tests.report.test_report import DATA, _build_store
 
 
 @pytest.fixture(scope="module")

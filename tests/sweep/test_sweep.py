@@ -71,12 +71,14 @@ def test_grid_is_exactly_the_papers():
 
 
 def _table():
-    return pd.DataFrame({
-        "trial_id": ["a", "b", "c", "d", "e"],
-        "val_s_nfr": [0.010, 0.030, 0.030, 0.050, 0.020],
-        "val_rob_acc": [0.50, 0.66, 0.67, 0.70, 0.64],
-        "val_r_nfr": [0.005, 0.02, 0.02, 0.03, 0.01],
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c", "d", "e"],
+            "val_s_nfr": [0.010, 0.030, 0.030, 0.050, 0.020],
+            "val_rob_acc": [0.50, 0.66, 0.67, 0.70, 0.64],
+            "val_r_nfr": [0.005, 0.02, 0.02, 0.03, 0.01],
+        }
+    )
 
 
 def test_choice_rule_skips_the_trial_that_breaks_the_tolerance():
@@ -98,8 +100,14 @@ def test_pareto_front():
     assert front.tolist() == [True, False, True, True, True]
     # a trial that was not judged (stopped early) has no point, so it is neither on the front nor dominating
     t.loc[len(t)] = {"trial_id": "f", "val_s_nfr": float("nan"), "val_rob_acc": float("nan"), "val_r_nfr": 0.0}
-    assert pareto_front(t, maximise="val_rob_acc", minimise="val_s_nfr").tolist() == [True, False, True, True, True,
-                                                                                      False]  # fmt: skip
+    assert pareto_front(t, maximise="val_rob_acc", minimise="val_s_nfr").tolist() == [
+        True,
+        False,
+        True,
+        True,
+        True,
+        False,
+    ]
 
 
 def test_per_kind_choice_applies_the_rule_to_each_kind_and_flags_a_kind_below_the_bar():
@@ -107,8 +115,10 @@ def test_per_kind_choice_applies_the_rule_to_each_kind_and_flags_a_kind_below_th
     t.loc[len(t)] = {"trial_id": "f", "val_s_nfr": float("nan"), "val_rob_acc": 0.9, "val_r_nfr": 0.0, "kind": "pct"}
     choices = choose_per_kind(t, new_rob_acc=0.68, tolerance=0.05)  # bar 0.63: "a" (0.50) is out
     assert {k: (c.row["trial_id"], c.eligible) for k, c in choices.items()} == {
-        "rcat": ("b", True), "pct": ("c", True), "at": ("e", True),
-    }  # fmt: skip
+        "rcat": ("b", True),
+        "pct": ("c", True),
+        "at": ("e", True),
+    }
     # bar 0.69: no RCAT trial keeps robust accuracy; the kind still gets its lowest-S-NFR trial, flagged
     choices = choose_per_kind(t, new_rob_acc=0.74, tolerance=0.05)
     assert (choices["rcat"].row["trial_id"], choices["rcat"].eligible) == ("a", False)
@@ -118,8 +128,14 @@ def test_per_kind_choice_applies_the_rule_to_each_kind_and_flags_a_kind_below_th
 def test_a_choice_asking_for_more_validation_samples_than_the_split_holds_is_refused():
     from rcat_ray.sweep.judge import check_choice_inputs, choice_settings
 
-    raw = {"base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
-                    "data": {"name": "digits", "split": "train"}, "train_attack": {"eps": 0.1}}}  # fmt: skip
+    raw = {
+        "base": {
+            "old": {"source": "builtin", "name": "mlp"},
+            "new": {"source": "builtin", "name": "mlp"},
+            "data": {"name": "digits", "split": "train"},
+            "train_attack": {"eps": 0.1},
+        }
+    }
     cfg = parse_config(SweepConfig, raw)
     settings = choice_settings(cfg)  # the defaults: the test-strength attack at the training eps, 2000 samples
     assert settings.attack.cascade == ("apgd-ce", "apgd-dlr") and settings.attack.n_iter == 50
@@ -181,9 +197,13 @@ def test_four_trial_sweep_writes_outputs_and_picks_by_the_rule(ray_session, swee
     from rcat_ray.store.result_store import ResultStore
     from rcat_ray.sweep.run import run_sweep
 
-    test = {"data": {"name": "digits", "split": "test", "limit": 100}, "attack": {"eps": 0.1, "n_iter": 3},
-            "chunk_size": 50, "store": str(tmp_path / "store"),
-            "compute": {"num_workers": 1, "cpus_per_worker": 0.5, "threads_per_worker": 1}}  # fmt: skip
+    test = {
+        "data": {"name": "digits", "split": "test", "limit": 100},
+        "attack": {"eps": 0.1, "n_iter": 3},
+        "chunk_size": 50,
+        "store": str(tmp_path / "store"),
+        "compute": {"num_workers": 1, "cpus_per_worker": 0.5, "threads_per_worker": 1},
+    }
     config = sweep_yaml(asha={"enabled": True, "grace_period": 1}, test=test, bootstrap={"n_resamples": 100})
     cfg = parse_config(SweepConfig, yaml.safe_load(config.read_text()))
     outcome = run_sweep(cfg)
@@ -327,8 +347,13 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_session
 
     config = sweep_yaml(asha={"enabled": False}, max_concurrent=1)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "rcat_ray.cli", "sweep", "--config", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rcat_ray.cli", "sweep", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     tune_dir = tmp_path / "tune" / "digits"
     deadline = time.monotonic() + 240
     try:
@@ -361,12 +386,19 @@ def testoptuna_space_stays_on_the_simplex():
 
     from rcat_ray.sweep.trials import optuna_space, trial_settings
 
-    cfg = parse_config(SweepConfig, {
-        "base": {"old": {"source": "builtin", "name": "mlp"}, "new": {"source": "builtin", "name": "mlp"},
-                 "train_attack": {"eps": 0.1}},
-        "mode": "search", "algorithm": "optuna",
-        "space": {"losses": ["rcat", "pcat"], "alpha_range": [0.2, 0.9], "train_eps": [0.05, 0.1]},
-    })  # fmt: skip
+    cfg = parse_config(
+        SweepConfig,
+        {
+            "base": {
+                "old": {"source": "builtin", "name": "mlp"},
+                "new": {"source": "builtin", "name": "mlp"},
+                "train_attack": {"eps": 0.1},
+            },
+            "mode": "search",
+            "algorithm": "optuna",
+            "space": {"losses": ["rcat", "pcat"], "alpha_range": [0.2, 0.9], "train_eps": [0.05, 0.1]},
+        },
+    )
     space = optuna_space(cfg)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     kinds = set()

@@ -33,8 +33,7 @@ from rcat_ray.evaluate.plan import EvaluationPlan, run_chunk
 from rcat_ray.evaluate.run import run_compare, run_evaluate
 from rcat_ray.report.inventory import describe_entry, list_entries, resolve_key, verify_store
 from rcat_ray.store.result_store import ResultStore
-
-from .conftest import snapshot
+from tests.conftest import snapshot
 
 pytestmark = pytest.mark.ray
 
@@ -213,8 +212,10 @@ def test_verify_store_reports_damage_leaves_the_store_alone_and_repairs_on_reque
     by_path = {f["path"]: f for f in findings}
     assert set(by_path) == {chunk, summary, stray}
     assert (by_path[chunk]["status"], by_path[chunk]["kind"], by_path[chunk]["key"]) == (
-        "damaged", "chunk", clean.old_key,
-    )  # fmt: skip
+        "damaged",
+        "chunk",
+        clean.old_key,
+    )
     assert "truncated" in by_path[chunk]["problem"] and "sha256" in by_path[summary]["problem"]
     assert by_path[stray]["status"] == "orphan"
     assert all(f["moved_to"] == [] for f in findings)
@@ -244,11 +245,17 @@ def test_entries_from_before_checksums_are_reported_but_left_alone(tmp_path):
     root = tmp_path / "store"
     folder = root / "tables/0ld"
     (folder / "chunks").mkdir(parents=True)
-    manifest = {"model": {"name": "legacy"}, "data": {"dataset": "digits", "split": "test", "n_samples": 2},
-                "attack": {"norm": "Linf", "eps": 0.1, "attacks": ["apgd-ce"]}, "chunk_size": 2}  # fmt: skip
+    manifest = {
+        "model": {"name": "legacy"},
+        "data": {"dataset": "digits", "split": "test", "n_samples": 2},
+        "attack": {"norm": "Linf", "eps": 0.1, "attacks": ["apgd-ce"]},
+        "chunk_size": 2,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    pq.write_table(pa.table({"clean_correct": [True, False], "robust": [False, None], "broken_by": ["apgd-ce", None]}),
-                   folder / "table.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"clean_correct": [True, False], "robust": [False, None], "broken_by": ["apgd-ce", None]}),
+        folder / "table.parquet",
+    )
     (folder / "chunks/chunk-000000.parquet").write_bytes((folder / "table.parquet").read_bytes())
     before = snapshot(root)
     for repair in (False, True):
@@ -301,10 +308,13 @@ def _unique_prefix(key: str, keys: list[str]) -> str:
 
 def test_list_and_describe_entries(clean, store):
     entries = list_entries(store)
-    assert sorted((e["kind"], e["key"], tuple(e["models"])) for e in entries) == sorted([
-        ("table", clean.old_key, ("old",)), ("table", clean.new_key, ("new",)),
-        ("comparison", clean.comparison_key, ("old", "new")),
-    ])  # fmt: skip
+    assert sorted((e["kind"], e["key"], tuple(e["models"])) for e in entries) == sorted(
+        [
+            ("table", clean.old_key, ("old",)),
+            ("table", clean.new_key, ("new",)),
+            ("comparison", clean.comparison_key, ("old", "new")),
+        ]
+    )
     for e in entries:
         assert e["complete"] and e["n"] == 100 and e["data"] == {"name": "digits", "split": "test"}
         assert e["attack"] == {"norm": "Linf", "eps": 0.1, "attacks": ["apgd-ce", "apgd-dlr"]}
@@ -393,8 +403,14 @@ def test_nan_weights_are_refused_before_any_ray_work(tmp_path, digits_models, di
     with torch.no_grad():
         broken[1].weight[0, 0] = float("nan")
     path = tmp_path / "broken.pt"
-    save_checkpoint(path, broken, arch="mlp", num_classes=10, input_shape=(1, 8, 8),
-                    arch_kwargs={"hidden": [broken[1].out_features]})  # fmt: skip
+    save_checkpoint(
+        path,
+        broken,
+        arch="mlp",
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        arch_kwargs={"hidden": [broken[1].out_features]},
+    )
     store = tmp_path / "store"
     (store / "tables/abc").mkdir(parents=True)
     (store / "tables/abc/table.parquet").write_bytes(b"earlier results")

@@ -99,7 +99,10 @@ def test_workers_rebuild_the_config_with_the_same_identity(tmp_path, parents):
     again = parse_config(FinetuneConfig, json.loads(json.dumps(cfg.model_dump(mode="json"))))
     assert finetune_identity(again, inputs) == finetune_identity(cfg, inputs)
     modules = (
-        config_mod, rcat_ray.evaluate.config, rcat_ray.finetune.config, rcat_ray.sweep.config,
+        config_mod,
+        rcat_ray.evaluate.config,
+        rcat_ray.finetune.config,
+        rcat_ray.sweep.config,
         rcat_ray.nightly.config,
     )
     models = {m for mod in modules for m in vars(mod).values() if isinstance(m, type) and issubclass(m, BaseModel)}
@@ -282,10 +285,16 @@ def test_finetune_epoch_attacks_in_full_precision_under_autocast(digits_models, 
         sampler, digits_train.images[:256], digits_train.labels[:256], digits_train.sample_ids[:256]
     )
     stats = finetune_epoch(
-        model, None, frozen_copy(old.module), batches, torch.optim.SGD(model.parameters(), lr=0.01),
-        LossConfig(kind="at"), TrainAttackConfig(kind="fgsm-rs", eps=0.1),
-        device=torch.device("cpu"), amp_dtype=torch.bfloat16,
-    )  # fmt: skip
+        model,
+        None,
+        frozen_copy(old.module),
+        batches,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        LossConfig(kind="at"),
+        TrainAttackConfig(kind="fgsm-rs", eps=0.1),
+        device=torch.device("cpu"),
+        amp_dtype=torch.bfloat16,
+    )
     assert seen == {(False, torch.float32), (True, torch.bfloat16)}
     assert stats["train_samples"] == 256 and stats["train_loss"] > 0
 

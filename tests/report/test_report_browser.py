@@ -32,8 +32,7 @@ from rcat_ray.store.result_store import ResultStore
 from rcat_ray.sweep.choice import choose_trial, pareto_front
 from rcat_ray.sweep.config import SweepConfig
 from rcat_ray.sweep.report import write_sweep_outputs
-
-from .test_report import _build_store
+from tests.report.test_report import _build_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

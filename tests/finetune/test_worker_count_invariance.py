@@ -54,8 +54,9 @@ def test_masked_rcat_over_shares_with_global_counts_is_the_global_batch_loss():
     for lo, hi in ((0, 7), (7, 12)):  # uneven shares
         s = slice(lo, hi)
         frac = (hi - lo) / n
-        parts.append(frac * rcat_loss(z[s], y[s], z_new[s], z_old[s], m_new[s], m_old[s], mask_totals=totals,
-                                      share=frac, **kw))  # fmt: skip
+        parts.append(
+            frac * rcat_loss(z[s], y[s], z_new[s], z_old[s], m_new[s], m_old[s], mask_totals=totals, share=frac, **kw)
+        )
         per_share.append(frac * rcat_loss(z[s], y[s], z_new[s], z_old[s], m_new[s], m_old[s], **kw))
     combined = sum(parts)
     (g_combined,) = torch.autograd.grad(combined, z)
@@ -80,8 +81,13 @@ def _bn_worker(rank: int, world: int, init_file: str, x: torch.Tensor, w: torch.
         (y * w[lo:hi]).sum().backward()
         grads = torch.stack([bn.weight.grad, bn.bias.grad])
         dist.all_reduce(grads)
-        out[rank] = {"y": y.detach(), "x_grad": share.grad, "grads": grads, "running": (bn.running_mean.clone(),
-                     bn.running_var.clone()), "tracked": int(bn.num_batches_tracked)}  # fmt: skip
+        out[rank] = {
+            "y": y.detach(),
+            "x_grad": share.grad,
+            "grads": grads,
+            "running": (bn.running_mean.clone(), bn.running_var.clone()),
+            "tracked": int(bn.num_batches_tracked),
+        }
     finally:
         dist.destroy_process_group()
 
@@ -90,8 +96,18 @@ def _run_bn(rank: int, world: int, init_file: str, x: torch.Tensor, w: torch.Ten
     out: dict = {}
     _bn_worker(rank, world, init_file, x, w, out)
     r = out[rank]  # numpy: a tensor would travel as shared memory that dies with this process
-    q.put((rank, {"y": r["y"].numpy(), "x_grad": r["x_grad"].numpy(), "grads": r["grads"].numpy(),
-                  "running": tuple(t.numpy() for t in r["running"]), "tracked": r["tracked"]}))
+    q.put(
+        (
+            rank,
+            {
+                "y": r["y"].numpy(),
+                "x_grad": r["x_grad"].numpy(),
+                "grads": r["grads"].numpy(),
+                "running": tuple(t.numpy() for t in r["running"]),
+                "tracked": r["tracked"],
+            },
+        )
+    )
 
 
 def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch():
@@ -116,9 +132,19 @@ def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch()
         procs = [ctx.Process(target=_run_bn, args=(r, 2, init_file, x, w, q)) for r in range(2)]
         for p in procs:
             p.start()
-        results = {r: {k: (tuple(torch.from_numpy(a) for a in v) if k == "running" else
-                           v if k == "tracked" else torch.from_numpy(v)) for k, v in d.items()}
-                   for r, d in (q.get(timeout=120) for _ in procs)}  # fmt: skip
+        results = {
+            r: {
+                k: (
+                    tuple(torch.from_numpy(a) for a in v)
+                    if k == "running"
+                    else v
+                    if k == "tracked"
+                    else torch.from_numpy(v)
+                )
+                for k, v in d.items()
+            }
+            for r, d in (q.get(timeout=120) for _ in procs)
+        }
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0
@@ -127,8 +153,9 @@ def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch()
     torch.testing.assert_close(y, y_ref.detach(), atol=TOLERANCE, rtol=0)
     torch.testing.assert_close(x_grad, xr.grad, atol=TOLERANCE, rtol=0)
     for r in (0, 1):
-        torch.testing.assert_close(results[r]["grads"], torch.stack([ref.weight.grad, ref.bias.grad]),
-                                   atol=1e-4, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            results[r]["grads"], torch.stack([ref.weight.grad, ref.bias.grad]), atol=1e-4, rtol=1e-5
+        )
         torch.testing.assert_close(results[r]["running"][0], ref.running_mean, atol=TOLERANCE, rtol=0)
         torch.testing.assert_close(results[r]["running"][1], ref.running_var, atol=TOLERANCE, rtol=0)
         assert results[r]["tracked"] == int(ref.num_batches_tracked) == 1
@@ -202,8 +229,9 @@ def _state(path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_one_two_and_four_ray_workers_train_the_same_batchnorm_resnet_with_masked_rcat(ray_session, tmp_path,
-                                                                                       resnet_parents):  # fmt: skip
+def test_one_two_and_four_ray_workers_train_the_same_batchnorm_resnet_with_masked_rcat(
+    ray_session, tmp_path, resnet_parents
+):
     """RCAT with ``masked`` normalisation on a BatchNorm ResNet: one process, 2 and 4 Ray Train workers end at the
     same weights and BatchNorm running statistics (within SHORT_RUN_TOLERANCE) after three steps on 137 digits at
     batch 64, whose last global batch of 9 splits 5 + 4 and 3 + 2 + 2 + 2. With per-worker statistics

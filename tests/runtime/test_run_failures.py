@@ -70,9 +70,14 @@ def test_a_worker_failure_is_described_by_its_cause_not_by_rays_wrapper():
         '  File "/x/ray/data/_internal/planner/plan_udf_map_op.py", line 482, in _try_wrap_udf_exception\n'
         "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
     )
-    wrapped = RayTaskError("submit", worker_traceback, UserCodeException("UDF failed to process a data block."),
-                           proctitle="ray::MapWorker(MapBatches(ChunkEvaluator)).submit()", pid=5,
-                           ip="127.0.0.1").as_instanceof_cause()  # fmt: skip
+    wrapped = RayTaskError(
+        "submit",
+        worker_traceback,
+        UserCodeException("UDF failed to process a data block."),
+        proctitle="ray::MapWorker(MapBatches(ChunkEvaluator)).submit()",
+        pid=5,
+        ip="127.0.0.1",
+    ).as_instanceof_cause()
     assert ESC in str(wrapped)  # what the old message printed, 39 lines of it
     assert describe_failure(wrapped) == (
         "OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"
@@ -119,8 +124,10 @@ def test_ray_that_cannot_start_is_a_run_failure_in_one_line(monkeypatch):
     from rcat_ray.runtime.failures import is_run_failure
 
     def timed_out(*a, **k):
-        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
-                        "failed to startup or the GCS has become overloaded.")  # fmt: skip
+        raise Exception(
+            "The current node timed out during startup. This could happen because some of the raylet "
+            "failed to startup or the GCS has become overloaded."
+        )
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", timed_out)
@@ -138,13 +145,18 @@ _EVALUATE = ["evaluate", "--data", "digits", "--eps", "0.1", "--model", "builtin
 @pytest.mark.parametrize(
     ("error", "said"),
     [
-        (OSError(28, "No space left on device", "/s/tables/k/chunks/chunk-000003.parquet"),
-         "run failed: OSError: [Errno 28] No space left on device: '/s/tables/k/chunks/chunk-000003.parquet'"),
-        ("EvaluationRunError", "run failed: the evaluation stopped: OSError: [Errno 28] No space left on device; "
-                               "finished chunks are stored; run again to compute the rest"),
+        (
+            OSError(28, "No space left on device", "/s/tables/k/chunks/chunk-000003.parquet"),
+            "run failed: OSError: [Errno 28] No space left on device: '/s/tables/k/chunks/chunk-000003.parquet'",
+        ),
+        (
+            "EvaluationRunError",
+            "run failed: the evaluation stopped: OSError: [Errno 28] No space left on device; "
+            "finished chunks are stored; run again to compute the rest",
+        ),
     ],
     ids=["OSError", "EvaluationRunError"],
-)  # fmt: skip
+)
 def test_the_cli_says_a_run_failure_in_one_line_and_exits_4(tmp_path, monkeypatch, capsys, error, said):
     from rcat_ray.errors import EvaluationRunError
     from rcat_ray.evaluate import run as workflows
@@ -188,8 +200,15 @@ sys.exit(main(sys.argv[1:]))
 def test_a_run_failure_is_one_line_on_the_real_stderr_its_traceback_in_the_log_or_with_verbose(tmp_path, flags):
     """In a process of its own (pytest's capture would hide where a record without a handler ends up)."""
     argv = [*_EVALUATE, "--store", str(tmp_path / "store"), *flags]
-    run = subprocess.run([sys.executable, "-c", _FAILING_EVALUATE, *argv], cwd=tmp_path, env=_env(), text=True,
-                         capture_output=True, timeout=300, check=False)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _FAILING_EVALUATE, *argv],
+        cwd=tmp_path,
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
     assert run.returncode == EXIT_RUN_FAILED, run.stderr
     line = "rcat-ray evaluate: run failed: OSError: [Errno 28] No space left on device: "
     line += "'/s/tables/k/chunks/chunk-000003.parquet'\n"
@@ -236,15 +255,28 @@ sys.stdout.write("LOG:\n" + log.getvalue())
 
 @pytest.mark.parametrize("mode", ["quiet", "verbose"])
 def test_forwarded_lines_are_plain_held_back_unless_verbose_and_all_kept_in_the_log(tmp_path, mode):
-    run = subprocess.run([sys.executable, "-c", _FORWARD, mode], cwd=tmp_path, env=_env(), text=True,
-                         capture_output=True, timeout=120, check=False)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _FORWARD, mode],
+        cwd=tmp_path,
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     out, log = run.stdout.split("LOG:\n")
     assert ESC not in run.stdout + run.stderr  # the prefixes and the dedup note are coloured by Ray
     assert "(RayTrainWorker pid=7) a line  [repeated 3x across cluster]" in out
     shown = run.stderr.splitlines()
-    internal = ("PlacementGroupCleaner", "TrainController", "Traceback", "GetTimeoutError", "ValueError: boom",
-                "Reporting training result")  # fmt: skip
+    internal = (
+        "PlacementGroupCleaner",
+        "TrainController",
+        "Traceback",
+        "GetTimeoutError",
+        "ValueError: boom",
+        "Reporting training result",
+    )
     for what in internal:
         assert (what in run.stderr) == (mode == "verbose"), run.stderr
         assert what in log, log  # the log file keeps what the terminal was spared
@@ -262,8 +294,9 @@ def _small_tmpfs(path: Path) -> Iterator[None]:
     path.mkdir()
     if os.name != "posix" or os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("a real full disk needs root and mount")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True,
-                          text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -309,11 +342,38 @@ def test_a_chunk_that_cannot_be_written_stops_the_run_in_one_line_with_exit_4(tm
     with _small_tmpfs(disk) if fault == "full-disk" else contextlib.nullcontext():
         disk.mkdir(exist_ok=True)
         store = disk / "store"
-        argv = [RCAT_RAY, "evaluate", "--data", "digits", "--eps", "0.1", "--attacks", "apgd-ce", "--n-iter", "1",
-                "--chunk-size", "20", "--limit", "60", "--model", "builtin:small_cnn", "--workers", "1",
-                "--store", str(store), "--log-file", str(log)]  # fmt: skip
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=_env(**{CHUNK_GATE_ENV: str(gate)}), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        argv = [
+            RCAT_RAY,
+            "evaluate",
+            "--data",
+            "digits",
+            "--eps",
+            "0.1",
+            "--attacks",
+            "apgd-ce",
+            "--n-iter",
+            "1",
+            "--chunk-size",
+            "20",
+            "--limit",
+            "60",
+            "--model",
+            "builtin:small_cnn",
+            "--workers",
+            "1",
+            "--store",
+            str(store),
+            "--log-file",
+            str(log),
+        ]
+        proc = subprocess.Popen(
+            argv,
+            cwd=tmp_path,
+            env=_env(**{CHUNK_GATE_ENV: str(gate)}),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             first = lambda: list(store.glob("tables/*/chunks/chunk-000000.json"))  # noqa: E731
             _wait("chunk 0 stored and chunk 1 at the gate", lambda: first() and (gate / "arrived-0-1").exists(), proc)
@@ -356,10 +416,34 @@ def test_a_chunk_that_cannot_be_written_stops_the_run_in_one_line_with_exit_4(tm
 @pytest.mark.slow
 def test_a_piped_finetune_shows_no_ray_internals_and_its_log_has_no_colour_codes(tmp_path):
     log = tmp_path / "finetune.log"
-    argv = [RCAT_RAY, "finetune", "--old", "builtin:mlp", "--new", "builtin:mlp", "--data", "digits",
-            "--train-eps", "0.1", "--epochs", "1", "--limit", "200", "--batch-size", "50", "--workers", "1",
-            "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "ray_results"),
-            "--store", str(tmp_path / "store"), "--log-file", str(log)]  # fmt: skip
+    argv = [
+        RCAT_RAY,
+        "finetune",
+        "--old",
+        "builtin:mlp",
+        "--new",
+        "builtin:mlp",
+        "--data",
+        "digits",
+        "--train-eps",
+        "0.1",
+        "--epochs",
+        "1",
+        "--limit",
+        "200",
+        "--batch-size",
+        "50",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--storage",
+        str(tmp_path / "ray_results"),
+        "--store",
+        str(tmp_path / "store"),
+        "--log-file",
+        str(log),
+    ]
     run = subprocess.run(argv, cwd=tmp_path, env=_env(), text=True, capture_output=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr
     assert ESC not in run.stdout + run.stderr, run.stderr

@@ -166,14 +166,19 @@ def test_streamed_batches_are_the_in_memory_global_batches(digits_set, digits_tr
             s2 = GlobalBatchSampler(N_TRAIN, 48, rank=rank, world_size=world, seed=4)
             s1.set_epoch(1)
             s2.set_epoch(1)
-            memory = list(GlobalBatches(s1, digits_train.images, digits_train.labels, digits_train.sample_ids,
-                                        augment=augment))  # fmt: skip
+            memory = list(
+                GlobalBatches(s1, digits_train.images, digits_train.labels, digits_train.sample_ids, augment=augment)
+            )
             stream = StreamedGlobalBatches(s2, digits_set, augment=augment)
             streamed = list(stream)
             assert len(streamed) == len(memory) == len(s1)
             for a, b in zip(memory, streamed, strict=True):
-                assert (a.index, a.offset, a.global_size, a.start_seed) == (b.index, b.offset, b.global_size,
-                                                                            b.start_seed)  # fmt: skip
+                assert (a.index, a.offset, a.global_size, a.start_seed) == (
+                    b.index,
+                    b.offset,
+                    b.global_size,
+                    b.start_seed,
+                )
                 assert torch.equal(a.ids, b.ids) and torch.equal(a.y, b.y) and torch.equal(a.x, b.x)
                 assert torch.equal(global_batch_start(a, 0.1), global_batch_start(b, 0.1))
             assert stream.rows_read == sum(b.ids.numel() for b in streamed)
@@ -301,8 +306,16 @@ def test_a_run_resumed_after_a_fault_ends_at_the_uninterrupted_weights(
     # the same identity as "plain" (neither the worker count nor the fault enters it): its own storage and output,
     # or it would rightly reuse plain's finished run
     monkeypatch.setenv(hooks.FAIL_ONCE_AT_EPOCH_ENV, "1")  # forwarded to the workers by the driver
-    cfg = _cfg(tmp_path, digits_checkpoints, name="faulty", num_workers=2, max_failures=1,
-               storage=str(tmp_path / "faulty_results"), out=str(tmp_path / "faulty_out"), **common)  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        digits_checkpoints,
+        name="faulty",
+        num_workers=2,
+        max_failures=1,
+        storage=str(tmp_path / "faulty_results"),
+        out=str(tmp_path / "faulty_out"),
+        **common,
+    )
     resumed = run_mod.run_finetune(cfg)
     run_name = run_mod.check_finetune_inputs(cfg).identity(cfg).run_name(cfg)
     assert (tmp_path / "faulty_results" / run_name / hooks.FAULT_MARKER).read_text().startswith("rank 1 epoch 1")
