@@ -1,6 +1,6 @@
 """The nightly gate: production model against the newest candidate, history, notifiers, report."""
 
-from importlib import import_module
+from rcat_ray.core.lazy_exports import lazy_exports
 
 #: Public name -> the module of this folder that defines it; imported on first use, so importing the folder
 #: loads nothing (and never Ray).
@@ -10,12 +10,4 @@ _WHERE = {
 }
 __all__ = ["NightlyConfig", "run_nightly"]
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
