@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rcat_ray.cli import _parse, build_parser
-from rcat_ray.cli_flags import config_flags
+from rcat_ray.cli.flags import config_flags
+from rcat_ray.cli.parser import build_parser, command_config
 from rcat_ray.config import parse_config
 from rcat_ray.demo import DemoConfig
 from rcat_ray.errors import ConfigError
@@ -73,7 +73,7 @@ def test_flags_override_the_yaml_key_by_key(tmp_path):
             "4",
         ]
     )
-    cfg = _parse(args, EvaluateConfig)
+    cfg = command_config(args, EvaluateConfig)
     assert cfg.attack.eps == 0.1 and cfg.attack.n_iter == 9 and cfg.attack.n_restarts == 3  # flag > YAML > default
     assert cfg.attack.attacks == ("apgd-ce", "apgd-dlr")
     assert (cfg.data.name, cfg.data.limit, cfg.chunk_size) == ("digits", 50, 25)
@@ -84,10 +84,10 @@ def test_flags_override_the_yaml_key_by_key(tmp_path):
 def test_a_missing_key_is_named_by_the_flag_the_user_would_type():
     args = build_parser().parse_args(["evaluate", "--model", "builtin:mlp"])
     with pytest.raises(ConfigError, match="--eps is required"):
-        _parse(args, EvaluateConfig)
+        command_config(args, EvaluateConfig)
     args = build_parser().parse_args(["evaluate", "--model", "builtin:mlp", "--eps", "0.1", "--attack.n_iter", "0"])
     with pytest.raises(ConfigError, match=r"--n-iter \(attack.n_iter\): Input should be greater than or equal to 1"):
-        _parse(args, EvaluateConfig)
+        command_config(args, EvaluateConfig)
 
 
 def test_the_printed_demo_config_is_the_demo_and_its_methods_are_the_protocols_choice():

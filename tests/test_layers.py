@@ -36,7 +36,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("report",),  # 5: pages over stored results
     ("sweep", "nightly"),  # 6: workflows built from evaluate, finetune and report
     ("demo",),  # 7: the embedded default
-    ("cli", "cli_flags"),  # 8: rcat-ray and the flags it derives from the config models
+    ("cli",),  # 8: rcat-ray: its parser (flags derived from the config models), handlers, exit codes
 )
 #: Folders on one level that never import each other.
 APART: tuple[frozenset[str], ...] = (
@@ -218,6 +218,8 @@ def _ray_free_candidates() -> list[str]:
     for path in _package_files():
         name = _module_name(path)
         if _is_adapter(name) or name == "rcat_ray.runtime" or name.startswith("rcat_ray.runtime."):
+            continue
+        if name.endswith(".__main__"):  # runs the CLI when imported; rcat_ray.cli.main is checked instead
             continue
         names.append(name)
     return names
