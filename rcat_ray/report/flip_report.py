@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from rcat_ray.core.atomic import temporary_name
 from rcat_ray.core.flips import METRICS
 from rcat_ray.core.numbers import finite, signed
 from rcat_ray.report.comparison_data import Context, load_context, point_status, worst_flips
@@ -194,7 +194,7 @@ def _adv_pred_text(ctx: Context, pred: int | None, clean_correct: bool, robust: 
 
 
 class _AtomicWriter:
-    """Stage files under hidden temporary names in the target folder, then rename them into place.
+    """Stage several files under core/atomic's temporary names, then rename them into place in a fixed order.
 
     Renaming within one folder is atomic on POSIX and Windows (``os.replace``), so readers see either the
     old file or the new one. Temporary files live in the same folder so the rename never crosses devices.
@@ -206,7 +206,7 @@ class _AtomicWriter:
         self.committed: set[str] = set()
 
     def _tmp(self, name: str) -> Path:
-        return self.folder / f".{name}.tmp-{uuid.uuid4().hex}"
+        return Path(temporary_name((self.folder / name).as_posix()))  # the one naming rule (core/atomic.py)
 
     def stage_text(self, name: str, text: str) -> None:
         tmp = self._tmp(name)
