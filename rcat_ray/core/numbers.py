@@ -29,7 +29,8 @@ def percent(x: Any, digits: int = 2, *, sign: bool = False, unit: str = "", miss
     f = finite(x)
     if f is None:
         return missing
-    return f"{f * 100:{'+' if sign else ''}.{digits}f}{unit}"
+    shown = round(f * 100, digits) + 0.0  # no "-0.00" for a zero or a tiny negative
+    return f"{shown:{'+' if sign else ''}.{digits}f}{unit}"
 
 
 def percent_interval(lo: Any, hi: Any, digits: int = 2, *, sign: bool = False, missing: str = "-") -> str:
@@ -50,4 +51,4 @@ def percent_ci(value: Any, lo: Any, hi: Any, digits: int = 2, *, sign: bool = Fa
 def signed(x: Any, digits: int = 2, *, missing: str = "n/a") -> str:
     """A plain number with its sign (margins, logit differences): ``"+1.25"``."""
     f = finite(x)
-    return missing if f is None else f"{f:+.{digits}f}"
+    return missing if f is None else f"{round(f, digits) + 0.0:+.{digits}f}"

@@ -210,3 +210,5 @@ def test_one_number_formatter() -> None:
     assert percent_ci(0.15, 0.1, 0.2) == "15.00 [10.00, 20.00]" and percent_ci(0.15, None, 0.2) == "15.00"
     assert percent_ci(None, 0.1, 0.2, missing="") == ""
     assert signed(1.234) == "+1.23" and signed(None) == "n/a"
+    # a zero difference, or one that rounds to zero, has no minus sign ("-0.00" read as a loss)
+    assert percent(-1e-9, sign=True) == "+0.00" and percent(-0.0) == "0.00" and signed(-0.001) == "+0.00"
