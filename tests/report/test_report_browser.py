@@ -174,7 +174,8 @@ def test_sweep_report_in_the_browser(comparisons, browser, tmp_path: Path) -> No
         TableRow("RCAT(0.5,0.5) trial t0", c["update"].summary, c["update"].flips),
         TableRow("RCAT(1,0) trial t1", c["same"].summary, c["same"].flips),
     ]
-    table = build_pair_table("digits, choice validation", rows, reference=rows[2].label, n_bootstrap=50)
+    chosen_label = {"t0": rows[2].label, "t1": rows[3].label}[chosen["trial_id"]]  # as sweep/run.py: the choice
+    table = build_pair_table("digits, choice validation", rows, reference=chosen_label, n_bootstrap=50)
     validation = types.SimpleNamespace(
         source="choice", new=new, describe=lambda: "choice validation: APGD-CE, on N = 40 samples"
     )
@@ -186,10 +187,10 @@ def test_sweep_report_in_the_browser(comparisons, browser, tmp_path: Path) -> No
         validation=validation,
         validation_table=table,
         table=table,
-        checkpoint=tmp_path / "sweep" / "t0.pt",
+        checkpoint=tmp_path / "sweep" / f"{chosen['trial_id']}.pt",
     )
     outcome.out.mkdir()
     path = write_sweep_outputs(cfg, outcome)
     text = path.read_text(encoding="utf-8")
-    assert "Paired differences, RCAT(0.5,0.5) trial t0 minus each row" in text and "**" not in text
+    assert f"Paired differences, {chosen_label} minus each row" in text and "**" not in text
     assert_page_renders(browser, path, "report-sweep.png")
