@@ -20,6 +20,7 @@ from rcat_ray.config import ModelConfig, parse_config
 from rcat_ray.core.models import build_architecture, load_model, save_checkpoint
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.runtime import hooks
+from tests.finetune.configs import digits_finetune
 
 
 @pytest.fixture
@@ -28,27 +29,8 @@ def parents(digits_checkpoints):
 
 
 def _cfg(tmp_path, parents, **kw) -> FinetuneConfig:
-    raw = {
-        "old": {"source": "checkpoint", "name": "old", "path": str(parents["old"])},
-        "new": {"source": "checkpoint", "name": "new", "path": str(parents["new"])},
-        "data": {"name": "digits", "split": "train"},
-        "loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4},
-        "train_attack": {"kind": "fgsm-rs", "eps": 0.1},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "epochs": 2,
-        "batch_size": 64,
-        "validation": {"samples": 100},
-        "out": str(tmp_path / "out"),
-        "storage": str(tmp_path / "ray_results"),
-        "store": str(tmp_path / "store"),  # the prepared training and validation sets live here
-        "compute": {"num_workers": 0, "threads_per_worker": 1},
-    }
-    for key, value in kw.items():
-        if key in ("num_workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker"):
-            raw["compute"][key] = value
-        else:
-            raw[key] = value
-    return parse_config(FinetuneConfig, raw)
+    kw.setdefault("validation_samples", 100)
+    return digits_finetune(tmp_path, parents, **kw)
 
 
 def _check_outcome(outcome, cfg, parents, epochs):

@@ -20,13 +20,14 @@ import yaml
 import rcat_ray.finetune.ray_train as train_mod
 import rcat_ray.finetune.run as run_mod
 from rcat_ray.cli import main
-from rcat_ray.config import ModelConfig, parse_config
+from rcat_ray.config import ModelConfig
 from rcat_ray.core.models import load_model, save_checkpoint
 from rcat_ray.core.samples import samples_in_store
 from rcat_ray.errors import ModelFingerprintError, RunIdentityError
 from rcat_ray.finetune.checkpoints import STATE_FILE, write_final
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.finetune.identity import IdentityInputs, finetune_identity
+from tests.finetune.configs import digits_finetune
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -157,27 +158,8 @@ def test_a_parent_retrained_in_place_gives_a_new_finetune(tmp_path, cli, digits_
 
 
 def _cfg(tmp_path: Path, parents: dict[str, Path], **kw) -> FinetuneConfig:
-    raw = {
-        "old": {"source": "checkpoint", "name": "old", "path": str(parents["old"])},
-        "new": {"source": "checkpoint", "name": "new", "path": str(parents["new"])},
-        "data": {"name": "digits", "split": "train"},
-        "loss": {"kind": "rcat", "alpha": 0.5, "beta": 0.4},
-        "train_attack": {"kind": "fgsm-rs", "eps": 0.1},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "epochs": 1,
-        "batch_size": 64,
-        "validation": {"samples": 50},
-        "out": str(tmp_path / "out"),
-        "storage": str(tmp_path / "ray_results"),
-        "store": str(tmp_path / "store"),
-        "compute": {"num_workers": 0, "threads_per_worker": 1},
-    }
-    for key, value in kw.items():
-        if key in ("num_workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker", "address"):
-            raw["compute"][key] = value
-        else:
-            raw[key] = value
-    return parse_config(FinetuneConfig, raw)
+    kw.setdefault("epochs", 1)
+    return digits_finetune(tmp_path, parents, **kw)
 
 
 class _Session:

@@ -23,7 +23,7 @@ import torch
 
 import rcat_ray.finetune.ray_train as train_mod
 import rcat_ray.finetune.run as run_mod
-from rcat_ray.config import DataConfig, ModelConfig, parse_config
+from rcat_ray.config import DataConfig, ModelConfig
 from rcat_ray.core import augment as aug
 from rcat_ray.core.data import load_split
 from rcat_ray.core.finetune_epoch import (
@@ -39,32 +39,14 @@ from rcat_ray.core.models import load_model
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.runtime import hooks
+from tests.finetune.configs import digits_finetune
 
 N_TRAIN = 1097  # digits' train split
 
 
 def _cfg(tmp_path, parents, **kw) -> FinetuneConfig:
-    raw = {
-        "old": {"source": "checkpoint", "name": "old", "path": str(parents["old"])},
-        "new": {"source": "checkpoint", "name": "new", "path": str(parents["new"])},
-        "data": {"name": "digits", "split": "train"},
-        "loss": {"kind": "pcat", "alpha": 1.0, "beta": 2.0},
-        "train_attack": {"kind": "fgsm-rs", "eps": 0.1},
-        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "epochs": 2,
-        "batch_size": 64,
-        "validation": {"samples": 50},
-        "out": str(tmp_path / "out"),
-        "storage": str(tmp_path / "ray_results"),
-        "store": str(tmp_path / "store"),
-        "compute": {"num_workers": 0, "threads_per_worker": 1},
-    }
-    for key, value in kw.items():
-        if key in ("num_workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker"):
-            raw["compute"][key] = value
-        else:
-            raw[key] = value
-    return parse_config(FinetuneConfig, raw)
+    kw.setdefault("loss", {"kind": "pcat", "alpha": 1.0, "beta": 2.0})
+    return digits_finetune(tmp_path, parents, **kw)
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
