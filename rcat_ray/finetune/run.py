@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rcat_ray.errors import ModelError
 from rcat_ray.finetune.checkpoints import FinetuneOutcome, finished_finetune, read_state, write_final
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.finetune.inputs import Parents, cached_mask, identity_inputs
@@ -31,7 +32,10 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> Parents:
     old, new = load_parents(cfg, train_set)
     validate_pair_inputs([old, new], train_set.to_split(0, min(2, len(train_set))))
     if "arch" not in new.source:
-        raise ValueError("the new model's architecture is unknown; it cannot be saved after fine-tuning")
+        raise ModelError(
+            "the new model's architecture is unknown, so the fine-tuned model could not be saved: give the new "
+            "model's `arch` (a checkpoint written by rcat_ray names it)"
+        )
     # FinetuneInputError for flags that are not the old model's on this selection, or do not cover it
     cached = cached_mask(cfg, train_set, old.fingerprint)
     val_set, _ = validation_setup(cfg)
