@@ -99,6 +99,23 @@ def fail_once_at_epoch(epoch: int, rank: int, world: int, run_folder: Callable[[
     marker = run_folder() / FAULT_MARKER
     if marker.exists():
         return
+    _wait_for_registered_epoch(run_folder(), epoch - 1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} epoch {epoch}\n")
     raise RuntimeError(f"injected fault on rank {rank} at epoch {epoch}")
+
+
+def _wait_for_registered_epoch(run_folder: Path, epoch: int, deadline_s: float = 120.0) -> None:
+    """Until Ray Train's controller has registered the checkpoint of ``epoch`` (its snapshot file in the run
+    folder names it): a fault raised sooner can reach the controller before that report does, and the restart
+    then begins from scratch instead of from the last epoch, which is not the failure the tests mean."""
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    stop = time.monotonic() + deadline_s
+    while epoch >= 0 and time.monotonic() < stop:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if int(latest.get("metrics", {}).get("epoch", -1)) >= epoch:
+                return
+        except (OSError, ValueError):
+            pass  # not written yet, or being replaced
+        time.sleep(0.1)
