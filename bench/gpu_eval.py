@@ -16,6 +16,7 @@ classified sample of a trained model is. The robust flags of the Ray run and the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -176,6 +177,7 @@ def measure(args, name: str, work: Path, device: torch.device, report) -> None:
         t = time.time()
         proc = subprocess.run(
             [sys.executable, "-m", "rcat_ray.cli", "evaluate", "--config", str(cfg_path), "--json"],
+            check=False,
             capture_output=True,
             text=True,
             timeout=300,
@@ -190,7 +192,7 @@ def measure(args, name: str, work: Path, device: torch.device, report) -> None:
         done = sorted(
             os.path.getmtime(ray_prep.store.path(ray_plan.chunk_manifest_path(c.chunk_id))) for c in ray_plan.chunks()
         )
-        interval = statistics.median(b - a for a, b in zip(done, done[1:])) if len(done) > 1 else done[0] - t
+        interval = statistics.median(b - a for a, b in itertools.pairwise(done)) if len(done) > 1 else done[0] - t
         ray_table = ray_prep.store.read_table(ray_plan.table_path).to_pandas().set_index("sample_id")
         direct_table = pd_concat(rows).set_index("sample_id").loc[ray_table.index]
         agree = int((ray_table.robust.astype(bool) == direct_table.robust.astype(bool)).sum())
