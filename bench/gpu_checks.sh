@@ -5,7 +5,8 @@
 #      run twice in fresh stores (are the weights reproducible on a GPU?), then `rcat-ray compare` with a GPU actor;
 #   3. bench/gpu_eval.py: samples/s of the paper's attack, floor vs direct loop vs Ray Data with one GPU actor.
 # Usage, from the project root: bash bench/gpu_checks.sh OUTDIR [gpu_eval.py flags...]
-# PY (default python3) runs Python; GPUS=0 rehearses the script on a CPU machine.
+# PY (default python3) runs Python; GPUS=0 rehearses the script on a CPU machine. On the lent GPU machine, the
+# bundle of ../shared/gpu/bundle.sh also needs beautifulsoup4 and soupsieve wheels in .gpu/whl (gdown imports bs4).
 set -uo pipefail
 out=${1:?usage: bench/gpu_checks.sh OUTDIR [gpu_eval.py flags]}
 shift

@@ -198,7 +198,7 @@ def measure(args, name: str, work: Path, device: torch.device, report) -> None:
         agree = int((ray_table.robust.astype(bool) == direct_table.robust.astype(bool)).sum())
         robust = float(ray_table.robust.astype(bool).mean())
         report(
-            f"| {name} ({params:.1f} M) | {chunk} | {chunk / t_floor * args.n_iter:,.0f} | "
+            f"| {name} ({params:.1f} M) | {chunk} | {chunk / t_floor:,.0f} | "
             f"{chunk / statistics.median(per_chunk):,.0f} | {chunk / interval:,.0f} | "
             f"{args.samples / t_direct:,.0f} | {args.samples / t_ray:,.0f} | "
             f"{statistics.median(per_chunk) / interval:.2f} | {t_floor / statistics.median(per_chunk):.2f} | "
