@@ -38,6 +38,7 @@ def _outcome_json(outcome: Any) -> dict[str, Any]:
         "chunks_computed": outcome.chunks_computed,
         "chunks_reused": outcome.chunks_cached,
         "accuracy": outcome.accuracy,
+        "sanity": outcome.sanity,
     }
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from rcat_ray.config import AttackConfig
+from rcat_ray.core.attack_checks import chunk_checks
 
 #: The per-model table (docs/contracts.md §2.1). ``robust``/``adv_*`` are null for samples outside ``robust_samples``.
 PER_MODEL_SCHEMA = pa.schema(
@@ -87,6 +88,7 @@ class ChunkResult:
     table: pa.Table
     adversarial: np.ndarray | None  # float32 [n_attacked, C, H, W], rows of ``adversarial_ids``
     adversarial_ids: np.ndarray | None
+    sanity: dict | None = None  # AutoAttack's checks on the attacked rows (rcat_ray.core.attack_checks)
 
 
 @torch.no_grad()
@@ -108,6 +110,7 @@ def evaluate_chunk(
     attack_mask: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     keep_adversarial: bool = False,
+    sanity_checks: bool = True,
 ) -> ChunkResult:
     """Attack one chunk as a single batch with the cascade and return its per-model rows.
 
@@ -127,6 +130,11 @@ def evaluate_chunk(
     clean_pred = clean_logits.argmax(1)
     clean_correct = (clean_pred == y).cpu()
     clean_margin = margins(clean_logits, y).cpu()
+
+    sanity = None
+    if sanity_checks:  # AutoAttack's checks on the rows the cascade attacks (a few passes; fine-tuning skips them)
+        rows = mask.nonzero().flatten().to(device)
+        sanity = chunk_checks(model, x[rows], y[rows], clean_correct[mask], num_classes)
 
     x_adv = x.clone()
     broken_by: list[str | None] = [None] * n
@@ -185,4 +193,4 @@ def evaluate_chunk(
         keep = attacked.nonzero().flatten()
         adversarial = x_adv[keep.to(device)].cpu().numpy().astype(np.float32)
         adversarial_ids = sample_ids[keep].numpy().astype(np.int64)
-    return ChunkResult(table=table, adversarial=adversarial, adversarial_ids=adversarial_ids)
+    return ChunkResult(table=table, adversarial=adversarial, adversarial_ids=adversarial_ids, sanity=sanity)

@@ -58,6 +58,7 @@ def per_model_table(
                 num_classes=num_classes,
                 seed=attack.seed + i,
                 device=device,
+                sanity_checks=False,  # a per-epoch model-selection signal, not a table anyone reads flags from
             ).table
         )
     model.train(was_training)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from rcat_ray.config import EvaluationSettings
+from rcat_ray.core.attack_checks import table_checks
 from rcat_ray.core.attacks import PER_MODEL_SCHEMA
 from rcat_ray.errors import DamagedArtifactError, StoreError
 from rcat_ray.evaluate.chunks import TABLE_MEMBERS, Chunk, chunk_file_names, sample_ids
@@ -28,13 +29,14 @@ def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSetti
     """
     if plan.table_done(store):
         return
-    parts, missing = [], 0
+    parts, sanity, missing = [], [], 0
     for c in plan.chunks():
-        rows = _read_chunk_rows(plan, store, c)
+        rows, chunk_manifest = _read_chunk_rows(plan, store, c)
         if rows is None:
             missing += 1
         else:
             parts.append(rows)
+            sanity.append(chunk_manifest.get("sanity"))
     if missing:
         raise StoreError(f"cannot assemble {plan.key}: {missing} chunks are not computed yet")
     table = pa.concat_tables(parts).cast(PER_MODEL_SCHEMA).sort_by("sample_id")
@@ -49,24 +51,28 @@ def assemble(plan: EvaluationPlan, store: ResultStore, settings: EvaluationSetti
     # model name stay in the manifest.
     identity = {"kind": "per-model-table", "key": plan.key, **plan.identity}
     record = store.write_member(plan.table_path, parquet_bytes(table, identity))
-    store.put_json(plan.manifest_path, {**plan.manifest(settings), "files": {TABLE_MEMBERS[0]: record}})
+    checks = table_checks(sanity, table, plan.attack.cascade)  # AutoAttack's flags, beside the rows they qualify
+    store.put_json(
+        plan.manifest_path, {**plan.manifest(settings), "sanity": checks, "files": {TABLE_MEMBERS[0]: record}}
+    )
 
 
-def _read_chunk_rows(plan: EvaluationPlan, store: ResultStore, chunk: Chunk) -> pa.Table | None:
-    """A done chunk's rows, read through their checksum (one read, hashed on the way); None when the chunk is
-    missing or damaged (then moved aside). The chunk's other files only have their size checked here."""
+def _read_chunk_rows(plan: EvaluationPlan, store: ResultStore, chunk: Chunk) -> tuple[pa.Table | None, dict]:
+    """A done chunk's rows, read through their checksum (one read, hashed on the way), and its manifest; no rows
+    when the chunk is missing or damaged (then moved aside). The chunk's other files only have their size
+    checked here."""
     folder = plan.chunks_folder
     manifest_name, rows_name, adv_name = chunk_file_names(chunk.chunk_id)
     manifest = None
     try:
         manifest = store.read_manifest(f"{folder}/{manifest_name}")
         if manifest is None:
-            return None
+            return None, {}
         for name in manifest["files"]:
             problem = None if name == rows_name else store.check_member(folder, name, manifest, full=False)
             if problem:
                 raise DamagedArtifactError(f"{folder}/{name}", problem, store.uri)
-        return table_from_bytes(store.read_verified(folder, rows_name, manifest))
+        return table_from_bytes(store.read_verified(folder, rows_name, manifest)), manifest
     except DamagedArtifactError as err:
         store.quarantine_artifact(folder, manifest_name, (rows_name, adv_name), [(err.path, err.problem)], manifest)
-        return None
+        return None, {}

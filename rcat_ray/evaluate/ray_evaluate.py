@@ -22,6 +22,7 @@ import torch
 
 from rcat_ray.config import ComputeConfig, EvaluationSettings
 from rcat_ray.core.atomic import final_name
+from rcat_ray.core.attack_checks import describe_flags
 from rcat_ray.core.models import register_autoattack_alias
 from rcat_ray.core.progress import Progress
 from rcat_ray.core.progress import log as progress_log
@@ -58,6 +59,7 @@ class EvaluationOutcome:
     complete: bool
     table_path: str | None
     accuracy: dict | None = None  # clean and robust accuracy with their N, once the table is complete
+    sanity: dict | None = None  # AutoAttack's sanity record from the table's manifest (core.attack_checks)
 
     def describe(self) -> str:
         state = "done" if self.complete else "incomplete"
@@ -66,9 +68,10 @@ class EvaluationOutcome:
             a = self.accuracy
             rob = "n/a" if a["rob_acc"] is None else f"{100 * a['rob_acc']:.2f}%"
             acc = f"; clean acc {100 * a['acc']:.2f}% (N={a['n']}), robust acc {rob} (N={a['n_robust']})"
+        checks = f"; {describe_flags(self.sanity)}" if self.complete else ""
         return (
             f"{self.model_name}: {state}, {self.chunks_computed} chunks computed, "
-            f"{self.chunks_cached} reused of {self.n_chunks} (table {self.key}){acc}"
+            f"{self.chunks_cached} reused of {self.n_chunks} (table {self.key}){acc}{checks}"
         )
 
 

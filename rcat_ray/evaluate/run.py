@@ -200,6 +200,7 @@ def _with_accuracy(outcomes: list, prepared: Prepared) -> list:
                 "rob_acc": float(robust.mean()) if len(robust) else None,
                 "n_robust": len(robust),
             }
+            o.sanity = (prepared.store.read_json(plan.manifest_path) or {}).get("sanity")
     return outcomes
 
 

@@ -146,6 +146,7 @@ def run_chunk(
                 "stop": chunk.stop,
                 "seed": seed,
                 "n_rows": result.table.num_rows,
+                "sanity": result.sanity,
                 "files": files,
                 "node": node or platform.node(),
                 "host": platform.node(),

@@ -18,6 +18,8 @@ from rcat_ray.config import (
     StrictConfig,
 )
 
+SanityFlag = Literal["randomized", "probability_outputs", "zero_gradients", "square_breaks"]
+
 
 class ClassGate(StrictConfig):
     """Gates for one class (by index), judged on that class's per-class metrics."""
@@ -54,6 +56,11 @@ class GatesConfig(StrictConfig):
         "ci", description="judge each gate on its CI bound (ci) or on the point estimate (value)"
     )
     per_class: tuple[ClassGate, ...] = ()
+    accept_flags: tuple[SanityFlag, ...] = Field(
+        (),
+        description="AutoAttack sanity flags of the candidate's evaluation that do not stop the night (any other "
+        "flag: could not judge, exit 2): randomized, probability_outputs, zero_gradients, square_breaks",
+    )
 
 
 class NotifyConfig(StrictConfig):

@@ -18,6 +18,7 @@ from typing import Any
 
 from rcat_ray.config import ModelConfig
 from rcat_ray.core.atomic import write_file_atomic
+from rcat_ray.core.attack_checks import describe_flags
 from rcat_ray.errors import NightlyError
 from rcat_ray.nightly.config import NightlyConfig
 from rcat_ray.nightly.gates import GATE_METRICS, judge
@@ -56,6 +57,18 @@ def _candidate(cfg: NightlyConfig) -> ModelConfig:
     return newest_checkpoint(cfg.candidate_dir or "")
 
 
+def _refuse_flagged(candidate: Any, cfg: NightlyConfig) -> None:
+    """A candidate whose evaluation AutoAttack's checks distrust cannot be judged on it (unless accepted)."""
+    flags = (candidate.sanity or {}).get("flags", [])
+    refused = [f for f in flags if f not in cfg.gates.accept_flags]
+    if refused:
+        raise NightlyError(
+            f"could not judge: the candidate's evaluation raised {describe_flags(candidate.sanity)}, so its robust "
+            f"flags cannot be trusted; fix the model or the attack, or accept them with gates.accept_flags "
+            f"({', '.join(refused)})"
+        )
+
+
 def run_nightly(cfg: NightlyConfig) -> NightOutcome:
     """Evaluate, compare, judge, record and notify one night. Raises on anything that prevents the night."""
     from rcat_ray.evaluate.config import CompareConfig
@@ -73,6 +86,7 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
     outcomes, comparison, prepared = run_compare(compare_cfg)
     if comparison is None:
         raise NightlyError("an evaluation is incomplete (max_new_chunks); the night cannot be judged")
+    _refuse_flagged(outcomes[1], cfg)
     judged = judge(comparison.summary, cfg.gates)
     run_id = f"{date}-{dt.datetime.now(dt.UTC).strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
     base_out, cand_out = outcomes
@@ -100,6 +114,7 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
         "comparison": comparison.key,
         "store": cfg.store,
         "summary": dict(comparison.summary["metrics"]),
+        "sanity": {"baseline": outcomes[0].sanity, "candidate": outcomes[1].sanity},
     }
     metrics = comparison.summary["metrics"]
     row = {

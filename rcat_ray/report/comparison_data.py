@@ -42,6 +42,8 @@ class Context:
     preds_new: dict[int, tuple[int, int | None]] = field(default_factory=dict)
     split: SampleSet | None = None  # the evaluated samples: the store's sample set
     image_note: str | None = None  # why images are unavailable (None when they are)
+    # each side's AutoAttack sanity record, from its table's manifest (None: stored before the checks existed)
+    sanity: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     @property
     def confidence_label(self) -> str:
@@ -76,7 +78,8 @@ def load_context(store: ResultStore, key: str) -> Context:
     ctx = Context(store=store, key=key, summary=summary, manifest=manifest, flips=flips, class_names=class_names)
 
     old_manifest, old_table = _model_table(store, manifest, "old")
-    _, new_table = _model_table(store, manifest, "new")
+    new_manifest, new_table = _model_table(store, manifest, "new")
+    ctx.sanity = {side: (m or {}).get("sanity") for side, m in (("old", old_manifest), ("new", new_manifest))}
     ctx.preds_old = _predictions(old_table)
     ctx.preds_new = _predictions(new_table)
     ctx.split, ctx.image_note = _load_clean_images(store, old_manifest, manifest)

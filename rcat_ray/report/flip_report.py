@@ -18,6 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from rcat_ray.core.atomic import temporary_name
+from rcat_ray.core.attack_checks import describe_flags
 from rcat_ray.core.flips import METRICS
 from rcat_ray.core.numbers import finite, signed
 from rcat_ray.report.comparison_data import Context, load_context, point_status, worst_flips
@@ -111,6 +112,14 @@ def _header(ctx: Context) -> dict[str, Any]:
         "bootstrap": f"{boot.get('n_resamples', '?')} paired resamples, seed {boot.get('seed', '?')}",
         "created": m.get("created_at", "?"),
         "written": now_iso(),
+        "sanity": [
+            {
+                "side": side,
+                "text": describe_flags(ctx.sanity.get(side), prefix=False),
+                "flagged": bool((ctx.sanity.get(side) or {}).get("flags")),
+            }
+            for side in ("old", "new")
+        ],
     }
 
 

@@ -78,6 +78,12 @@ def test_manifest_records_what_produced_the_table(ray_session, digits_models, tm
     assert manifest["threat_model"] == {"norm": "Linf", "eps": 0.1}
     assert manifest["data"]["dataset"] == "digits" and manifest["data"]["n_samples"] == 120
     assert manifest["versions"]["torch"] and manifest["versions"]["pyautoattack"] == "0.2.0"
+    # AutoAttack's sanity checks ran on every chunk: on the 100 attacked rows, the gradient one on the clean-correct
+    table = pq.read_table(tmp_path / f"tables/{o.key}/table.parquet").to_pandas()
+    sanity = manifest["sanity"]
+    assert (sanity["chunks"], sanity["chunks_checked"], sanity["flags"]) == (5, 5, [])
+    assert sanity["gradient_checked"] == int((table.clean_correct & table.robust.notna()).sum())
+    assert o.sanity == sanity and "sanity checks: no flag" in o.describe()
     meta = pq.read_schema(tmp_path / f"tables/{o.key}/table.parquet").metadata
     assert json.loads(meta[b"rcat_ray"])["key"] == o.key
     leftovers = [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]

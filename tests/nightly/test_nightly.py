@@ -236,6 +236,34 @@ def test_missing_candidate_exits_2_and_leaves_history(ray_session, nightly_model
     assert not (tmp_path / "store" / "tables").exists()
 
 
+@pytest.mark.ray
+def test_a_candidate_with_sanity_flags_cannot_be_judged(ray_session, nightly_models, tmp_path, capsys):
+    """Every hidden unit of the candidate is dead (a large negative bias), so every input gradient is zero:
+    AutoAttack's check flags it, and the night stops with exit 2 unless the config accepts the flag."""
+    shape = (1, 8, 8)
+    model = build_architecture("mlp", num_classes=10, input_shape=shape)
+    model.load_state_dict(torch.load(nightly_models["good"], weights_only=True)["state_dict"])
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        first.bias.fill_(-1e3)
+    dead = tmp_path / "dead.pt"
+    save_checkpoint(dead, model, arch="mlp", num_classes=10, input_shape=shape)
+    models = {**nightly_models, "dead": dead}
+    cfg = _nightly_yaml(tmp_path, models, "dead", date="2026-11-23")
+    assert main(["nightly", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "could not judge" in err and "zero_gradients" in err and "gates.accept_flags" in err
+    assert not (tmp_path / "history").exists()
+
+    accepted = _nightly_yaml(
+        tmp_path, models, "dead", date="2026-11-23", gates={"max_nfr": 0.05, "accept_flags": ["zero_gradients"]}
+    )
+    assert main(["nightly", "--config", str(accepted)]) == 1  # judged now: a dead model fails the NFR gate
+    verdict = json.loads((tmp_path / "out" / "latest-verdict.json").read_text())
+    assert verdict["sanity"]["candidate"]["flags"] == ["zero_gradients"]
+    assert verdict["sanity"]["baseline"]["flags"] == []
+
+
 def test_newest_checkpoint_is_the_candidate(tmp_path, nightly_models):
     import os
 

@@ -106,6 +106,37 @@ def test_report_contents(stored: tuple[ResultStore, Comparison], tmp_path: Path)
         assert (path.parent / CLEAN_GRID_PNG).read_bytes().startswith(b"\x89PNG")
 
 
+def test_report_shows_the_sanity_checks(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    store, comparison = stored
+    text = write_report(store, comparison.key, tmp_path / "rep").read_text(encoding="utf-8")
+    assert "AutoAttack's sanity checks: old model: no flag; new model: no flag." in text
+    assert 'class="warning"' not in text
+
+
+def test_a_flagged_evaluation_is_shown_first(tmp_path: Path) -> None:
+    """A new model that outputs probabilities: the report opens with AutoAttack's warning, before the numbers."""
+    store = ResultStore(tmp_path / "store")
+    train = load_split(DataConfig(name="digits", split="train"))
+    split = load_split(DATA)
+    settings = EvaluationSettings(data=DATA, attack=ATTACK, chunk_size=20, store=str(store.root))
+    old = _trained(0, 15, OLD_LABEL, train)
+    softmax = torch.nn.Sequential(old.module, torch.nn.Softmax(dim=1))
+    new = from_module(softmax, name="softmax", num_classes=10, source=old.source)
+    keys = []
+    for model in (old, new):
+        plan = EvaluationPlan(model, split, ATTACK, chunk_size=20)
+        for chunk in plan.chunks():
+            run_chunk(plan, chunk, store, device=torch.device("cpu"), keep_adversarial=False)
+        assemble(plan, store, settings)
+        keys.append(plan.key)
+    comparison = compare_stored(store, keys[0], keys[1], BootstrapConfig(n_resamples=20))
+    text = write_report(store, comparison.key, tmp_path / "rep").read_text(encoding="utf-8")
+    warning = text.index('class="warning"')
+    assert warning < text.index("<h2>Summary</h2>")
+    assert "new model: sanity flags: probability_outputs" not in text  # the prefix is left to the page
+    assert "new model: probability_outputs" in text and "old model: no flag" in text
+
+
 def test_fixture_has_robust_negative_flips(stored: tuple[ResultStore, Comparison]) -> None:
     """Guards the other tests: without robust flips the image grid would silently go untested."""
     _, comparison = stored
