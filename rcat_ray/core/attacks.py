@@ -37,6 +37,7 @@ PER_MODEL_SCHEMA = pa.schema(
         pa.field("adv_margin", pa.float32()),
         pa.field("perturbation_linf", pa.float32()),
         pa.field("broken_by", pa.string()),
+        pa.field("min_margin", pa.float32()),
     ]
 )
 
@@ -79,6 +80,34 @@ def _build_attack(name: str, model: nn.Module, cfg: AttackConfig, num_classes: i
             model, n_queries=cfg.square_queries, p_init=0.8, n_restarts=1, resc_schedule=False, **common
         )
     raise ValueError(f"unknown attack {name}")
+
+
+class _MarginTracker(nn.Module):
+    """The model as an attack sees it: the same logits, and for each sample of the attacked batch the lowest
+    true-class margin of any point the attack evaluated. Only passes over the whole batch are counted (when
+    pyautoattack narrows a batch to a subset, its rows can no longer be told apart); a whole-batch pass always
+    holds the batch's rows in order, because pyautoattack narrows by boolean masks."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.y: torch.Tensor | None = None
+        self.low: torch.Tensor | None = None
+
+    def track(self, y: torch.Tensor | None) -> None:
+        self.y = y
+        self.low = None if y is None else torch.full((y.shape[0],), float("inf"), device=y.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if self.y is not None and out.dim() == 2 and out.shape[0] == self.y.shape[0]:
+            with torch.no_grad():
+                self.low = torch.minimum(self.low, margins(out.detach().float(), self.y))
+        return out
+
+
+#: attacks whose every evaluated point lies in the threat model's ball (FAB's iterates may leave it)
+_IN_BALL = ("apgd-ce", "apgd-dlr", "apgd-t", "square")
 
 
 @dataclass
@@ -139,15 +168,22 @@ def evaluate_chunk(
     x_adv = x.clone()
     broken_by: list[str | None] = [None] * n
     still_robust = (clean_correct & mask).clone()
+    lowest = clean_margin.clone()  # the lowest margin any evaluated point reached, per sample
+    tracker = _MarginTracker(model)
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         for name in cfg.cascade:
             idx = still_robust.nonzero().flatten()
             if idx.numel() == 0:
                 break
-            attack = _build_attack(name, model, cfg, num_classes, seed, device)  # one seed: AutoAttack's rule
+            seen = tracker if name in _IN_BALL else model
+            attack = _build_attack(name, seen, cfg, num_classes, seed, device)  # one seed: AutoAttack's rule
+            tracker.track(y[idx.to(device)] if seen is tracker else None)
             with torch.enable_grad():
                 adv = attack.perturb(x[idx.to(device)], y[idx.to(device)]).detach()
+            if tracker.low is not None:
+                lowest[idx] = torch.minimum(lowest[idx], tracker.low.cpu())
+            tracker.track(None)
             pred = _logits(model, adv).argmax(1)
             fooled = (pred != y[idx.to(device)]).cpu()
             hit = idx[fooled]
@@ -168,6 +204,7 @@ def evaluate_chunk(
         rows = broken.to(device)
         pert[broken] = (x_adv[rows] - x[rows]).abs().flatten(1).amax(1).cpu()
     robust = still_robust  # clean-correct, attacked, and withstood every attack
+    lowest = torch.minimum(lowest, adv_margin)  # a broken sample's adversarial point counts too
 
     def nullable(values: torch.Tensor, typ: pa.DataType) -> pa.Array:
         arr = values.numpy()
@@ -185,6 +222,7 @@ def evaluate_chunk(
             "adv_margin": nullable(adv_margin.to(torch.float32), pa.float32()),
             "perturbation_linf": nullable(pert.to(torch.float32), pa.float32()),
             "broken_by": pa.array(broken_by, type=pa.string()),
+            "min_margin": nullable(lowest.to(torch.float32), pa.float32()),
         },
         schema=PER_MODEL_SCHEMA,
     )

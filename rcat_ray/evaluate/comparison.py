@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from rcat_ray.config import BootstrapConfig, stable_hash
-from rcat_ray.core.flips import flip_table, summarize
+from rcat_ray.core.flips import NEAR_MARGIN, flip_table, summarize
 from rcat_ray.errors import ComparisonError, DamagedArtifactError, StoreError, UncheckedArtifactError
 from rcat_ray.store.result_store import (
     ResultStore,
@@ -48,9 +48,10 @@ class Comparison:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def comparison_key(old_key: str, new_key: str, bootstrap: BootstrapConfig) -> str:
-    """The store key of a comparison: its two tables and the bootstrap settings decide its content."""
-    return stable_hash({"old": old_key, "new": new_key, "bootstrap": bootstrap.model_dump()}, length=24)
+def comparison_key(old_key: str, new_key: str, bootstrap: BootstrapConfig, near_margin: float = NEAR_MARGIN) -> str:
+    """The store key of a comparison: its two tables, the bootstrap settings and the near-flip margin decide it."""
+    identity = {"old": old_key, "new": new_key, "bootstrap": bootstrap.model_dump(), "near_margin": near_margin}
+    return stable_hash(identity, length=24)
 
 
 def compare_stored(
@@ -59,9 +60,10 @@ def compare_stored(
     new_key: str,
     bootstrap: BootstrapConfig,
     class_names: list[str] | None = None,
+    near_margin: float = NEAR_MARGIN,
 ) -> Comparison:
     """Join two per-model tables of the store into flips and a summary (reused if stored and intact)."""
-    key = comparison_key(old_key, new_key, bootstrap)
+    key = comparison_key(old_key, new_key, bootstrap, near_margin)
     folder = f"comparisons/{key}"
     old_manifest = table_manifest(store, old_key)
     new_manifest = table_manifest(store, new_key)
@@ -83,6 +85,7 @@ def compare_stored(
         seed=bootstrap.seed,
         num_classes=old_manifest["model"]["num_classes"],
         class_names=class_names,
+        near_margin=near_margin,
     )
     summary["old"] = {"name": old_manifest["model"]["name"], "fingerprint": old_manifest["model"]["fingerprint"]}
     summary["new"] = {"name": new_manifest["model"]["name"], "fingerprint": new_manifest["model"]["fingerprint"]}
@@ -98,6 +101,7 @@ def compare_stored(
         "data": old_manifest["data"],
         "attack": old_manifest["attack"],
         "bootstrap": bootstrap.model_dump(),
+        "near_margin": near_margin,
         "versions": package_versions(),
         "created_at": now_iso(),
     }

@@ -13,6 +13,15 @@ from rcat_ray.config import (
     ModelConfig,
     StrictConfig,
 )
+from rcat_ray.core.flips.metrics import NEAR_MARGIN
+
+#: a comparison's near-flip threshold, in logits (core.flips.NEAR_MARGIN); part of the comparison's key
+NEAR_MARGIN_FIELD = Field(
+    NEAR_MARGIN,
+    gt=0,
+    description="a near-flip: a sample both models withstand whose new model's lowest margin under attack "
+    "(true-class logit minus the best other) is below this",
+)
 
 
 class EvaluateConfig(EvaluationSettings):
@@ -27,6 +36,7 @@ class CompareConfig(EvaluationSettings):
     old: ModelConfig
     new: ModelConfig
     bootstrap: BootstrapConfig = BootstrapConfig()
+    near_margin: float = NEAR_MARGIN_FIELD
     report: LocalPath | None = Field(None, description="also write the HTML report into this folder")
 
 
@@ -56,4 +66,5 @@ class TableConfig(EvaluationSettings):
 
     pairs: tuple[TablePair, ...] = Field(..., min_length=1)
     bootstrap: BootstrapConfig = BootstrapConfig()
+    near_margin: float = NEAR_MARGIN_FIELD
     out: LocalPath = Field("table", validate_default=True, description="folder for table.md, table.tex, table.csv")

@@ -53,7 +53,8 @@ __all__ = [
 
 #: Bump when the meaning of a per-model table changes, so old cache entries are not reused.
 #: 2: every artifact's manifest records the sha256 of its files; chunks have their own manifest.
-TABLE_VERSION = 2
+#: 3: ``min_margin``, the lowest margin the attacks reached (near-flips).
+TABLE_VERSION = 3
 
 
 @dataclass

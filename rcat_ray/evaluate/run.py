@@ -221,6 +221,7 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
             prepared.plans[1].key,
             cfg.bootstrap,
             class_names=list(prepared.class_names),
+            near_margin=cfg.near_margin,
         )
     return outcomes, comparison, prepared
 
@@ -249,7 +250,12 @@ def run_table(cfg: TableConfig) -> list:
         rows = []
         for i, (shown, plan) in enumerate(zip(shown_labels, prep.plans, strict=True)):
             comp = compare_stored(
-                prep.store, prep.plans[0].key, plan.key, cfg.bootstrap, class_names=list(prep.class_names)
+                prep.store,
+                prep.plans[0].key,
+                plan.key,
+                cfg.bootstrap,
+                class_names=list(prep.class_names),
+                near_margin=cfg.near_margin,
             )
             rows.append(TableRow(shown, comp.summary, comp.flips, is_old=i == 0, comparison_key=comp.key))
         tables.append(

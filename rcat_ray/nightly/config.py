@@ -17,6 +17,7 @@ from rcat_ray.config import (
     ModelConfig,
     StrictConfig,
 )
+from rcat_ray.evaluate.config import NEAR_MARGIN_FIELD
 
 SanityFlag = Literal["randomized", "probability_outputs", "zero_gradients", "square_breaks"]
 
@@ -28,6 +29,9 @@ class ClassGate(StrictConfig):
     max_nfr: float | None = Field(None, ge=0, le=1, description="fail when this class's NFR is above this")
     max_r_nfr: float | None = Field(None, ge=0, le=1, description="fail when this class's R-NFR is above this")
     max_s_nfr: float | None = Field(None, ge=0, le=1, description="fail when this class's S-NFR is above this")
+    max_near_flip: float | None = Field(
+        None, ge=0, le=1, description="fail when this class's near-flip rate is above this"
+    )
     min_acc: float | None = Field(
         None, ge=0, le=1, description="fail when the candidate's clean accuracy on this class is below this"
     )
@@ -46,6 +50,9 @@ class GatesConfig(StrictConfig):
     max_nfr: float | None = Field(None, ge=0, le=1, description="fail when NFR is above this (a fraction)")
     max_r_nfr: float | None = Field(None, ge=0, le=1, description="fail when R-NFR is above this (a fraction)")
     max_s_nfr: float | None = Field(None, ge=0, le=1, description="fail when S-NFR is above this (a fraction)")
+    max_near_flip: float | None = Field(
+        None, ge=0, le=1, description="fail when the near-flip rate (at near_margin) is above this (a fraction)"
+    )
     min_acc: float | None = Field(
         None, ge=0, le=1, description="fail when the candidate's clean accuracy is below this"
     )
@@ -91,6 +98,7 @@ class NightlyConfig(EvaluationSettings):
     candidate_dir: LocalPath | None = Field(None, description="take the newest *.pt checkpoint in this folder")
     gates: GatesConfig = GatesConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
+    near_margin: float = NEAR_MARGIN_FIELD
     history: LocalPath = Field("history", validate_default=True, description="Parquet dataset of nights, by date")
     out: LocalPath = Field(
         "nightly-out", validate_default=True, description="folder for verdict.json and the report of each night"

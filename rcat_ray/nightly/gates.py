@@ -17,6 +17,7 @@ GATE_METRICS: dict[str, tuple[str, str]] = {
     "max_nfr": ("nfr", "max"),
     "max_r_nfr": ("r_nfr", "max"),
     "max_s_nfr": ("s_nfr", "max"),
+    "max_near_flip": ("near_flip", "max"),
     "min_acc": ("acc", "min"),
     "min_rob_acc": ("rob_acc", "min"),
 }

@@ -15,7 +15,7 @@ from rcat_ray.core.flips import METRIC_LABELS
 from rcat_ray.core.numbers import finite, signed
 from rcat_ray.report.comparison_data import Context, Flip, adversarial_images, clean_images, point_status
 
-__all__ = ["flip_grid", "metric_label", "per_class_figure"]
+__all__ = ["flip_grid", "metric_label", "per_class_figure", "show_image"]
 
 
 def metric_label(key: str) -> str:
@@ -125,7 +125,7 @@ def flip_grid(ctx: Context, chosen: Sequence[Flip], *, robust: bool) -> Figure:
             ),
         ]
         for col, (img, caption) in enumerate(panels):
-            _show(axes[row][col], img, caption)
+            show_image(axes[row][col], img, caption)
     kind = "Robust" if robust else "Clean"
     fig.suptitle(f"{kind} negative flips: clean | old adversarial | new adversarial | perturbation", fontsize=10)
     return fig
@@ -157,7 +157,7 @@ def _adv_caption(which: str, ctx: Context, pred: int | None, status: str, margin
     return f"{which} adv: {status}\n→{ctx.class_name(pred)} (margin {signed(margin)})"
 
 
-def _show(ax: Any, img: np.ndarray | None, caption: str) -> None:
+def show_image(ax: Any, img: np.ndarray | None, caption: str) -> None:
     """Grey images (C=1) with a grey colour map, RGB as RGB, on a fixed [0, 1] range so panels compare."""
     ax.set_xticks([])
     ax.set_yticks([])

@@ -23,6 +23,7 @@ from rcat_ray.core.flips import METRICS
 from rcat_ray.core.numbers import finite, signed
 from rcat_ray.report.comparison_data import Context, load_context, point_status, worst_flips
 from rcat_ray.report.comparison_plots import flip_grid, metric_label, per_class_figure
+from rcat_ray.report.near_flips import MARGINS_PNG, NEAR_GRID_PNG, near_section
 from rcat_ray.report.render import render_page
 from rcat_ray.store.result_store import ResultStore, now_iso
 
@@ -34,7 +35,7 @@ PER_CLASS_PNG = "per_class_flips.png"
 ROBUST_GRID_PNG = "worst_robust_flips.png"
 CLEAN_GRID_PNG = "worst_clean_flips.png"
 #: Every file name this module may write; a new report removes those it did not produce this time.
-_ARTIFACTS = (PER_CLASS_PNG, ROBUST_GRID_PNG, CLEAN_GRID_PNG)
+_ARTIFACTS = (PER_CLASS_PNG, ROBUST_GRID_PNG, CLEAN_GRID_PNG, MARGINS_PNG, NEAR_GRID_PNG)
 
 #: One-line definitions shown next to each metric, so the table can be read without the paper.
 _DEFINITIONS: Mapping[str, str] = {
@@ -49,6 +50,7 @@ _DEFINITIONS: Mapping[str, str] = {
     "r_pfr": "old not robust, new robust",
     "b_nfr": "both a clean and a robust negative flip",
     "s_nfr": "a clean or a robust negative flip (NFR + R-NFR - B-NFR)",
+    "near_flip": "both robust, but the attacks brought the new model's margin below the near-flip threshold",
 }
 
 
@@ -71,6 +73,7 @@ def write_report(store: ResultStore, comparison_key: str, out_dir: str | Path, *
             "summary": _summary(ctx),
             "per_class": _per_class(ctx, writer),
             "worst": [_worst_section(ctx, writer, robust=robust, top_k=top_k) for robust in (True, False)],
+            "near": near_section(ctx, writer.stage_png, top_k=top_k),
         }
         writer.stage_text(REPORT_NAME, _page(ctx, page))
         writer.commit(last=REPORT_NAME)

@@ -115,6 +115,7 @@ def test_chunks_without_checks_are_counted():
             "adv_margin": [1.0, -1.0],
             "perturbation_linf": [0.0, 0.1],
             "broken_by": [None, "apgd-ce"],
+            "min_margin": [0.5, -1.0],
         },
         schema=PER_MODEL_SCHEMA,
     )

@@ -144,3 +144,31 @@ def test_a_chunk_is_reproduced_by_plain_autoattack(digits_models):
     np.testing.assert_array_equal(df.adv_pred.to_numpy(), y_adv.numpy())
     np.testing.assert_array_equal(res.adversarial, x_adv.numpy())
     assert (df.broken_by == "apgd-dlr").any(), "the second attack must break a sample, else its seed is not tested"
+
+
+@pytest.mark.parametrize("attacks", [("apgd-ce", "apgd-dlr"), ("apgd-t", "square")])
+def test_min_margin_is_the_lowest_margin_the_attacks_reached(digits_models, test_slice, attacks):
+    """For a robust sample, how close the attacks came to breaking it (above 0, at most its clean margin); for a
+    broken one, at most its adversarial margin; null where nothing was attacked."""
+    _, new = digits_models
+    cfg = AttackConfig(eps=0.1, n_iter=10, attacks=attacks, square_queries=50, robust_samples=50)
+    res = evaluate_chunk(
+        new.module,
+        test_slice.images,
+        test_slice.labels,
+        test_slice.sample_ids,
+        cfg,
+        num_classes=10,
+        seed=7,
+        attack_mask=torch.arange(len(test_slice)) < 50,
+    )
+    df = res.table.to_pandas()
+    attacked = df.robust.notna()
+    assert df.min_margin.isna().equals(~attacked)
+    a = df[attacked]
+    assert (a.min_margin <= a.clean_margin).all() and (a.min_margin <= a.adv_margin).all()
+    robust = a[a.robust.astype(bool)]
+    assert (robust.min_margin > 0).all()
+    assert (robust.min_margin < robust.clean_margin).mean() > 0.9, "the attacks move every robust sample"
+    broken = a[a.clean_correct & ~a.robust.astype(bool)]
+    assert len(broken) and (broken.min_margin <= 0).all()

@@ -56,6 +56,7 @@ def model_table(
             "adv_margin": pa.array(adv_margin, pa.float32(), mask=~attacked),
             "perturbation_linf": pa.array(np.full(len(labels_np), 0.03, np.float32), mask=~attacked),
             "broken_by": pa.array(broken_by, pa.string()),
+            "min_margin": pa.array(np.minimum(adv_margin, clean_margin), pa.float32(), mask=~attacked),
         }
     )
 
@@ -177,8 +178,15 @@ def test_hand_computed_metrics() -> None:
         "b_nfr": 1 / 8,
         "s_nfr": 3 / 8,
         "nfr_robust_subset": 2 / 8,  # every row attacked: the NFR itself
+        "near_flip": 0.0,  # no robust sample's lowest margin (0.5) is below the threshold (0.5)
     }
     assert all(entry["n"] == 8 for entry in summary["metrics"].values())
+    # tables stored before min_margin existed: the near-flip rate is unknown, not 0
+    legacy = summarize(flip_table(*(t.drop_columns(["min_margin"]) for t in hand_tables())), n_bootstrap=200)
+    assert legacy["metrics"]["near_flip"] == {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+    assert {k: v for k, v in legacy["metrics"].items() if k != "near_flip"} == {
+        k: v for k, v in summary["metrics"].items() if k != "near_flip"
+    }
     assert list(summary["metrics"]) == list(METRICS)
 
 
@@ -199,6 +207,7 @@ def test_hand_computed_per_class() -> None:
         "b_nfr": 0.25,
         "s_nfr": 0.5,
         "nfr_robust_subset": 0.25,
+        "near_flip": 0.0,
     }
     assert cls1["name"] == "dog"
     assert cls1["metrics"]["relative_nfr"]["value"] == pytest.approx(0.25 / (0.25 * 0.75))
@@ -259,7 +268,7 @@ def test_summary_json_and_layout() -> None:
     summary = summarize(flip_table(*hand_tables()), n_bootstrap=100, seed=3, num_classes=2)
     encoded = json.dumps(summary, allow_nan=False)
     assert json.loads(encoded) == summary
-    assert set(summary) == {"n_clean", "n_robust", "bootstrap", "metrics", "per_class"}
+    assert set(summary) == {"n_clean", "n_robust", "near_margin", "bootstrap", "metrics", "per_class"}
     assert summary["bootstrap"] == {"n_resamples": 100, "confidence": 0.95, "seed": 3}
     for entry in summary["metrics"].values():
         assert set(entry) == {"value", "ci_low", "ci_high", "n"}
@@ -520,3 +529,24 @@ def test_paired_difference_robust_set_is_the_intersection_and_ids_must_match() -
     other = flip_table(old.slice(0, 5), new_a.slice(0, 5))
     with pytest.raises(FlipInputError, match="only in flips_a"):
         paired_difference(flip_table(old, new_a), other, "nfr")
+
+
+def test_near_flips_are_both_robust_samples_close_to_breaking() -> None:
+    """A near-flip: old and new both withstand the attack, but the new model's lowest margin under attack is
+    below the threshold. Its rate is over the samples attacked for both models, as R-NFR's."""
+    ids, labels = list(range(6)), [0, 1, 0, 1, 0, 1]
+    old = model_table(ids, labels, [True] * 6, [True, True, True, True, False, None])
+    new = model_table(ids, labels, [True] * 6, [True, True, True, False, True, None])
+    low = pa.array([0.2, 0.7, 0.49, -0.3, 0.1, None], pa.float32())
+    flips = flip_table(*(t.drop_columns(["min_margin"]).append_column("min_margin", low) for t in (old, new)))
+    assert flips.column("new_min_margin").to_pylist()[:2] == pytest.approx([0.2, 0.7])
+    summary = summarize(flips, n_bootstrap=200)
+    near = summary["metrics"]["near_flip"]
+    assert (near["value"], near["n"], summary["near_margin"]) == (2 / 5, 5, 0.5)  # rows 0 and 2
+    assert near["ci_low"] <= near["value"] <= near["ci_high"]
+    assert summarize(flips, n_bootstrap=0, near_margin=0.25)["metrics"]["near_flip"]["value"] == 1 / 5
+    # the other metrics do not depend on the margins, intervals included
+    plain = summarize(flip_table(old, new), n_bootstrap=200)
+    for key in METRICS:
+        if key != "near_flip":
+            assert summary["metrics"][key] == plain["metrics"][key]

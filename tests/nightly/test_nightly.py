@@ -35,6 +35,7 @@ SUMMARY = {
         "s_nfr": _metric(0.050, 0.040, 0.060),
         "acc": _metric(0.80, 0.78, 0.82),
         "rob_acc": _metric(0.50, 0.47, 0.53),
+        "near_flip": _metric(0.060, 0.045, 0.075),
     },
     "per_class": [
         {
@@ -67,6 +68,15 @@ def test_gates_fail_only_on_evidence():
     assert [g["passed"] for g in v["gates"]] == [False, None]
     with pytest.raises(ValueError, match="class 7"):
         judge(SUMMARY, GatesConfig(per_class=({"class": 7, "max_nfr": 0.1},)))
+
+
+def test_near_flip_gate():
+    """Near-flips gate like the flip rates: on the CI's lower end (4.5 %) by default."""
+    assert judge(SUMMARY, GatesConfig(max_near_flip=0.05))["passed"]
+    v = judge(SUMMARY, GatesConfig(max_near_flip=0.04))
+    assert v["failing"] == ["max_near_flip [overall]"] and v["gates"][0]["metric"] == "near_flip"
+    unknown = {"metrics": {**SUMMARY["metrics"], "near_flip": _metric(None, None, None, 0)}}
+    assert [g["passed"] for g in judge(unknown, GatesConfig(max_near_flip=0.01))["gates"]] == [None]
 
 
 def test_history_appends_never_rewrite(tmp_path):

@@ -21,6 +21,7 @@ from rcat_ray.evaluate.comparison import Comparison, compare_stored
 from rcat_ray.evaluate.plan import EvaluationPlan, assemble, run_chunk
 from rcat_ray.report import flip_report as report
 from rcat_ray.report.flip_report import CLEAN_GRID_PNG, PER_CLASS_PNG, REPORT_NAME, ROBUST_GRID_PNG, write_report
+from rcat_ray.report.near_flips import MARGINS_PNG, NEAR_GRID_PNG, nearest_near_flips
 from rcat_ray.store.result_store import ResultStore
 from tests.conftest import fit
 
@@ -137,6 +138,28 @@ def test_a_flagged_evaluation_is_shown_first(tmp_path: Path) -> None:
     assert "new model: probability_outputs" in text and "old model: no flag" in text
 
 
+def test_report_shows_the_near_flips(stored: tuple[ResultStore, Comparison], tmp_path: Path) -> None:
+    """The near-flip section: the margin histogram, and as many listed samples as the summary counts (up to
+    top_k), lowest new margin first."""
+    store, default = stored
+    old_key, new_key = default.manifest["old_table"], default.manifest["new_table"]
+    wide = compare_stored(store, old_key, new_key, BootstrapConfig(n_resamples=100), near_margin=2.0)
+    assert wide.key != default.key  # the threshold is part of a comparison's key
+    for comparison in (default, wide):
+        path = write_report(store, comparison.key, tmp_path / comparison.key, top_k=50)
+        text = path.read_text(encoding="utf-8")
+        assert (path.parent / MARGINS_PNG).read_bytes().startswith(b"\x89PNG")
+        margin = comparison.summary["near_margin"]
+        near = comparison.summary["metrics"]["near_flip"]
+        count = round(near["value"] * near["n"])
+        assert f"{count} sample" in text and f"near-flip threshold ({margin})" in text
+        chosen, total = nearest_near_flips(comparison.flips, margin=margin, top_k=50)
+        assert total == count and [f.score for f in chosen] == sorted(f.score for f in chosen)
+        assert all(f.old_robust and f.new_robust and f.score < margin for f in chosen)
+        assert (path.parent / NEAR_GRID_PNG).exists() == bool(count)
+    assert round(wide.summary["metrics"]["near_flip"]["value"] * wide.summary["metrics"]["near_flip"]["n"]) > 0
+
+
 def test_fixture_has_robust_negative_flips(stored: tuple[ResultStore, Comparison]) -> None:
     """Guards the other tests: without robust flips the image grid would silently go untested."""
     _, comparison = stored
@@ -153,7 +176,14 @@ def test_second_call_replaces_atomically(stored: tuple[ResultStore, Comparison],
     assert first != second  # top_k changed what is listed, so the file really was replaced
     leftovers = [p.name for p in out.iterdir() if ".tmp-" in p.name]
     assert leftovers == []
-    assert {p.name for p in out.iterdir()} <= {REPORT_NAME, PER_CLASS_PNG, ROBUST_GRID_PNG, CLEAN_GRID_PNG}
+    assert {p.name for p in out.iterdir()} <= {
+        REPORT_NAME,
+        PER_CLASS_PNG,
+        ROBUST_GRID_PNG,
+        CLEAN_GRID_PNG,
+        MARGINS_PNG,
+        NEAR_GRID_PNG,
+    }
 
 
 def test_failure_keeps_previous_report(

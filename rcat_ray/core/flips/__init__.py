@@ -8,7 +8,7 @@ Table schemas and metric definitions: docs/contracts.md.
 """
 
 from rcat_ray.core.flips.bootstrap import paired_difference, summarize
-from rcat_ray.core.flips.metrics import METRIC_LABELS, METRICS, ROBUST_METRICS
+from rcat_ray.core.flips.metrics import METRIC_LABELS, METRICS, NEAR_MARGIN, ROBUST_METRICS
 from rcat_ray.core.flips.table import FLIP_SCHEMA, flip_table
 from rcat_ray.core.flips.text import format_summary
 from rcat_ray.errors import FlipInputError
@@ -17,6 +17,7 @@ __all__ = [
     "FLIP_SCHEMA",
     "METRICS",
     "METRIC_LABELS",
+    "NEAR_MARGIN",
     "ROBUST_METRICS",
     "FlipInputError",
     "flip_table",

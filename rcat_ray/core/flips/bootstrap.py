@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rcat_ray.core.flips.metrics import _N_CODES, METRICS, ROBUST_METRICS, _flip_arrays, _metric_from_counts
+from rcat_ray.core.flips.metrics import (
+    _N_CODES,
+    METRICS,
+    NEAR_MARGIN,
+    ROBUST_METRICS,
+    _flip_arrays,
+    _metric_from_counts,
+)
 from rcat_ray.core.flips.table import _describe_id_mismatch
 from rcat_ray.errors import FlipInputError
 
@@ -81,6 +88,14 @@ def _check_bootstrap_args(n_bootstrap: int, confidence: float, seed: int) -> Non
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
+def _margins_known(flips: pa.Table, robust_set: np.ndarray) -> bool:
+    """Whether the new model's lowest margin under attack is known on every sample attacked for both models."""
+    if "new_min_margin" not in flips.column_names:
+        return False
+    known = flips.column("new_min_margin").is_valid().to_numpy(zero_copy_only=False)
+    return bool(known[robust_set].all())
+
+
 def _group_metrics(
     codes: np.ndarray, robust_set: np.ndarray, n_bootstrap: int, confidence: float, rng: np.random.Generator
 ) -> tuple[dict[str, dict[str, Any]], int, int]:
@@ -117,6 +132,7 @@ def summarize(
     seed: int = 0,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
+    near_margin: float = NEAR_MARGIN,
 ) -> dict[str, Any]:
     """Reduce a flip table to every metric (docs/contracts.md) with its N and a paired bootstrap CI, also per class.
 
@@ -152,7 +168,7 @@ def summarize(
     else the labels present.
     """
     _check_bootstrap_args(n_bootstrap, confidence, seed)
-    codes, robust_set, labels = _flip_arrays(flips, "flips")
+    codes, robust_set, labels = _flip_arrays(flips, "flips", near_margin)
 
     if class_names is not None:
         class_names = [str(name) for name in class_names]
@@ -192,9 +208,13 @@ def summarize(
             }
         )
 
+    if not _margins_known(flips, robust_set):  # tables stored before min_margin existed: no near-flip rate
+        for group in (metrics, *(c["metrics"] for c in per_class)):
+            group["near_flip"] = {"value": None, "ci_low": None, "ci_high": None, "n": 0}
     return {
         "n_clean": n_clean,
         "n_robust": n_robust,
+        "near_margin": float(near_margin),
         "bootstrap": {"n_resamples": int(n_bootstrap), "confidence": float(confidence), "seed": int(seed)},
         "metrics": metrics,
         "per_class": per_class,

@@ -25,6 +25,7 @@ ROBUST_METRICS: Final[tuple[str, ...]] = (
     "b_nfr",
     "s_nfr",
     "nfr_robust_subset",
+    "near_flip",
 )
 """Metrics computed on the robust sample set (rows where both models were attacked).
 
@@ -47,10 +48,15 @@ METRIC_LABELS: Final[Mapping[str, str]] = {
     "b_nfr": "B-NFR",
     "s_nfr": "S-NFR",
     "nfr_robust_subset": "NFR (robust set)",
+    "near_flip": "Near-flips",
 }
 
-_N_CODES: Final[int] = 16
+#: a sample both models withstand is a near-flip when the new model's lowest margin under attack is below this
+NEAR_MARGIN: Final[float] = 0.5
+
+_N_CODES: Final[int] = 32
 _CODES: Final[np.ndarray] = np.arange(_N_CODES)
+_NEAR: Final[np.ndarray] = (_CODES >> 4) & 1 == 1
 _C_OLD: Final[np.ndarray] = (_CODES >> 3) & 1 == 1
 _C_NEW: Final[np.ndarray] = (_CODES >> 2) & 1 == 1
 _R_OLD: Final[np.ndarray] = (_CODES >> 1) & 1 == 1
@@ -72,12 +78,17 @@ _INDICATORS: Final[dict[str, np.ndarray]] = {
     "b_nfr": _NEG & _R_NEG,
     "s_nfr": _NEG | _R_NEG,
     "nfr_robust_subset": _NEG,
+    "near_flip": _R_OLD & _R_NEW & _NEAR,
 }
 _INDICATORS = {key: mask.astype(np.float64) for key, mask in _INDICATORS.items()}
 
 
-def _flip_arrays(flips: pa.Table, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row codes, robust-set mask, labels) of a flip table: all the bootstrap needs."""
+def _flip_arrays(
+    flips: pa.Table, what: str, near_margin: float = NEAR_MARGIN
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row codes, robust-set mask, labels) of a flip table: all the bootstrap needs. A code holds five flags:
+    clean-correct and robust for old and new, and whether the new model's lowest margin under attack is below
+    ``near_margin`` (0 where it is unknown)."""
     if not isinstance(flips, pa.Table):
         raise FlipInputError(f"{what} must be a pyarrow.Table, got {type(flips).__name__}")
     needed = ("sample_id", "label", "old_clean_correct", "new_clean_correct", "old_robust", "new_robust")
@@ -93,6 +104,9 @@ def _flip_arrays(flips: pa.Table, what: str) -> tuple[np.ndarray, np.ndarray, np
     r_new, r_new_valid = _bool_with_validity(flips.column("new_robust"))
     codes = (c_old.astype(np.uint8) << 3) | (c_new.astype(np.uint8) << 2)
     codes |= (r_old.astype(np.uint8) << 1) | r_new.astype(np.uint8)
+    if "new_min_margin" in flips.column_names:
+        low = flips.column("new_min_margin").to_numpy(zero_copy_only=False).astype(np.float64)  # nulls: nan
+        codes |= (np.nan_to_num(low, nan=np.inf) < near_margin).astype(np.uint8) << 4
     labels = flips.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     return codes, r_old_valid & r_new_valid, labels
 

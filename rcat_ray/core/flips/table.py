@@ -29,6 +29,8 @@ FLIP_SCHEMA: Final[pa.Schema] = pa.schema(
         pa.field("new_clean_margin", pa.float32(), nullable=False),
         pa.field("old_adv_margin", pa.float32(), nullable=True),
         pa.field("new_adv_margin", pa.float32(), nullable=True),
+        pa.field("old_min_margin", pa.float32(), nullable=True),
+        pa.field("new_min_margin", pa.float32(), nullable=True),
     ]
 )
 """Schema of the comparison of two per-model tables, one row per sample, sorted by ``sample_id``."""
@@ -43,18 +45,24 @@ _MODEL_COLUMNS: Final[dict[str, tuple[pa.DataType, bool]]] = {
     "robust": (pa.bool_(), True),
     "clean_margin": (pa.float32(), False),
     "adv_margin": (pa.float32(), True),
+    "min_margin": (pa.float32(), True),
 }
+#: columns a per-model table may lack (written before they existed): read as nulls
+_OPTIONAL_COLUMNS: Final[frozenset[str]] = frozenset({"min_margin"})
 
 
 def _prepare_model_table(table: pa.Table, which: str) -> pa.Table:
     """Select, type-check and sort one per-model table, so the join reduces to aligned arrays."""
     if not isinstance(table, pa.Table):
         raise FlipInputError(f"{which} table must be a pyarrow.Table, got {type(table).__name__}")
-    missing = [name for name in _MODEL_COLUMNS if name not in table.column_names]
+    missing = [name for name in _MODEL_COLUMNS if name not in table.column_names and name not in _OPTIONAL_COLUMNS]
     if missing:
         raise FlipInputError(f"{which} table is missing column(s) {missing}; has {table.column_names}")
     columns = {}
     for name, (dtype, nullable) in _MODEL_COLUMNS.items():
+        if name not in table.column_names:
+            columns[name] = pa.nulls(table.num_rows, dtype)
+            continue
         column = table.column(name)
         if column.type != dtype:
             try:
@@ -158,5 +166,7 @@ def flip_table(old: pa.Table, new: pa.Table) -> pa.Table:
         new_t.column("clean_margin"),
         old_t.column("adv_margin"),
         new_t.column("adv_margin"),
+        old_t.column("min_margin"),
+        new_t.column("min_margin"),
     ]
     return pa.Table.from_arrays(columns, schema=FLIP_SCHEMA)
