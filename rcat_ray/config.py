@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -150,6 +151,11 @@ class AttackConfig(StrictConfig):
     n_target_classes: int = Field(9, ge=1, description="targets for apgd-t / fab-t")
     square_queries: int = Field(5000, ge=1, description="queries of the Square attack")
     seed: int = Field(0, ge=0, description="seed of the attacks' random starts")
+    seeds: tuple[int, ...] | None = Field(
+        None,
+        description="attack with each of these seeds (replaces seed): a sample is robust only when every seed "
+        "failed, and the summary reports how often the seeds disagree (attack noise)",
+    )
     robust_samples: int | None = Field(
         None, ge=1, description="attack only the first N samples of the split (clean metrics use all)"
     )
@@ -171,7 +177,23 @@ class AttackConfig(StrictConfig):
             raise ValueError(f"attacks lists an attack twice: {list(self.attacks)}")
         if "standard" in self.attacks and len(self.attacks) > 1:
             raise ValueError("'standard' is a whole cascade; list it alone")
+        seeds = self.seeds
+        if seeds is not None and (len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+            raise ValueError(f"seeds must be two or more distinct non-negative seeds, got {list(seeds)}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_seeds(self, handler: Any) -> dict[str, Any]:
+        """``seeds`` appears only when set, so the dumps hashed into keys (tables, fine-tunes, sweeps) are the ones
+        they were before it existed."""
+        data = handler(self)
+        if data.get("seeds", 0) is None:
+            del data["seeds"]
+        return data
+
+    def single_seed(self, seed: int) -> AttackConfig:
+        """This attack with one seed (what one per-model table is evaluated with)."""
+        return self.model_copy(update={"seed": seed, "seeds": None})
 
     @property
     def cascade(self) -> tuple[str, ...]:

@@ -79,6 +79,9 @@ def test_flags_override_the_yaml_key_by_key(tmp_path):
     assert (cfg.data.name, cfg.data.limit, cfg.chunk_size) == ("digits", 50, 25)
     assert [m.source for m in cfg.models] == ["builtin", "checkpoint"]
     assert cfg.save_adversarial is False and cfg.compute.chunks_in_flight == 4
+    assert cfg.attack.seeds is None
+    seeded = build_parser().parse_args(["evaluate", "--eps", "0.1", "--seeds", "0,1", "--model", "builtin:mlp"])
+    assert command_config(seeded, EvaluateConfig).attack.seeds == (0, 1)
 
 
 def test_a_missing_key_is_named_by_the_flag_the_user_would_type():

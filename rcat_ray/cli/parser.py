@@ -41,6 +41,7 @@ _SETTING_ALIASES = (
     Alias("--attacks", "attack.attacks"),
     Alias("--n-iter", "attack.n_iter"),
     Alias("--seed", "attack.seed"),
+    Alias("--seeds", "attack.seeds"),
     Alias("--robust-samples", "attack.robust_samples"),
     Alias("--chunk-size", "chunk_size"),
     Alias("--store", "store"),

@@ -148,6 +148,18 @@ def table_checks(chunks: Iterable[dict[str, Any] | None], table: pa.Table, casca
     return record
 
 
+def merge_records(records: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One record for tables of the same model and samples attacked with several seeds: the model checks do not
+    depend on the seed (the first record's), Square's breaks are the largest of any seed, flags the union."""
+    if not records or any(r is None for r in records):
+        return None
+    merged = dict(records[0])
+    breaks = [r["square_breaks"] for r in records if r.get("square_breaks") is not None]
+    merged["square_breaks"] = max(breaks) if breaks else None
+    merged["flags"] = [name for name in SANITY_FLAGS if any(name in r["flags"] for r in records)]
+    return merged
+
+
 def describe_flags(record: dict[str, Any] | None, *, prefix: bool = True) -> str:
     """One line for a table's sanity record: the raised flags with their counts, or why there is none."""
     if not prefix:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from rcat_ray.config import BootstrapConfig, stable_hash
@@ -91,6 +92,9 @@ def compare_stored(
     summary["new"] = {"name": new_manifest["model"]["name"], "fingerprint": new_manifest["model"]["fingerprint"]}
     summary["threat_model"] = old_manifest["threat_model"]
     summary["attacks"] = old_manifest["attacks"]
+    noise = _attack_noise(store, old_manifest, new_manifest)
+    if noise is not None:
+        summary["attack_noise"] = noise
     manifest = {
         "kind": "comparison",
         "key": key,
@@ -177,6 +181,49 @@ def table_manifest(store: ResultStore, table_key: str) -> dict[str, Any]:
     if manifest is None:
         raise StoreError(f"no table {table_key} in store {store.uri} (or its evaluation is not finished)")
     return manifest
+
+
+_FLAG_COLUMNS = ("new_robust", "neg_flip", "robust_neg_flip", "robust_pos_flip")
+#: flip flags whose stability across attack seeds a comparison of two seed ensembles reports
+_NOISY_FLAGS = {
+    "rob_acc": lambda f: f["new_robust"],
+    "r_nfr": lambda f: f["robust_neg_flip"],
+    "r_pfr": lambda f: f["robust_pos_flip"],
+    "s_nfr": lambda f: f["neg_flip"] | f["robust_neg_flip"],
+}
+
+
+def _attack_noise(store: ResultStore, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """For two ensembles over the same seeds: each robust metric under each seed alone (both models attacked with
+    that seed), and on how many samples its flag changes from one seed to another."""
+    old_e, new_e = old.get("ensemble"), new.get("ensemble")
+    if not old_e or not new_e or old_e["seeds"] != new_e["seeds"]:
+        return None
+    per_seed = []
+    for a, b in zip(old_e["tables"], new_e["tables"], strict=True):
+        f = flip_table(read_table_verified(store, a)[1], read_table_verified(store, b)[1])
+        both = f.column("robust_neg_flip").is_valid().to_numpy(zero_copy_only=False)
+        cols = {c: f.column(c).fill_null(False).to_numpy(zero_copy_only=False) for c in _FLAG_COLUMNS}
+        per_seed.append((both, cols))
+    both = per_seed[0][0]
+    n = int(both.sum())
+    metrics = {}
+    for key, flag in _NOISY_FLAGS.items():
+        flags = np.stack([flag(cols)[both] for _, cols in per_seed])
+        unstable = int((flags.any(axis=0) != flags.all(axis=0)).sum())
+        metrics[key] = {
+            "per_seed": [float(x.mean()) if n else None for x in flags],
+            "unstable": unstable,
+            "unstable_rate": unstable / n if n else None,
+            "n": n,
+        }
+    return {"seeds": old_e["seeds"], "metrics": metrics}
+
+
+def read_table_verified(store: ResultStore, table_key: str) -> tuple[dict[str, Any], pa.Table]:
+    """(manifest, table) of a stored per-model table, read through its checksum (StoreError when unusable)."""
+    manifest = table_manifest(store, table_key)
+    return manifest, _read_table(store, table_key, manifest)
 
 
 def _read_table(store: ResultStore, table_key: str, manifest: dict[str, Any]) -> pa.Table:

@@ -147,16 +147,8 @@ class EvaluationPlan:
         return missing
 
     def table_done(self, store: ResultStore) -> bool:
-        """Whether the table is stored and matches its manifest's checksum.
-
-        A damaged table (or manifest) is moved aside with a warning and reported as not done, so the caller
-        reassembles it from its chunks instead of reusing it because it exists.
-        """
-        manifest, problems = store.check_artifact(self.folder)
-        if problems:
-            store.quarantine_artifact(self.folder, "manifest.json", TABLE_MEMBERS, problems, manifest)
-            return False
-        return manifest is not None
+        """Whether the table is stored and matches its manifest's checksum (:func:`table_artifact_done`)."""
+        return table_artifact_done(store, self.folder)
 
     def manifest(self, settings: EvaluationSettings | None = None) -> dict[str, Any]:
         return {
@@ -171,6 +163,19 @@ class EvaluationPlan:
             "created_at": now_iso(),
             "settings": settings.model_dump(mode="json", exclude={"compute"}) if settings else None,
         }
+
+
+def table_artifact_done(store: ResultStore, folder: str) -> bool:
+    """Whether the per-model table in ``folder`` is stored and matches its manifest's checksum.
+
+    A damaged table (or manifest) is moved aside with a warning and reported as not done, so the caller
+    rebuilds it instead of reusing it because it exists.
+    """
+    manifest, problems = store.check_artifact(folder)
+    if problems:
+        store.quarantine_artifact(folder, "manifest.json", TABLE_MEMBERS, problems, manifest)
+        return False
+    return manifest is not None
 
 
 @dataclass(frozen=True)

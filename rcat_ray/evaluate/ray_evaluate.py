@@ -60,6 +60,7 @@ class EvaluationOutcome:
     table_path: str | None
     accuracy: dict | None = None  # clean and robust accuracy with their N, once the table is complete
     sanity: dict | None = None  # AutoAttack's sanity record from the table's manifest (core.attack_checks)
+    attack_noise: dict | None = None  # with several attack seeds: how often they disagree (evaluate.ensemble)
 
     def describe(self) -> str:
         state = "done" if self.complete else "incomplete"
@@ -69,6 +70,12 @@ class EvaluationOutcome:
             rob = "n/a" if a["rob_acc"] is None else f"{100 * a['rob_acc']:.2f}%"
             acc = f"; clean acc {100 * a['acc']:.2f}% (N={a['n']}), robust acc {rob} (N={a['n_robust']})"
         checks = f"; {describe_flags(self.sanity)}" if self.complete else ""
+        if self.complete and self.attack_noise and self.attack_noise.get("rate") is not None:
+            a = self.attack_noise
+            checks += (
+                f"; attack noise {100 * a['rate']:.2f}% ({a['disagree']} of {a['n']} attacked samples change their "
+                f"robust flag between seeds)"
+            )
         return (
             f"{self.model_name}: {state}, {self.chunks_computed} chunks computed, "
             f"{self.chunks_cached} reused of {self.n_chunks} (table {self.key}){acc}{checks}"

@@ -31,6 +31,7 @@ from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store, sam
 from rcat_ray.errors import DataError, IncompleteRunError
 from rcat_ray.evaluate.comparison import Comparison, compare_stored
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
+from rcat_ray.evaluate.ensemble import EnsemblePlan, assemble_ensemble
 from rcat_ray.evaluate.plan import EvaluationPlan
 from rcat_ray.store.result_store import ResultStore
 
@@ -171,8 +172,47 @@ def prepare(settings: EvaluationSettings, models: list[ModelConfig | LoadedModel
         for m, cfg in zip(loaded, models, strict=True)
     ]
     del loaded  # the driver keeps no weights it can reload
-    plans = [EvaluationPlan(r, samples, settings.attack, settings.chunk_size) for r in refs]
+    plans = [_plan(r, samples, settings) for r in refs]
     return Prepared(store, samples, refs, plans)
+
+
+def _plan(ref: ModelRef, samples: SampleSet, settings: EvaluationSettings) -> EvaluationPlan | EnsemblePlan:
+    """One model's plan: its table, or with ``attack.seeds`` one table per seed and their ensemble."""
+    attack = settings.attack
+    if attack.seeds is None:
+        return EvaluationPlan(ref, samples, attack, settings.chunk_size)
+    seed_plans = [EvaluationPlan(ref, samples, attack.single_seed(s), settings.chunk_size) for s in attack.seeds]
+    return EnsemblePlan(seed_plans, attack)
+
+
+def evaluate_prepared(prepared: Prepared, settings: EvaluationSettings) -> list:
+    """Evaluate what is missing of every plan (every seed's chunks in one Ray pipeline), then assemble the
+    ensembles whose seeds are complete; one outcome per model."""
+    from rcat_ray.evaluate.ray_evaluate import EvaluationOutcome, evaluate_plans
+
+    flat = [q for p in prepared.plans for q in (p.seed_plans if isinstance(p, EnsemblePlan) else [p])]
+    done = iter(evaluate_plans(flat, prepared.store, settings))
+    outcomes = []
+    for plan in prepared.plans:
+        if not isinstance(plan, EnsemblePlan):
+            outcomes.append(next(done))
+            continue
+        parts = [next(done) for _ in plan.seed_plans]
+        complete = all(o.complete for o in parts)
+        if complete:
+            assemble_ensemble(plan, prepared.store, settings)
+        outcomes.append(
+            EvaluationOutcome(
+                plan.model.name,
+                plan.key,
+                sum(o.n_chunks for o in parts),
+                sum(o.chunks_cached for o in parts),
+                sum(o.chunks_computed for o in parts),
+                complete,
+                plan.table_path if complete else None,
+            )
+        )
+    return outcomes
 
 
 def run_evaluate(cfg: EvaluateConfig, *, extra_models: list[LoadedModel] | None = None):
@@ -180,10 +220,8 @@ def run_evaluate(cfg: EvaluateConfig, *, extra_models: list[LoadedModel] | None 
 
     Ray is started only when some chunk must be computed: what is stored is reused without it.
     """
-    from rcat_ray.evaluate.ray_evaluate import evaluate_plans
-
     prepared = prepare(cfg, [*cfg.models, *(extra_models or [])])
-    outcomes = evaluate_plans(prepared.plans, prepared.store, cfg)
+    outcomes = evaluate_prepared(prepared, cfg)
     return _with_accuracy(outcomes, prepared), prepared
 
 
@@ -200,7 +238,9 @@ def _with_accuracy(outcomes: list, prepared: Prepared) -> list:
                 "rob_acc": float(robust.mean()) if len(robust) else None,
                 "n_robust": len(robust),
             }
-            o.sanity = (prepared.store.read_json(plan.manifest_path) or {}).get("sanity")
+            manifest = prepared.store.read_json(plan.manifest_path) or {}
+            o.sanity = manifest.get("sanity")
+            o.attack_noise = (manifest.get("ensemble") or {}).get("attack_noise")
     return outcomes
 
 
@@ -209,10 +249,8 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
 
     Returns (outcomes, comparison or None when an evaluation is incomplete, prepared).
     """
-    from rcat_ray.evaluate.ray_evaluate import evaluate_plans
-
     prepared = prepare(cfg, [old or cfg.old, new or cfg.new])
-    outcomes = _with_accuracy(evaluate_plans(prepared.plans, prepared.store, cfg), prepared)
+    outcomes = _with_accuracy(evaluate_prepared(prepared, cfg), prepared)
     comparison: Comparison | None = None
     if all(o.complete for o in outcomes):
         comparison = compare_stored(
@@ -232,11 +270,10 @@ def run_table(cfg: TableConfig) -> list:
     from pathlib import Path
 
     from rcat_ray.evaluate.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
-    from rcat_ray.evaluate.ray_evaluate import evaluate_plans
 
     prepared = [prepare(cfg, [p.old, p.new, *(e.model for e in p.finetuned)]) for p in cfg.pairs]
     # every pair's missing chunks first, so a budget-limited run says what remains of all of them
-    outcomes_per_pair = [evaluate_plans(prep.plans, prep.store, cfg) for prep in prepared]
+    outcomes_per_pair = [evaluate_prepared(prep, cfg) for prep in prepared]
     raise_if_incomplete([o for outcomes in outcomes_per_pair for o in outcomes])
     tables = []
     for pair, prep in zip(cfg.pairs, prepared, strict=True):

@@ -37,6 +37,17 @@ def format_summary(summary: Mapping[str, Any], *, per_class: bool = True) -> str
             ci = f"{ci:^19}"
         lines.append(f"{METRIC_LABELS[key]:<{width}}{_pct(entry['value'], 9)}  {ci}{entry['n']:>9}")
 
+    noise = summary.get("attack_noise")
+    if noise:
+        seeds = ", ".join(str(x) for x in noise["seeds"])
+        lines += ["", f"attack noise over seeds {seeds} (each seed alone; samples whose flag changes between seeds)"]
+        for key, entry in noise["metrics"].items():
+            values = " / ".join(percent(v).strip() for v in entry["per_seed"])
+            lines.append(
+                f"{METRIC_LABELS[key]:<{width}}{values:>24}  unstable {entry['unstable']} of {entry['n']}"
+                f" ({percent(entry['unstable_rate']).strip()}%)"
+            )
+
     classes = summary.get("per_class") or []
     if per_class and classes:
         shown = ("acc", "nfr", "pfr", "rob_acc", "r_nfr", "r_pfr", "s_nfr")
