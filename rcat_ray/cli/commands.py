@@ -74,6 +74,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _raise_if_incomplete(outcomes)
     assert comparison is not None  # complete evaluations always give a comparison
     _say(args, format_summary(comparison.summary))
+    if comparison.confirmed:
+        from rcat_ray.evaluate.confirm import describe_confirmed
+
+        _say(args, describe_confirmed(comparison.confirmed))
     _say(args, f"comparison {comparison.key} stored in {prepared.store.path(comparison.folder)}")
     report = None
     if cfg.report:
@@ -90,6 +94,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "new": outcomes[1].model_name,
                 "tables": [_outcome_json(o) for o in outcomes],
                 "summary": comparison.summary,
+                "confirmed": comparison.confirmed,
                 "report": str(report) if report else None,
             }
         )

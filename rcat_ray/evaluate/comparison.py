@@ -47,6 +47,8 @@ class Comparison:
     summary: dict[str, Any]
     #: the comparison's own manifest, as read (or written) with its files: what it compared and when
     manifest: dict[str, Any] = field(default_factory=dict)
+    #: the flips re-checked by a stronger attack, when asked for (``compare --confirm``; evaluate.confirm)
+    confirmed: dict[str, Any] | None = None
 
 
 def comparison_key(old_key: str, new_key: str, bootstrap: BootstrapConfig, near_margin: float = NEAR_MARGIN) -> str:

@@ -7,6 +7,7 @@ from pydantic import (
 )
 
 from rcat_ray.config import (
+    AttackConfig,
     BootstrapConfig,
     EvaluationSettings,
     LocalPath,
@@ -24,6 +25,18 @@ NEAR_MARGIN_FIELD = Field(
 )
 
 
+CONFIRM_FIELD = Field(
+    False,
+    description="re-attack every robustness flip with a stronger attack (the old model on negative flips, the "
+    "new on positive ones) and report R-NFR and R-PFR confirmed",
+)
+CONFIRM_ATTACK_FIELD = Field(
+    None,
+    description="the confirming attack (same norm and eps); default AutoAttack's standard cascade, 100 "
+    "iterations, APGD-CE with 5 restarts",
+)
+
+
 class EvaluateConfig(EvaluationSettings):
     """``rcat-ray evaluate``: attack each model once and store its per-model table."""
 
@@ -37,6 +50,8 @@ class CompareConfig(EvaluationSettings):
     new: ModelConfig
     bootstrap: BootstrapConfig = BootstrapConfig()
     near_margin: float = NEAR_MARGIN_FIELD
+    confirm: bool = CONFIRM_FIELD
+    confirm_attack: AttackConfig | None = CONFIRM_ATTACK_FIELD
     report: LocalPath | None = Field(None, description="also write the HTML report into this folder")
 
 
@@ -67,4 +82,6 @@ class TableConfig(EvaluationSettings):
     pairs: tuple[TablePair, ...] = Field(..., min_length=1)
     bootstrap: BootstrapConfig = BootstrapConfig()
     near_margin: float = NEAR_MARGIN_FIELD
+    confirm: bool = CONFIRM_FIELD
+    confirm_attack: AttackConfig | None = CONFIRM_ATTACK_FIELD
     out: LocalPath = Field("table", validate_default=True, description="folder for table.md, table.tex, table.csv")

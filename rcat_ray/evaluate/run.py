@@ -19,6 +19,7 @@ from typing import Any
 from rcat_ray.config import DataConfig, EvaluationSettings, ModelConfig
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.data import Split, load_split
+from rcat_ray.core.flips.confirmed import confirmed_rates, flip_ids
 from rcat_ray.core.models import (
     LoadedModel,
     ModelRef,
@@ -27,10 +28,12 @@ from rcat_ray.core.models import (
     model_reference,
     validate_pair_inputs,
 )
+from rcat_ray.core.progress import log as progress_log
 from rcat_ray.core.samples import SampleSet, open_samples, samples_in_store, samples_location
 from rcat_ray.errors import DataError, IncompleteRunError
 from rcat_ray.evaluate.comparison import Comparison, compare_stored
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
+from rcat_ray.evaluate.confirm import SIDES, ConfirmPlan, holds, store_side, stored_side, stronger_attack
 from rcat_ray.evaluate.ensemble import EnsemblePlan, assemble_ensemble
 from rcat_ray.evaluate.plan import EvaluationPlan
 from rcat_ray.store.result_store import ResultStore
@@ -261,7 +264,38 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
             class_names=list(prepared.class_names),
             near_margin=cfg.near_margin,
         )
+        if cfg.confirm:
+            comparison.confirmed = confirm_comparison(prepared, comparison, cfg)
     return outcomes, comparison, prepared
+
+
+def confirm_comparison(prepared: Prepared, comparison: Comparison, cfg: CompareConfig | TableConfig) -> dict:
+    """Re-attack the comparison's robustness flips with the stronger attack (each side once: stored beside the
+    comparison, reused by any later run) and return the confirmed R-NFR and R-PFR (:mod:`.confirm`)."""
+    attack = stronger_attack(cfg.attack, cfg.confirm_attack)
+    plan = ConfirmPlan(comparison.key, attack)
+    ids = flip_ids(comparison.flips)
+    tables = {side: stored_side(prepared.store, plan, side) for side in SIDES}
+    todo = {side: (prepared.plans[i].model, ids[side]) for i, side in enumerate(SIDES) if tables[side] is None}
+    if todo:
+        from rcat_ray.evaluate.ray_confirm import attack_sides
+
+        n = sum(len(v[1]) for v in todo.values())
+        progress_log.info(f"[confirm] re-attacking {n} flipped samples with {' + '.join(attack.cascade)}")
+        for side, table in attack_sides(todo, prepared.samples.uri, attack, cfg.chunk_size, cfg.compute).items():
+            store_side(prepared.store, plan, side, table, ids[side])
+            tables[side] = table
+    b = cfg.bootstrap
+    rates = confirmed_rates(
+        comparison.flips,
+        {side: holds(t) for side, t in tables.items()},
+        n_bootstrap=b.n_resamples,
+        confidence=b.confidence,
+        seed=b.seed,
+    )
+    record = {"key": plan.key, "attack": attack.model_dump(mode="json"), **rates}
+    prepared.store.put_json(f"{plan.folder}/confirmed.json", record)  # written once: the report reads it
+    return {**record, "re_attacked": {side: len(ids[side]) for side in todo}}
 
 
 def run_table(cfg: TableConfig) -> list:

@@ -11,13 +11,14 @@ from pydantic import (
 )
 
 from rcat_ray.config import (
+    AttackConfig,
     BootstrapConfig,
     EvaluationSettings,
     LocalPath,
     ModelConfig,
     StrictConfig,
 )
-from rcat_ray.evaluate.config import NEAR_MARGIN_FIELD
+from rcat_ray.evaluate.config import CONFIRM_ATTACK_FIELD, CONFIRM_FIELD, NEAR_MARGIN_FIELD
 
 SanityFlag = Literal["randomized", "probability_outputs", "zero_gradients", "square_breaks"]
 
@@ -99,6 +100,8 @@ class NightlyConfig(EvaluationSettings):
     gates: GatesConfig = GatesConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     near_margin: float = NEAR_MARGIN_FIELD
+    confirm: bool = CONFIRM_FIELD
+    confirm_attack: AttackConfig | None = CONFIRM_ATTACK_FIELD
     history: LocalPath = Field("history", validate_default=True, description="Parquet dataset of nights, by date")
     out: LocalPath = Field(
         "nightly-out", validate_default=True, description="folder for verdict.json and the report of each night"

@@ -115,6 +115,7 @@ def run_nightly(cfg: NightlyConfig) -> NightOutcome:
         "store": cfg.store,
         "summary": dict(comparison.summary["metrics"]),
         "sanity": {"baseline": outcomes[0].sanity, "candidate": outcomes[1].sanity},
+        "confirmed": comparison.confirmed,
     }
     metrics = comparison.summary["metrics"]
     row = {
