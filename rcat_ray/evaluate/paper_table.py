@@ -25,7 +25,17 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("R-NFR", "r_nfr", False),
     ("S-NFR", "s_nfr", False),
 )
-_FLIP_COLUMNS = {"nfr", "r_nfr", "s_nfr"}
+_FLIP_COLUMNS = {"nfr", "r_nfr", "s_nfr", "r_nfr_confirmed"}
+#: shown when every compared row carries it (``table`` with ``confirm``): R-NFR with each flip re-checked
+CONFIRMED_COLUMN = ("R-NFR confirmed", "r_nfr_confirmed", False)
+
+
+def columns(pair: PairTable) -> tuple[tuple[str, str, bool], ...]:
+    """The pair's columns: the paper's five, and R-NFR confirmed when its flips were re-checked."""
+    compared = [r for r in pair.rows if not r.is_old]
+    if compared and all("r_nfr_confirmed" in r.summary["metrics"] for r in compared):
+        return (*COLUMNS, CONFIRMED_COLUMN)
+    return COLUMNS
 
 
 @dataclass
@@ -93,7 +103,7 @@ def build_pair_table(
 
 def _best(pair: PairTable) -> dict[str, float]:
     best: dict[str, float] = {}
-    for title, metric, error in COLUMNS:
+    for title, metric, error in columns(pair):
         values = [_cell(r.summary, metric, error)[0] for r in pair.rows if not (r.is_old and metric in _FLIP_COLUMNS)]
         values = [v for v in values if v is not None]
         if values:
@@ -114,7 +124,7 @@ def _rows_text(pair: PairTable) -> list[list[str]]:
     out = []
     for r in pair.rows:
         cells = [r.label]
-        for title, metric, error in COLUMNS:
+        for title, metric, error in columns(pair):
             if r.is_old and metric in _FLIP_COLUMNS:
                 cells.append("-")
                 continue
@@ -132,7 +142,7 @@ def to_markdown(pairs: list[PairTable]) -> str:
     reference row's paired differences (* = the CI excludes 0)."""
     lines = []
     for pair in pairs:
-        head = ["model", *[c[0] for c in COLUMNS]]
+        head = ["model", *[c[0] for c in columns(pair)]]
         lines += [f"### {pair.name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(cells) + " |" for cells in _rows_text(pair)]
         if pair.differences:
@@ -163,9 +173,9 @@ def to_latex(pairs: list[PairTable]) -> str:
     for pair in pairs:
         out += [
             f"% {pair.name}",
-            r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}",
+            r"\begin{tabular}{l" + "r" * len(columns(pair)) + "}",
             r"\toprule",
-            "model & " + " & ".join(c[0] for c in COLUMNS) + r" \\",
+            "model & " + " & ".join(c[0] for c in columns(pair)) + r" \\",
             r"\midrule",
         ]
         for cells in _rows_text(pair):
@@ -185,7 +195,7 @@ def to_csv(pairs: list[PairTable]) -> str:
     w.writerow(["pair", "kind", "model", "minus", "column", "value", "ci_low", "ci_high", "n"])
     for pair in pairs:
         for r in pair.rows:
-            for title, metric, error in COLUMNS:
+            for title, metric, error in columns(pair):
                 if r.is_old and metric in _FLIP_COLUMNS:
                     continue
                 v, lo, hi = _cell(r.summary, metric, error)
@@ -214,7 +224,7 @@ def to_records(pairs: list[PairTable]) -> list[dict[str, Any]]:
         rows = []
         for r in pair.rows:
             cells = {}
-            for title, metric, error in COLUMNS:
+            for title, metric, error in columns(pair):
                 if r.is_old and metric in _FLIP_COLUMNS:
                     continue
                 v, lo, hi = _cell(r.summary, metric, error)

@@ -269,14 +269,18 @@ def run_compare(cfg: CompareConfig, *, old: LoadedModel | None = None, new: Load
     return outcomes, comparison, prepared
 
 
-def confirm_comparison(prepared: Prepared, comparison: Comparison, cfg: CompareConfig | TableConfig) -> dict:
+def confirm_comparison(
+    prepared: Prepared, comparison: Comparison, cfg: CompareConfig | TableConfig, old: int = 0, new: int = 1
+) -> dict:
     """Re-attack the comparison's robustness flips with the stronger attack (each side once: stored beside the
-    comparison, reused by any later run) and return the confirmed R-NFR and R-PFR (:mod:`.confirm`)."""
+    comparison, reused by any later run) and return the confirmed R-NFR and R-PFR (:mod:`.confirm`); ``old`` and
+    ``new`` index the two models in ``prepared``."""
     attack = stronger_attack(cfg.attack, cfg.confirm_attack)
     plan = ConfirmPlan(comparison.key, attack)
     ids = flip_ids(comparison.flips)
     tables = {side: stored_side(prepared.store, plan, side) for side in SIDES}
-    todo = {side: (prepared.plans[i].model, ids[side]) for i, side in enumerate(SIDES) if tables[side] is None}
+    models = {"old": prepared.plans[old].model, "new": prepared.plans[new].model}
+    todo = {side: (models[side], ids[side]) for side in SIDES if tables[side] is None}
     if todo:
         from rcat_ray.evaluate.ray_confirm import attack_sides
 
@@ -296,6 +300,10 @@ def confirm_comparison(prepared: Prepared, comparison: Comparison, cfg: CompareC
     record = {"key": plan.key, "attack": attack.model_dump(mode="json"), **rates}
     prepared.store.put_json(f"{plan.folder}/confirmed.json", record)  # written once: the report reads it
     return {**record, "re_attacked": {side: len(ids[side]) for side in todo}}
+
+
+def _confirmed_metrics(confirmed: dict) -> dict:
+    return {k: confirmed[k] for k in ("r_nfr_confirmed", "r_pfr_confirmed")}
 
 
 def run_table(cfg: TableConfig) -> list:
@@ -328,7 +336,11 @@ def run_table(cfg: TableConfig) -> list:
                 class_names=list(prep.class_names),
                 near_margin=cfg.near_margin,
             )
-            rows.append(TableRow(shown, comp.summary, comp.flips, is_old=i == 0, comparison_key=comp.key))
+            summary = comp.summary
+            if cfg.confirm and i > 0:  # the row's robustness flips against old, re-checked by the stronger attack
+                confirmed = confirm_comparison(prep, comp, cfg, old=0, new=i)
+                summary = {**summary, "metrics": {**summary["metrics"], **_confirmed_metrics(confirmed)}}
+            rows.append(TableRow(shown, summary, comp.flips, is_old=i == 0, comparison_key=comp.key))
         tables.append(
             build_pair_table(
                 pair.name,

@@ -44,6 +44,8 @@ class Context:
     image_note: str | None = None  # why images are unavailable (None when they are)
     # each side's AutoAttack sanity record, from its table's manifest (None: stored before the checks existed)
     sanity: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # the comparison's flips re-checked by stronger attacks (compare --confirm), one record per attack
+    confirmed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def confidence_label(self) -> str:
@@ -80,6 +82,10 @@ def load_context(store: ResultStore, key: str) -> Context:
     old_manifest, old_table = _model_table(store, manifest, "old")
     new_manifest, new_table = _model_table(store, manifest, "new")
     ctx.sanity = {side: (m or {}).get("sanity") for side, m in (("old", old_manifest), ("new", new_manifest))}
+    folder = f"comparisons/{key}"
+    for sub in store.list_dirs(folder):
+        if sub.startswith("confirm-") and store.exists(f"{folder}/{sub}/confirmed.json"):
+            ctx.confirmed.append(store.read_json(f"{folder}/{sub}/confirmed.json"))
     ctx.preds_old = _predictions(old_table)
     ctx.preds_new = _predictions(new_table)
     ctx.split, ctx.image_note = _load_clean_images(store, old_manifest, manifest)

@@ -74,6 +74,7 @@ def write_report(store: ResultStore, comparison_key: str, out_dir: str | Path, *
             "per_class": _per_class(ctx, writer),
             "worst": [_worst_section(ctx, writer, robust=robust, top_k=top_k) for robust in (True, False)],
             "near": near_section(ctx, writer.stage_png, top_k=top_k),
+            "confirmed": [_confirmed(ctx, record) for record in ctx.confirmed],
         }
         writer.stage_text(REPORT_NAME, _page(ctx, page))
         writer.commit(last=REPORT_NAME)
@@ -136,6 +137,28 @@ def _summary(ctx: Context) -> list[dict[str, Any]]:
     metrics = ctx.summary.get("metrics") or {}
     keys = [k for k in METRICS if k in metrics] + sorted(k for k in metrics if k not in METRICS)
     return [{"label": metric_label(k), "definition": _DEFINITIONS.get(k, ""), **_metric(metrics[k])} for k in keys]
+
+
+def _confirmed(ctx: Context, record: Mapping[str, Any]) -> dict[str, Any]:
+    """R-NFR and R-PFR beside their confirmed values under one stronger attack, with the dissolved flips."""
+    attack = record.get("attack") or {}
+    plain = ctx.summary.get("metrics") or {}
+    rows = []
+    for key in ("r_nfr", "r_pfr"):
+        rows.append(
+            {
+                "label": metric_label(key),
+                "plain": _metric(plain.get(key)),
+                "confirmed": _metric(record.get(f"{key}_confirmed")),
+                "flips": record.get(f"{key}_flips"),
+                "dissolved": record.get(f"{key}_dissolved"),
+            }
+        )
+    cascade = attack.get("attacks") or []
+    return {
+        "attack": f"{' → '.join(cascade)}, {attack.get('n_iter')} iterations, {attack.get('n_restarts')} restart(s)",
+        "rows": rows,
+    }
 
 
 def _per_class(ctx: Context, writer: _AtomicWriter) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from rcat_ray.config import (
     LossKind,
     StrictConfig,
 )
+from rcat_ray.evaluate.config import CONFIRM_ATTACK_FIELD
 from rcat_ray.finetune.config import FinetuneConfig
 
 
@@ -85,3 +86,7 @@ class SweepConfig(StrictConfig):
     )
     test: EvaluationSettings | None = Field(None, description="evaluate the chosen model on this (test) data")
     bootstrap: BootstrapConfig = BootstrapConfig()
+    confirm: bool = Field(
+        False, description="test: re-check every robustness flip with a stronger attack (R-NFR confirmed)"
+    )
+    confirm_attack: AttackConfig | None = CONFIRM_ATTACK_FIELD

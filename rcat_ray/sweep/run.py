@@ -169,6 +169,13 @@ def _evaluate_on_test(cfg: SweepConfig, chosen_cfg: FinetuneConfig, checkpoint: 
         label=label, model=ModelConfig(source="checkpoint", name=label, label=label, path=str(checkpoint))
     )
     pair = TablePair(name=f"{cfg.name}: chosen {label}", old=cfg.base.old, new=cfg.base.new, finetuned=(entry,))
-    table_cfg = TableConfig(**cfg.test.model_dump(), bootstrap=cfg.bootstrap, out=str(out / "table"), pairs=(pair,))
+    table_cfg = TableConfig(
+        **cfg.test.model_dump(),
+        bootstrap=cfg.bootstrap,
+        confirm=cfg.confirm,
+        confirm_attack=cfg.confirm_attack,
+        out=str(out / "table"),
+        pairs=(pair,),
+    )
     (table,) = run_table(table_cfg)
     return table
