@@ -39,6 +39,7 @@ def _outcome_json(outcome: Any) -> dict[str, Any]:
         "chunks_reused": outcome.chunks_cached,
         "accuracy": outcome.accuracy,
         "sanity": outcome.sanity,
+        "attack_noise": outcome.attack_noise,
     }
 
 
