@@ -36,7 +36,7 @@ done
 import json, sys, torch
 w = sys.argv[1]
 try:
-    a, b = (torch.load(f"{w}/ft{i}.pt", map_location="cpu", weights_only=False) for i in (1, 2))
+    a, b = (torch.load(f"{w}/ft{i}.pt", map_location="cpu", weights_only=True) for i in (1, 2))
     sa, sb = (x.get("state_dict", x) if isinstance(x, dict) else x for x in (a, b))
     same = all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
     diff = max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa if torch.is_tensor(sa[k]))
