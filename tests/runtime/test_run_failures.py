@@ -331,14 +331,19 @@ def _wait(what: str, ready, proc: subprocess.Popen, timeout: float = 400) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["full-disk", "blocked-path"])
 def test_a_chunk_that_cannot_be_written_stops_the_run_in_one_line_with_exit_4(tmp_path, fault):
-    """The worker of chunk 1 waits at the test gate (``rcat_ray.runtime.hooks.CHUNK_GATE_ENV``: it only holds a
-    chunk back, it injects nothing) until chunk 0 is stored; then the store's disk is filled to the last block (a
-    4 MiB tmpfs), or a folder is put where chunk 1's files go, and the gate opens: the write fails for real."""
+    """Every chunk waits at the test gate (``rcat_ray.runtime.hooks.CHUNK_GATE_ENV``: it only holds a chunk back,
+    it injects nothing). The first chunk to arrive is let through and stored; the next one is held while the
+    store's disk is filled to the last block (a 4 MiB tmpfs), or a folder is put where its files go, then the
+    gate opens: the write fails for real. Which chunk Ray Data hands the actor first is not fixed, so the test
+    follows the order the chunks arrive in."""
     disk = tmp_path / "disk"
     gate = tmp_path / "gate"
     gate.mkdir()
-    (gate / "open-0-0").touch()
     log = tmp_path / "evaluate.log"
+
+    def arrived() -> list[int]:
+        return sorted(int(p.name.rsplit("-", 1)[1]) for p in gate.glob("arrived-0-*"))
+
     with _small_tmpfs(disk) if fault == "full-disk" else contextlib.nullcontext():
         disk.mkdir(exist_ok=True)
         store = disk / "store"
@@ -375,15 +380,19 @@ def test_a_chunk_that_cannot_be_written_stops_the_run_in_one_line_with_exit_4(tm
             stderr=subprocess.PIPE,
         )
         try:
-            first = lambda: list(store.glob("tables/*/chunks/chunk-000000.json"))  # noqa: E731
-            _wait("chunk 0 stored and chunk 1 at the gate", lambda: first() and (gate / "arrived-0-1").exists(), proc)
-            chunks = first()[0].parent
+            _wait("a chunk at the gate", arrived, proc)
+            done = arrived()[0]
+            (gate / f"open-0-{done}").touch()
+            stored = lambda: list(store.glob(f"tables/*/chunks/chunk-{done:06d}.json"))  # noqa: E731
+            _wait(f"chunk {done} stored and another at the gate", lambda: stored() and len(arrived()) > 1, proc)
+            held = next(c for c in arrived() if c != done)
+            chunks = stored()[0].parent
             kept = {p.name: p.read_bytes() for p in chunks.iterdir()}
             if fault == "full-disk":
                 _fill(disk)
                 cause = "No space left on device"
             else:
-                for name in ("adv-000001.npz", "chunk-000001.parquet"):
+                for name in (f"adv-{held:06d}.npz", f"chunk-{held:06d}.parquet"):
                     (chunks / name / "in-the-way").mkdir(parents=True)
                 cause = "Is a directory"
             (gate / "open-all").touch()
@@ -400,9 +409,9 @@ def test_a_chunk_that_cannot_be_written_stops_the_run_in_one_line_with_exit_4(tm
         assert cause in said[0] and said[0].endswith("finished chunks are stored; run again to compute the rest")
         # nothing else but progress lines: no Ray Data failure notice, no frame of a traceback
         assert all(line.startswith("[evaluate] ") for line in err.splitlines()[:-1]), err
-        # the store stopped cleanly: chunk 0 as it was, chunk 1 not written, no temporary file, no table
+        # the store stopped cleanly: the stored chunk as it was, the held one not written, no temporary file, no table
         assert {n: (chunks / n).read_bytes() for n in kept} == kept
-        assert not (chunks / "chunk-000001.json").exists()
+        assert not (chunks / f"chunk-{held:06d}.json").exists()
         assert not [p for p in store.rglob("*") if ".tmp-" in p.name], "a half-written file was left in the store"
         assert not list(store.rglob("table.parquet"))
     text = log.read_text()
