@@ -35,7 +35,7 @@ LEVELS: tuple[tuple[str, ...], ...] = (
     ("evaluate", "finetune"),  # 4: the two things that attack or train
     ("report",),  # 5: pages over stored results
     ("sweep", "nightly"),  # 6: workflows built from evaluate, finetune and report
-    ("demo",),  # 7: the embedded default
+    ("demo", "study"),  # 7: the embedded default | the paper's experiment over many pairs
     ("cli",),  # 8: rcat-ray: its parser (flags derived from the config models), handlers, exit codes
 )
 #: Folders on one level that never import each other.
@@ -43,6 +43,7 @@ APART: tuple[frozenset[str], ...] = (
     frozenset({"core", "runtime"}),
     frozenset({"evaluate", "finetune"}),
     frozenset({"sweep", "nightly"}),
+    frozenset({"demo", "study"}),
 )
 LEVEL_OF = {unit: level for level, units in enumerate(LEVELS) for unit in units}
 

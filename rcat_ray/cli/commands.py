@@ -17,6 +17,7 @@ from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.nightly.config import NightlyConfig
 from rcat_ray.runtime.environment import prepare_local_ray_env
+from rcat_ray.study.config import StudyConfig
 from rcat_ray.sweep.config import SweepConfig
 
 
@@ -271,6 +272,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"val S-NFR {100 * c['val_s_nfr']:.2f}%, val robust acc {100 * c['val_rob_acc']:.2f}%"
     )
     print(f"written: {outcome.out}/trials.parquet, best.yaml, pareto.png, report.html; model {outcome.checkpoint}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    if not args.config:
+        raise ConfigError("rcat-ray study needs --config STUDY.yaml (its models, pairs, fine-tune and test settings)")
+    cfg = command_config(args, StudyConfig)
+    prepare_local_ray_env(cfg.compute.address)
+    from rcat_ray.errors import SweepInterruptedError
+    from rcat_ray.study.run import check_study_inputs, run_study
+
+    parents = check_study_inputs(cfg)  # before Ray starts
+    try:
+        outcome = run_study(cfg, parents=parents)
+    except SweepInterruptedError as err:  # Tune handles Ctrl+C itself and returns with trials unfinished
+        print(f"interrupted: {err.args[0].split(';')[0]}; run the same command again to resume the study", file=sys.stderr)
+        return 130
+    _say(args, (outcome.out / "study.md").read_text())
+    _say(args, f"written: {', '.join(str(p) for p in outcome.files)}")
+    if args.json:
+        _emit_json(json.loads((outcome.out / "study.json").read_text()))
     return 0
 
 

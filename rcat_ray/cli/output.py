@@ -50,6 +50,7 @@ _INTERRUPT_NOTES = {
     "finetune": "checkpoints of the finished epochs are kept; run the same command again to resume",
     "sweep": "finished trials and stored evaluation chunks are kept; run the same command with --resume to continue",
     "nightly": "the night was not judged and no history was written; run it again",
+    "study": "finished trials, fine-tunes and evaluation chunks are kept; run the same command again to resume",
     "demo": "finished models and evaluation chunks are kept; run the same command again to continue",
 }
 
@@ -59,7 +60,7 @@ def interrupted(args: argparse.Namespace, err: KeyboardInterrupt) -> int:
     from rcat_ray.runtime.environment import shutdown_ray_if_started
     from rcat_ray.runtime.interrupts import EvaluationInterrupted, exit_status, interrupt_signal_name
 
-    if isinstance(err, EvaluationInterrupted) and args.command != "sweep":
+    if isinstance(err, EvaluationInterrupted) and args.command not in ("sweep", "study"):
         note = str(err)
     else:
         note = _INTERRUPT_NOTES.get(args.command, "finished chunks are stored; run the same command again to continue")

@@ -13,6 +13,7 @@ from rcat_ray.config import DataConfig, parse_config
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.study.config import StudyConfig
 from rcat_ray.sweep.config import SweepConfig
 
 __all__ = ["build_parser", "command_config"]
@@ -194,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sw, config_flags(SweepConfig), sweep_aliases, config_help="YAML sweep config (required)")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials kept)")
     _add_output_flags(sw)
+
+    stu = sub.add_parser("study", help="the paper's experiment: pairs x methods x seeds, chosen on validation, tested")
+    study_aliases = (Alias("--out", "out"), Alias("--seeds", "seeds"), Alias("--store", "store"), *_COMPUTE_ALIASES)
+    _add_config(stu, config_flags(StudyConfig), study_aliases, config_help="YAML study config (required)")
+    _add_output_flags(stu, json_flag=True)
 
     ni = sub.add_parser("nightly", help="gate a candidate against the production model (exit 0 pass, 1 fail, 2 error)")
     extra = (

@@ -161,7 +161,8 @@ def to_markdown(pairs: list[PairTable]) -> str:
     return "\n".join(lines)
 
 
-def _latex_escape(text: str) -> str:
+def latex_escape(text: str) -> str:
+    """Text as LaTeX prints it (the characters a table cell or label can hold)."""
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
         text = text.replace(a, b)
     return text
@@ -181,7 +182,7 @@ def to_latex(pairs: list[PairTable]) -> str:
         for cells in _rows_text(pair):
             tex = []
             for cell in cells:
-                text = _latex_escape(cell.strip("*"))
+                text = latex_escape(cell.strip("*"))
                 tex.append(rf"\textbf{{{text}}}" if cell.startswith("**") else text)
             out.append(" & ".join(tex) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}", ""]

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import (
     Field,
+    model_validator,
 )
 
 from rcat_ray.config import (
@@ -14,23 +15,44 @@ from rcat_ray.config import (
     ComputeConfig,
     EvaluationSettings,
     LocalPath,
+    LossConfig,
     LossKind,
     StrictConfig,
 )
 from rcat_ray.evaluate.config import CONFIRM_ATTACK_FIELD
 from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.sweep.search_space import PAPER_PCT_BETAS, PAPER_RCAT_GRID
+
+
+#: Resume a sweep: True (its saved state must exist), False (start anew), "auto" (resume when saved, else start).
+Resume = bool | Literal["auto"]
 
 
 class SweepSpace(StrictConfig):
     """What a sweep varies. ``grid`` mode uses the paper's grids for ``losses``; ``search`` mode samples."""
 
     losses: tuple[LossKind, ...] = Field(("rcat",), min_length=1, description="losses to search")
+    rcat_grid: tuple[tuple[float, float], ...] = Field(
+        PAPER_RCAT_GRID, min_length=1, description="grid mode: RCAT (alpha, beta) points (default: the paper's)"
+    )
+    pct_betas: tuple[float, ...] = Field(
+        PAPER_PCT_BETAS, min_length=1, description="grid mode: PCT/PCAT beta values, alpha 1 (default: the paper's)"
+    )
     alpha_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT alpha range (search mode)")
     beta_range: tuple[float, float] = Field((0.0, 1.0), description="RCAT beta range (search mode)")
     pct_beta_range: tuple[float, float] = Field((0.5, 10.0), description="PCT/PCAT beta range, alpha = 1")
     train_eps: tuple[float, ...] = Field((), description="training eps choices (default: the base's)")
     lr: tuple[float, ...] = Field((), description="learning-rate choices (default: the base's)")
     epochs: tuple[int, ...] = Field((), description="epoch choices (default: the base's)")
+
+    @model_validator(mode="after")
+    def _grid_points_are_losses(self) -> SweepSpace:
+        """A bad grid point is refused when the config is read, not when its trial starts."""
+        for a, b in self.rcat_grid:
+            LossConfig(kind="rcat", alpha=a, beta=b)
+        for b in self.pct_betas:
+            LossConfig(kind="pct", alpha=1.0, beta=b)
+        return self
 
 
 class AshaConfig(StrictConfig):

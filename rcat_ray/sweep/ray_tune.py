@@ -25,7 +25,7 @@ from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.finetune.identity import IdentityInputs, finetune_identity
 from rcat_ray.finetune.ray_train import KEEP_CHECKPOINTS, finetune_loop, storage_path, train_run
 from rcat_ray.runtime import quiet
-from rcat_ray.sweep.config import SweepConfig
+from rcat_ray.sweep.config import Resume, SweepConfig
 from rcat_ray.sweep.trials import apply_trial, optuna_space, planned_trials, trial_settings, trial_table
 
 
@@ -117,8 +117,9 @@ def _max_concurrent(cfg: SweepConfig) -> int | None:
     return max(1, int((have + 1e-9) // (TRIAL_DRIVER_CPUS + c.num_workers * c.cpus_per_worker)))
 
 
-def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ray.tune.Tuner:
-    """A new Tuner, or the interrupted one restored from storage (finished trials are not rerun). ``inputs``:
+def build_tuner(cfg: SweepConfig, *, resume: Resume, inputs: IdentityInputs) -> ray.tune.Tuner:
+    """A new Tuner, or the interrupted one restored from storage (finished trials are not rerun; ``"auto"``:
+    restored when there is one, else new). ``inputs``:
     the fingerprints of the parents and data every trial trains from (checked by the trials)."""
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
     if cfg.base.compute.num_workers > 1:  # pattern B: the trial driver only coordinates; workers bring their own
@@ -126,9 +127,10 @@ def build_tuner(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> ra
     trainable = ray.tune.with_resources(sweep_trainable, resources)
     path = f"{storage_path(cfg.storage)}/{cfg.name}"
     if resume:
-        if not ray.tune.Tuner.can_restore(path):
+        if ray.tune.Tuner.can_restore(path):
+            return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        if resume != "auto":
             raise FileNotFoundError(f"no sweep to resume at {path}")
-        return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
 
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -211,7 +213,7 @@ def _sigint_restored() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
-def tune_trials(cfg: SweepConfig, *, resume: bool, inputs: IdentityInputs) -> pd.DataFrame:
+def tune_trials(cfg: SweepConfig, *, resume: Resume, inputs: IdentityInputs) -> pd.DataFrame:
     """Run (or resume) the Tune sweep to its end; one row per trial (see :func:`trial_table`).
     SweepInterruptedError when trials are left (Tune returns normally after Ctrl+C)."""
     check_trial_fits(cfg)

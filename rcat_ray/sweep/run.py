@@ -20,7 +20,7 @@ from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.finetune.run import Parents, check_finetune_inputs
 from rcat_ray.sweep.choice import choose_trial, pareto_front
-from rcat_ray.sweep.config import SweepConfig
+from rcat_ray.sweep.config import Resume, SweepConfig
 from rcat_ray.sweep.judge import (
     CHOICE_METRICS,
     ChoiceValidation,
@@ -59,7 +59,7 @@ class SweepOutcome:
     validation_table: Any = None  # every judged trial against old on the choice validation, chosen as reference
 
 
-def sweep_trials(cfg: SweepConfig, *, resume: bool = False, parents: Parents | None = None) -> SweepTrials:
+def sweep_trials(cfg: SweepConfig, *, resume: Resume = False, parents: Parents | None = None) -> SweepTrials:
     """Run (or resume) the Tune sweep, then judge the finished trials on the choice validation.
 
     ``parents``: the models as already checked by the caller (before Ray started); checked here otherwise.

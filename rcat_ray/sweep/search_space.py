@@ -17,14 +17,18 @@ PAPER_RCAT_GRID: tuple[tuple[float, float], ...] = ((0.75, 0.2), (0.7, 0.2), (0.
 PAPER_PCT_BETAS: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0)
 
 
-def paper_grid(kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The loss settings of the paper's grids for the given loss kinds, in a fixed order."""
+def paper_grid(
+    kinds: tuple[str, ...],
+    rcat_grid: tuple[tuple[float, float], ...] = PAPER_RCAT_GRID,
+    pct_betas: tuple[float, ...] = PAPER_PCT_BETAS,
+) -> list[dict[str, Any]]:
+    """The loss settings of the grids (the paper's by default) for the given loss kinds, in a fixed order."""
     out: list[dict[str, Any]] = []
     for kind in kinds:
         if kind == "rcat":
-            out += [{"kind": "rcat", "alpha": a, "beta": b} for a, b in PAPER_RCAT_GRID]
+            out += [{"kind": "rcat", "alpha": a, "beta": b} for a, b in rcat_grid]
         elif kind in ("pct", "pcat"):
-            out += [{"kind": kind, "alpha": 1.0, "beta": b} for b in PAPER_PCT_BETAS]
+            out += [{"kind": kind, "alpha": 1.0, "beta": b} for b in pct_betas]
         elif kind == "at":
             out.append({"kind": "at", "alpha": 0.0, "beta": 0.0})
         else:

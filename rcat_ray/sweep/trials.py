@@ -75,7 +75,7 @@ def planned_trials(cfg: SweepConfig) -> list[dict[str, Any]] | None:
     """The trials of grid and random search (None for Optuna, which proposes them as it goes)."""
     sp = cfg.space
     if cfg.mode == "grid":
-        losses = paper_grid(sp.losses)
+        losses = paper_grid(sp.losses, sp.rcat_grid, sp.pct_betas)
     elif cfg.algorithm == "random":
         losses = random_trials(
             sp.losses,

@@ -240,6 +240,24 @@ def _aligned(flips: pa.Table, what: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return ids, codes[order], robust_set[order], labels[order]
 
 
+def paired_codes(
+    flips_a: pa.Table, flips_b: pa.Table, names: tuple[str, str] = ("flips_a", "flips_b")
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sample ids, codes of a, codes of b, robust set of both) of two flip tables over the same samples, row by
+    row; :class:`FlipInputError` when their sample ids or labels differ."""
+    ids_a, codes_a, robust_a, labels_a = _aligned(flips_a, names[0])
+    ids_b, codes_b, robust_b, labels_b = _aligned(flips_b, names[1])
+    if ids_a.shape != ids_b.shape or not np.array_equal(ids_a, ids_b):
+        raise FlipInputError(_describe_id_mismatch(ids_a, ids_b, *names))
+    mismatch = np.flatnonzero(labels_a != labels_b)
+    if mismatch.size:
+        raise FlipInputError(
+            f"the flip tables disagree on the label of {mismatch.size} sample(s), e.g. sample_id "
+            f"{int(ids_a[mismatch[0]])}"
+        )
+    return ids_a, codes_a, codes_b, robust_a & robust_b
+
+
 def paired_difference(
     flips_a: pa.Table,
     flips_b: pa.Table,
@@ -265,18 +283,8 @@ def paired_difference(
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
     _check_bootstrap_args(n_bootstrap, confidence, seed)
-    ids_a, codes_a, robust_a, labels_a = _aligned(flips_a, "flips_a")
-    ids_b, codes_b, robust_b, labels_b = _aligned(flips_b, "flips_b")
-    if ids_a.shape != ids_b.shape or not np.array_equal(ids_a, ids_b):
-        raise FlipInputError(_describe_id_mismatch(ids_a, ids_b, "flips_a", "flips_b"))
-    mismatch = np.flatnonzero(labels_a != labels_b)
-    if mismatch.size:
-        raise FlipInputError(
-            f"the flip tables disagree on the label of {mismatch.size} sample(s), e.g. sample_id "
-            f"{int(ids_a[mismatch[0]])}"
-        )
-
-    rows = robust_a & robust_b if metric in ROBUST_METRICS else np.ones(ids_a.size, dtype=bool)
+    ids_a, codes_a, codes_b, robust_both = paired_codes(flips_a, flips_b)
+    rows = robust_both if metric in ROBUST_METRICS else np.ones(ids_a.size, dtype=bool)
     joint = codes_a[rows].astype(np.int32) * _N_CODES + codes_b[rows]
     n = int(joint.size)
     result: dict[str, Any] = {"metric": metric, "value": None, "ci_low": None, "ci_high": None, "n": n}
