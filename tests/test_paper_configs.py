@@ -19,6 +19,7 @@ from rcat_ray.config import AttackConfig, DataConfig, ModelConfig, load_yaml, pa
 from rcat_ray.core.models import robustbench_checkpoint_path
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
+from rcat_ray.study.config import StudyConfig
 from rcat_ray.sweep.config import SweepConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -44,6 +45,7 @@ _KINDS: dict[str, type[BaseModel]] = {
     "table": TableConfig,
     "sweep": SweepConfig,
     "finetune": FinetuneConfig,
+    "study": StudyConfig,
 }
 
 PAPER_FILES = sorted(CONFIGS.glob("cifar10_paper_*.yaml"))

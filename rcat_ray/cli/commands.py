@@ -287,7 +287,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     try:
         outcome = run_study(cfg, parents=parents)
     except SweepInterruptedError as err:  # Tune handles Ctrl+C itself and returns with trials unfinished
-        print(f"interrupted: {err.args[0].split(';')[0]}; run the same command again to resume the study", file=sys.stderr)
+        print(
+            f"interrupted: {err.args[0].split(';')[0]}; run the same command again to resume the study", file=sys.stderr
+        )
         return 130
     _say(args, (outcome.out / "study.md").read_text())
     _say(args, f"written: {', '.join(str(p) for p in outcome.files)}")

@@ -15,9 +15,9 @@ from matplotlib.figure import Figure
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.numbers import finite, percent, percent_ci
 from rcat_ray.evaluate.paper_table import COLUMNS, PairTable, latex_escape, to_markdown
+from rcat_ray.store.result_store import now_iso, package_versions
 from rcat_ray.study.aggregate import COMPARED, PairResult
 from rcat_ray.study.config import PAPER_RULE, StudyConfig
-from rcat_ray.store.result_store import now_iso, package_versions
 
 TITLES = [c[0] for c in COLUMNS]
 _ROLE_NAMES = {"new": "new", "at": "AT", "pcat": "PCAT", "pct": "PCT"}
@@ -79,7 +79,9 @@ def choice_rows(cfg: StudyConfig, results: list[PairResult]) -> list[list[str]]:
         for kind in cfg.methods:
             c = r.chosen[kind]
             flag = "" if c["meets_bar"] else " (below the bar)"
-            cells.append(f"{c['label']}{flag}: val S-NFR {percent(c['val_s_nfr'])}, rob. acc {percent(c['val_rob_acc'])}")
+            cells.append(
+                f"{c['label']}{flag}: val S-NFR {percent(c['val_s_nfr'])}, rob. acc {percent(c['val_rob_acc'])}"
+            )
         rows.append(cells)
     return rows
 
@@ -96,8 +98,9 @@ def protocol_text(cfg: StudyConfig, validation: str) -> list[str]:
     if {"pct", "pcat"} & set(cfg.methods):
         grids.append("PCT/PCAT alpha 1, beta " + ", ".join(f"{b:g}" for b in cfg.pct_betas))
     a = t.attack
+    rule = "the paper's rule (new better on clean and robust validation accuracy)"
     return [
-        f"- Pairs: {'the paper rule (new better on clean and robust validation accuracy)' if cfg.pairs == PAPER_RULE else 'listed'}.",
+        f"- Pairs: {rule if cfg.pairs == PAPER_RULE else 'listed'}.",
         f"- Methods: {', '.join(m.upper() for m in cfg.methods)}; grids: {'; '.join(grids) or '-'}.",
         f"- Fine-tuning: {f.epochs} epoch(s), global batch {f.batch_size}, {f.optimizer.name} lr {f.optimizer.lr:g}, "
         f"training attack {f.train_attack.kind} eps {f.train_attack.eps:g}, data {f.data.name} "
@@ -143,7 +146,11 @@ def to_markdown_text(cfg: StudyConfig, outcome: Any) -> str:
 
 def to_latex_text(results: list[PairResult], seeds: int) -> str:
     """The results table (booktabs): one block of rows per pair."""
-    out = [r"\begin{tabular}{ll" + "r" * len(TITLES) + "}", r"\toprule", "pair & model & " + " & ".join(TITLES) + r" \\"]
+    out = [
+        r"\begin{tabular}{ll" + "r" * len(TITLES) + "}",
+        r"\toprule",
+        "pair & model & " + " & ".join(TITLES) + r" \\",
+    ]
     for r in results:
         out.append(r"\midrule")
         for i, (role, label) in enumerate(r.roles.items()):

@@ -23,7 +23,6 @@ from rcat_ray.evaluate.config import CONFIRM_ATTACK_FIELD
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.sweep.search_space import PAPER_PCT_BETAS, PAPER_RCAT_GRID
 
-
 #: Resume a sweep: True (its saved state must exist), False (start anew), "auto" (resume when saved, else start).
 Resume = bool | Literal["auto"]
 
