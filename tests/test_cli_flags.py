@@ -18,6 +18,7 @@ from rcat_ray.errors import ConfigError
 from rcat_ray.evaluate.config import CompareConfig, EvaluateConfig, TableConfig
 from rcat_ray.finetune.config import FinetuneConfig
 from rcat_ray.nightly.config import NightlyConfig
+from rcat_ray.study.config import StudyConfig
 from rcat_ray.sweep.config import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,7 @@ COMMANDS = {
     "table": TableConfig,
     "finetune": FinetuneConfig,
     "sweep": SweepConfig,
+    "study": StudyConfig,
     "nightly": NightlyConfig,
     "demo": DemoConfig,
 }

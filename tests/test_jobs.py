@@ -229,6 +229,54 @@ def test_nightly_job_two_nights_on_a_real_cluster(ray_head, tmp_path):
     assert len(read_history(str(tmp_path / "history"))) == 2
 
 
+@pytest.mark.slow
+def test_study_job_on_a_real_cluster_and_resubmitted_reuses_everything(ray_head, tmp_path):
+    study = {
+        "name": "digits-job",
+        "models": {
+            "old": {"source": "builtin", "name": "mlp", "seed": 0},
+            "new": {"source": "builtin", "name": "small_cnn", "seed": 1},
+        },
+        "pairs": [{"old": "old", "new": "new"}],
+        "methods": ["at", "rcat"],
+        "rcat_grid": [[0.5, 0.4]],
+        "seeds": [0],
+        "finetune": {
+            "data": {"name": "digits", "split": "train", "limit": 128},
+            "train_attack": {"eps": 0.1},
+            "epochs": 1,
+            "batch_size": 64,
+            "validation": {"samples": 20, "attack": {"eps": 0.1, "attacks": ["apgd-ce"], "n_iter": 1}},
+            "compute": {"num_workers": 0, "threads_per_worker": 1},
+        },
+        "choice": {"samples": 50, "chunk_size": 50, "attack": {"eps": 0.1, "attacks": ["apgd-ce"], "n_iter": 2}},
+        "tolerance": 1.0,
+        "test": {"data": {"name": "digits", "split": "test", "limit": 50}, "attack": {"eps": 0.1, "n_iter": 2}},
+        "compute": {"num_workers": 1, "cpus_per_worker": 1, "threads_per_worker": 1},
+        "store": str(tmp_path / "store"),
+        "storage": str(tmp_path / "ray_results"),
+        "out": str(tmp_path / "out"),
+        "bootstrap": {"n_resamples": 50},
+    }
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    runtime_env = json.dumps({"excludes": [".venv/", "demo-out/", "bench/out/"]})
+    args = ("--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--", "python", "jobs/study.py")
+    first = _job_submit(ray_head.env, *args, "--config", str(config))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "RCAT(0.5,0.4)" in first.stdout and "old -> new" in first.stdout
+    table = (tmp_path / "out" / "study.csv").read_text()
+    chunks = sorted(str(p) for p in (tmp_path / "store").rglob("*.parquet"))
+    finetuned = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "finetuned").glob("*.pt")}
+    assert len(finetuned) == 2
+    # submitted again (a retried nightly run, a resubmission after a lost node): the same table, nothing recomputed
+    second = _job_submit(ray_head.env, *args, "--config", str(config))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (tmp_path / "out" / "study.csv").read_text() == table
+    assert sorted(str(p) for p in (tmp_path / "store").rglob("*.parquet")) == chunks
+    assert {p: p.stat().st_mtime_ns for p in finetuned} == finetuned
+
+
 def test_cluster_yaml_validates_against_the_autoscaler_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
