@@ -308,6 +308,11 @@ def check_outputs(ran: Ran, cwd: Path, state: dict[str, Any]) -> list[str]:
     elif sub == "sweep":
         out = _config_out(cwd, cmd)
         problems += _files(out, "trials.parquet", "best.yaml", "pareto.png", "report.html", "table/table.md")
+    elif sub == "study":
+        out = _config_out(cwd, cmd)
+        problems += _files(out, "study.md", "study.tex", "study.csv", "study.json", "report.html", "manifest.json")
+        if (out / "study.md").is_file() and "RCAT" not in (out / "study.md").read_text():
+            problems.append("study.md has no RCAT row")
     elif sub == "nightly":
         out = _config_out(cwd, cmd)
         verdicts = sorted(out.glob("*/verdict.json"))

@@ -137,26 +137,25 @@ def _rows_text(pair: PairTable) -> list[list[str]]:
     return out
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def to_markdown(pairs: list[PairTable]) -> str:
     """Markdown: one table per pair (values in %, 95% CI in brackets, best per column in bold), then the
     reference row's paired differences (* = the CI excludes 0)."""
     lines = []
     for pair in pairs:
         head = ["model", *[c[0] for c in columns(pair)]]
-        lines += [f"### {pair.name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in _rows_text(pair)]
+        lines += [f"### {pair.name}", "", *markdown_table(head, _rows_text(pair))]
         if pair.differences:
-            lines += [
-                "",
-                f"Paired differences, {pair.reference} minus each row (points; * = CI excludes 0):",
-                "",
-                "| minus | " + " | ".join(c[0] for c in COLUMNS) + " |",
-                "|" + "---|" * (len(COLUMNS) + 1),
-            ]
+            lines += ["", f"Paired differences, {pair.reference} minus each row (points; * = CI excludes 0):", ""]
+            rows = []
             for other in dict.fromkeys(d["minus"] for d in pair.differences):
                 by_col = {d["column"]: d for d in pair.differences if d["minus"] == other}
-                cells = [_signed(by_col[c[0]]) if c[0] in by_col else "-" for c in COLUMNS]
-                lines.append(f"| {other} | " + " | ".join(cells) + " |")
+                rows.append([other, *(_signed(by_col[c[0]]) if c[0] in by_col else "-" for c in COLUMNS)])
+            lines += markdown_table(["minus", *(c[0] for c in COLUMNS)], rows)
         lines.append("")
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.numbers import finite, percent, percent_ci
-from rcat_ray.evaluate.paper_table import COLUMNS, PairTable, latex_escape, to_markdown
+from rcat_ray.evaluate.paper_table import COLUMNS, PairTable, latex_escape, markdown_table, to_markdown
 from rcat_ray.store.result_store import now_iso, package_versions
 from rcat_ray.study.aggregate import COMPARED, PairResult
 from rcat_ray.study.config import PAPER_RULE, StudyConfig
@@ -86,10 +86,6 @@ def choice_rows(cfg: StudyConfig, results: list[PairResult]) -> list[list[str]]:
     return rows
 
 
-def _md(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def protocol_text(cfg: StudyConfig, validation: str) -> list[str]:
     f, t = cfg.finetune, cfg.test
     grids = []
@@ -119,28 +115,33 @@ def to_markdown_text(cfg: StudyConfig, outcome: Any) -> str:
     validation = results[0].validation.get("description", "") if results else ""
     lines = [f"# Study {cfg.name}", "", *protocol_text(cfg, validation), ""]
     lines += ["## Models on the choice validation (%)", ""]
-    lines += _md(
+    lines += markdown_table(
         ["model", "clean acc", "robust acc", "N"],
         [[n, percent(a["acc"]), percent(a["rob_acc"]), str(a["n"])] for n, a in outcome.accuracy.items()],
     )
     lines += ["", f"Pairs studied: {', '.join(p.name for p in outcome.pairs)}.", "", "## Chosen weights", ""]
-    lines += _md(["pair", *(m.upper() for m in cfg.methods)], choice_rows(cfg, results))
+    lines += markdown_table(["pair", *(m.upper() for m in cfg.methods)], choice_rows(cfg, results))
     lines += ["", f"## Test results (%; mean [min, max] over {seeds} seed(s))", ""]
-    lines += _md(["pair", "model", *TITLES], result_rows(results))
+    lines += markdown_table(["pair", "model", *TITLES], result_rows(results))
     lines += [
         "",
         f"## RCAT minus each (points; mean over seeds [95% paired-bootstrap CI over the test samples]; "
         f"(k/{seeds}): seeds whose own paired CI excludes 0)",
         "",
     ]
-    lines += _md(["pair", "minus", *TITLES], difference_rows(results))
+    lines += markdown_table(["pair", "minus", *TITLES], difference_rows(results))
     lines += [
         "",
         f"## Over {len(results)} pair(s): RCAT lower / higher / unclear than each (CI of the seed mean excludes 0)",
         "",
     ]
-    lines += _md(["RCAT vs", *TITLES], summary_rows(outcome.summary))
-    lines += ["", "## Timings (s)", "", *_md(["phase", "s"], [[k, f"{v:.0f}"] for k, v in outcome.timings.items()])]
+    lines += markdown_table(["RCAT vs", *TITLES], summary_rows(outcome.summary))
+    lines += [
+        "",
+        "## Timings (s)",
+        "",
+        *markdown_table(["phase", "s"], [[k, f"{v:.0f}"] for k, v in outcome.timings.items()]),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -104,7 +104,10 @@ def check_study_inputs(cfg: StudyConfig) -> dict[tuple[str, str], Parents]:
     have = selection_size(t)
     if t.limit is not None and have < t.limit:
         raise ConfigError(f"test.data.limit is {t.limit} but the selection holds {have} samples")
-    if cfg.pairs == PAPER_RULE:
+    if cfg.pairs == PAPER_RULE:  # the pairs are not known yet: every model must be able to be either side
+        for i, name in enumerate(names):
+            other = names[1] if i == 0 else names[0]
+            check_finetune_inputs(pair_sweep_config(cfg, StudyPair(old=other, new=name)).base)
         return {}
     return {(p.old, p.new): check_finetune_inputs(pair_sweep_config(cfg, p).base) for p in cfg.pairs}
 

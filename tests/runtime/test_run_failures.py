@@ -248,6 +248,7 @@ print_worker_logs(batch("TrainController", 8, "Failed to stop PlacementGroupClea
                         "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready."), sys.stderr)
 print_worker_logs(batch("RayTrainWorker", 10, "Traceback (most recent call last):", '  File "w.py", line 2, in f',
                         "ValueError: boom", "[finetune RCAT] epoch 1/1 done"), sys.stderr)
+print_worker_logs(batch(None, 11, "Checkpoint successfully created at: Checkpoint(path=/t)"), sys.stderr)
 print_worker_logs(batch("RayTrainWorker", 7, "a line \x1b[32m [repeated 3x across cluster]\x1b[0m"), sys.stdout)
 sys.stdout.write("LOG:\n" + log.getvalue())
 """
@@ -276,13 +277,14 @@ def test_forwarded_lines_are_plain_held_back_unless_verbose_and_all_kept_in_the_
         "GetTimeoutError",
         "ValueError: boom",
         "Reporting training result",
+        "Checkpoint successfully created",
     )
     for what in internal:
         assert (what in run.stderr) == (mode == "verbose"), run.stderr
         assert what in log, log  # the log file keeps what the terminal was spared
     assert "(RayTrainWorker pid=7) [finetune RCAT epoch 1/1] 4/4 batches (100%)" in shown
     assert "(RayTrainWorker pid=10) [finetune RCAT] epoch 1/1 done" in shown  # the traceback ended before it
-    assert len(log.splitlines()) == 13  # every forwarded line, shown or held back
+    assert len(log.splitlines()) == 14  # every forwarded line, shown or held back
 
 
 # -- end to end: a chunk that cannot be written -------------------------------------------------------------------

@@ -107,3 +107,49 @@ def test_study_runs_the_protocol_over_the_admitted_pairs_and_a_rerun_reuses_it(r
     assert stamps() == before
     assert (out / "study.csv").read_text() == table
     assert [p.name for p in again.pairs] == names
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_interrupted_study_resumes_where_it_stopped(ray_session, study_yaml, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rcat_ray.study.run import run_study
+
+    pairs = [{"old": "m0", "new": "m1"}, {"old": "m0", "new": "m2"}]
+    config = study_yaml(pairs=pairs)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rcat_ray.cli", "study", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    finetuned = tmp_path / "out" / "finetuned"
+    deadline = time.monotonic() + 300
+    try:  # Ctrl+C once the first pair's choices are being fine-tuned
+        while len(list(finetuned.glob("*.pt"))) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no final fine-tune finished in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "run the same command again to resume" in out
+    assert not (tmp_path / "out" / "study.md").exists()  # nothing claims to be the study's table
+    done = {p: p.stat().st_mtime_ns for p in finetuned.glob("*.pt")}
+    trials = {p: p.read_bytes() for p in (tmp_path / "ray_results").rglob("result.json")}
+    assert len(done) >= 2 and len(trials) >= 2
+
+    outcome = run_study(parse_config(StudyConfig, yaml.safe_load(config.read_text())))
+    assert [p.name for p in outcome.pairs] == ["m0 -> m1", "m0 -> m2"]
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items()), "a finished fine-tune was trained again"
+    assert all(p.read_bytes() == b for p, b in trials.items()), "a finished trial was run again"
+    assert len(list(finetuned.glob("*.pt"))) == 2 * 2 * 2  # pairs x methods x seeds

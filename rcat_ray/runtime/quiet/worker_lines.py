@@ -21,7 +21,10 @@ _state: dict = {"worker_logs": None}
 #: Ray's own actors: what they print concerns Ray (held back when quiet, kept in the log file).
 RAY_INTERNAL_ACTORS: tuple[str, ...] = ("TrainController", "PlacementGroupCleaner")
 #: Single forwarded lines held back when quiet (regexes on the line without its prefix).
-HELD_BACK_LINES: tuple[str, ...] = (r"Reporting training result \d+: TrainingReport",)
+HELD_BACK_LINES: tuple[str, ...] = (
+    r"Reporting training result \d+: TrainingReport",
+    r"Checkpoint successfully created at: Checkpoint\(",  # a Tune trial's per-report line
+)
 _HELD_BACK = re.compile("|".join(HELD_BACK_LINES))
 #: How a Python traceback goes on after its first line: indented frames, the chaining notes, blank lines, the
 #: exception line (``ValueError: ...``, ``ray.exceptions.GetTimeoutError: ...``).
