@@ -34,9 +34,13 @@ class PairResult:
     sweep: str = ""  # the pair's Tune experiment
 
 
-def _cell(summary: dict[str, Any], metric: str, error: bool) -> float | None:
-    v = summary["metrics"][metric]["value"]
-    return None if v is None else (1 - v if error else v)
+def _cell(summary: dict[str, Any], metric: str, error: bool) -> tuple[float | None, float | None, float | None]:
+    """(value, ci_low, ci_high) of one metric; an error is 1 - the accuracy, its interval flipped."""
+    m = summary["metrics"][metric]
+    v, lo, hi = m["value"], m["ci_low"], m["ci_high"]
+    if not error or v is None:
+        return v, lo, hi
+    return 1 - v, None if hi is None else 1 - hi, None if lo is None else 1 - lo
 
 
 def _excludes_zero(d: dict[str, Any]) -> bool:
@@ -54,10 +58,12 @@ def pair_result(
         for title, metric, error in COLUMNS:
             if role == "old" and metric in _FLIP_METRICS:
                 continue
-            per_seed = [_cell(r[label].summary, metric, error) for r in rows]
+            cells = [_cell(r[label].summary, metric, error) for r in rows]
+            per_seed = [c[0] for c in cells]
             known = [v for v in per_seed if v is not None]
             out.values[role][title] = {
                 "per_seed": per_seed,
+                "per_seed_ci": [[c[1], c[2]] for c in cells],
                 "mean": sum(known) / len(known) if known else None,
                 "min": min(known) if known else None,
                 "max": max(known) if known else None,

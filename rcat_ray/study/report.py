@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.numbers import finite, percent, percent_ci
-from rcat_ray.evaluate.paper_table import COLUMNS, PairTable, latex_escape, markdown_table, to_markdown
+from rcat_ray.evaluate.paper_table import COLUMNS, PairTable, latex_escape, markdown_table
+from rcat_ray.report.paper_view import paper_table_view
 from rcat_ray.store.result_store import now_iso, package_versions
 from rcat_ray.study.aggregate import COMPARED, PairResult
 from rcat_ray.study.config import PAPER_RULE, StudyConfig
@@ -168,19 +169,22 @@ def to_csv_text(results: list[PairResult]) -> str:
     """Long format: one line per (pair, model, column, seed or mean) and per difference."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["pair", "kind", "model", "minus", "column", "seed", "value", "ci_low", "ci_high", "n"])
+    w.writerow(["pair", "kind", "model", "minus", "column", "seed", "value", "ci_low", "ci_high", "min", "max", "n"])
     for r in results:
         for role, label in r.roles.items():
             for title, v in r.values[role].items():
-                for seed, x in zip(r.seeds, v["per_seed"], strict=True):
-                    w.writerow([r.name, "value", label, "", title, seed, x, "", "", v["n"]])
-                w.writerow([r.name, "value", label, "", title, "mean", v["mean"], v["min"], v["max"], v["n"]])
+                head = [r.name, "value", label, "", title]
+                for seed, x, (lo, hi) in zip(r.seeds, v["per_seed"], v["per_seed_ci"], strict=True):
+                    w.writerow([*head, seed, x, lo, hi, "", "", v["n"]])
+                w.writerow([*head, "mean", v["mean"], "", "", v["min"], v["max"], v["n"]])
         for role, diffs in r.differences.items():
             for title, d in diffs.items():
                 head = [r.name, "difference", r.roles["rcat"], r.roles[role], title]
                 for seed, x in zip(r.seeds, d["seed_cis"], strict=True):
-                    w.writerow([*head, seed, x["value"], x["ci_low"], x["ci_high"], d["n"]])
-                w.writerow([*head, "mean", d["value"], d["ci_low"], d["ci_high"], d["n"]])
+                    w.writerow([*head, seed, x["value"], x["ci_low"], x["ci_high"], "", "", d["n"]])
+                known = [x for x in d["per_seed"] if x is not None]
+                spread = [min(known), max(known)] if known else ["", ""]
+                w.writerow([*head, "mean", d["value"], d["ci_low"], d["ci_high"], *spread, d["n"]])
     return buf.getvalue()
 
 
@@ -254,7 +258,7 @@ def write_study(cfg: StudyConfig, outcome: Any, tables: list[PairTable]) -> list
         summary=summary_rows(outcome.summary),
         seeds=seeds,
         n_pairs=len(results),
-        per_seed_tables=to_markdown(tables),
+        per_seed_tables=[paper_table_view(t) for t in tables],
     )
     files = {
         "study.md": md,

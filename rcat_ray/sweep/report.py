@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from rcat_ray.config import AttackConfig
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.numbers import percent, percent_ci
+from rcat_ray.report.paper_view import paper_table_view
 from rcat_ray.report.render import render_page
 from rcat_ray.sweep.choice import trial_label
 from rcat_ray.sweep.config import SweepConfig
@@ -121,48 +122,6 @@ def _trials_view(trials: pd.DataFrame) -> dict[str, Any]:
     return {"headers": headers, "rows": rows, "row_classes": classes}
 
 
-def _pair_view(pair: Any) -> dict[str, Any]:
-    """One paper-style table from its records: cells as ``value [low, high]``, the best per column marked, and
-    the reference row's paired differences (``*``: the CI excludes 0)."""
-    from rcat_ray.evaluate.paper_table import COLUMNS, to_records
-
-    (record,) = to_records([pair])
-    columns = [title for title, _, _ in COLUMNS]
-    best = {}
-    for c in columns:
-        values = [r["cells"][c]["value"] for r in record["rows"] if c in r["cells"]]
-        values = [v for v in values if v is not None]
-        if values:
-            best[c] = min(values)
-    rows = []
-    for r in record["rows"]:
-        cells = []
-        for c in columns:
-            cell = r["cells"].get(c) or {"value": None}
-            v = cell["value"]
-            text = percent_ci(v, cell.get("ci_low"), cell.get("ci_high"))
-            cells.append({"text": text, "best": v is not None and c in best and abs(v - best[c]) < 1e-12})
-        rows.append({"label": r["label"], "cells": cells})
-    differences = []
-    for other in dict.fromkeys(d["minus"] for d in record["differences"]):
-        by_col = {d["column"]: d for d in record["differences"] if d["minus"] == other}
-        differences.append([other, *(_difference(by_col[c]) if c in by_col else "-" for c in columns)])
-    return {
-        "name": record["name"],
-        "reference": record["reference"],
-        "columns": columns,
-        "rows": rows,
-        "differences": differences,
-    }
-
-
-def _difference(d: dict[str, Any]) -> str:
-    lo, hi = d.get("ci_low"), d.get("ci_high")
-    significant = d["value"] is not None and lo is not None and hi is not None and (lo > 0 or hi < 0)
-    text = percent_ci(d["value"], lo, hi, sign=True)
-    return f"{text} *" if significant else text
-
-
 def epoch_validation_text(cfg: SweepConfig) -> str:
     """The cheap per-epoch validation in words (what drove ASHA and the progress lines)."""
     v = cfg.base.validation
@@ -204,7 +163,7 @@ def write_sweep_outputs(cfg: SweepConfig, outcome: Any) -> Path:
         },
         checkpoint=outcome.checkpoint,
         trials=_trials_view(trials),
-        validation_table=None if validation_table is None else _pair_view(validation_table),
-        test_table=None if outcome.table is None else _pair_view(outcome.table),
+        validation_table=None if validation_table is None else paper_table_view(validation_table),
+        test_table=None if outcome.table is None else paper_table_view(outcome.table),
     )
     return write_file_atomic(out / "report.html", page)
