@@ -190,7 +190,8 @@ def to_csv_text(results: list[PairResult]) -> str:
 
 def forest_figure(results: list[PairResult], columns: tuple[str, ...] = ("R-NFR", "robust error")) -> Figure:
     """RCAT minus each row per pair, seed-averaged with its CI: one panel per column, one line per pair."""
-    fig = Figure(figsize=(5.0 * len(columns), 0.9 + 0.55 * len(results) * len(COMPARED)), dpi=110, layout="constrained")
+    lines = sum(len(r.differences) for r in results)
+    fig = Figure(figsize=(5.0 * len(columns), 1.0 + 0.3 * lines), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     colours = {"new": "#7f7f7f", "at": "#1f4e9c", "pcat": "#2e8b57", "pct": "#c08a00"}
     for j, title in enumerate(columns):
@@ -203,7 +204,7 @@ def forest_figure(results: list[PairResult], columns: tuple[str, ...] = ("R-NFR"
                 if v is not None:
                     err = [[0 if lo is None else (v - lo) * 100], [0 if hi is None else (hi - v) * 100]]
                     ax.errorbar(v * 100, -y, xerr=err, fmt="o", color=colours[role], capsize=3)
-                labels.append(f"{r.name}: {_ROLE_NAMES[role]}" if role != "new" else f"{r.name}: new")
+                labels.append(f"{r.name}: minus {r.roles[role]}")
                 y += 1
         ax.axvline(0, color="#333333", linewidth=0.8)
         ax.set_yticks([-i for i in range(len(labels))], labels if j == 0 else [""] * len(labels), fontsize=8)
