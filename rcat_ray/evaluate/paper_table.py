@@ -164,7 +164,8 @@ def latex_escape(text: str) -> str:
     """Text as LaTeX prints it (the characters a table cell or label can hold)."""
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
         text = text.replace(a, b)
-    return text
+    # "old -> new": an arrow (a bare ">" prints as an inverted question mark in LaTeX's default font encoding)
+    return text.replace("->", r"$\rightarrow$").replace("<", r"\textless{}").replace(">", r"\textgreater{}")
 
 
 def to_latex(pairs: list[PairTable]) -> str:

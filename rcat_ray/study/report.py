@@ -162,6 +162,18 @@ def to_latex_text(results: list[PairResult], seeds: int) -> str:
                 cells.append("-" if v is None else latex_escape(_spread(v, seeds)))
             out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", ""]
+    out += [
+        "% RCAT minus each row: mean over seeds [95% paired-bootstrap CI] (seeds whose own CI excludes 0)",
+        r"\begin{tabular}{ll" + "r" * len(TITLES) + "}",
+        r"\toprule",
+        "pair & minus & " + " & ".join(TITLES) + r" \\",
+    ]
+    for r in results:
+        out.append(r"\midrule")
+        for i, (role, diffs) in enumerate(r.differences.items()):
+            cells = [latex_escape(r.name) if i == 0 else "", latex_escape(r.roles[role])]
+            out.append(" & ".join([*cells, *(latex_escape(_difference(diffs[t])) for t in TITLES)]) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(out)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rcat_ray.core.flips import flip_table, summarize
-from rcat_ray.evaluate.paper_table import TableRow, build_pair_table, to_csv, to_latex, to_markdown
+from rcat_ray.evaluate.paper_table import TableRow, build_pair_table, latex_escape, to_csv, to_latex, to_markdown
 from tests.core.test_flips import model_table
 
 N = 400
@@ -74,3 +74,10 @@ def test_latex_and_csv(pair):
     assert kinds == {"value", "difference"}
     nfr_new = next(r for r in rows if r["kind"] == "value" and r["model"] == "new" and r["column"] == "NFR")
     assert float(nfr_new["value"]) == pytest.approx(table.rows[1].summary["metrics"]["nfr"]["value"])
+
+
+def test_latex_escapes_what_latex_would_misprint():
+    assert latex_escape("Rice2020_Overfitting -> Hendrycks2019: 5% & #1") == (
+        r"Rice2020\_Overfitting $\rightarrow$ Hendrycks2019: 5\% \& \#1"
+    )
+    assert latex_escape("a<b>c") == r"a\textless{}b\textgreater{}c"  # bare < and > print as other glyphs
