@@ -21,7 +21,7 @@ from rcat_ray.core.attacks import PER_MODEL_SCHEMA
 from rcat_ray.errors import StoreError
 from rcat_ray.evaluate.chunks import TABLE_MEMBERS
 from rcat_ray.evaluate.comparison import read_table_verified
-from rcat_ray.evaluate.plan import EvaluationPlan, table_artifact_done
+from rcat_ray.evaluate.plan import EvaluationPlan, TableAddress
 from rcat_ray.store.result_store import ResultStore, parquet_bytes
 
 ENSEMBLE_VERSION = 1
@@ -30,7 +30,7 @@ _DECIDING = ("adv_pred", "adv_margin", "perturbation_linf", "broken_by")
 
 
 @dataclass
-class EnsemblePlan:
+class EnsemblePlan(TableAddress):
     """The seeds' plans of one model and where their ensemble table lives."""
 
     seed_plans: list[EvaluationPlan]
@@ -53,21 +53,6 @@ class EnsemblePlan:
     @property
     def samples(self) -> Any:
         return self.seed_plans[0].samples
-
-    @property
-    def folder(self) -> str:
-        return f"tables/{self.key}"
-
-    @property
-    def table_path(self) -> str:
-        return f"{self.folder}/table.parquet"
-
-    @property
-    def manifest_path(self) -> str:
-        return f"{self.folder}/manifest.json"
-
-    def table_done(self, store: ResultStore) -> bool:
-        return table_artifact_done(store, self.folder)
 
 
 def combine(tables: list[pa.Table]) -> tuple[pa.Table, dict[str, Any]]:

@@ -57,8 +57,30 @@ __all__ = [
 TABLE_VERSION = 3
 
 
+class TableAddress:
+    """Where a per-model table with key ``self.key`` lives in the store (a plan's, or a seed ensemble's)."""
+
+    key: str
+
+    @property
+    def folder(self) -> str:
+        return f"tables/{self.key}"
+
+    @property
+    def table_path(self) -> str:
+        return f"{self.folder}/table.parquet"
+
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.folder}/manifest.json"
+
+    def table_done(self, store: ResultStore) -> bool:
+        """Whether the table is stored and matches its manifest's checksum (:func:`table_artifact_done`)."""
+        return table_artifact_done(store, self.folder)
+
+
 @dataclass
-class EvaluationPlan:
+class EvaluationPlan(TableAddress):
     """Everything that determines one model's per-model table, and its address in the store.
 
     ``model`` is a :class:`ModelRef` in a run (the driver keeps no weights of models it can reload) or a
@@ -93,19 +115,7 @@ class EvaluationPlan:
             raise TypeError("a plan that runs on workers refers to its model by a ModelRef (workflows.prepare)")
         return PlanSpec(self.key, model.without_module(), self.samples.uri, self.attack, self.chunk_size)
 
-    # -- addresses ---------------------------------------------------------------------------------
-    @property
-    def folder(self) -> str:
-        return f"tables/{self.key}"
-
-    @property
-    def table_path(self) -> str:
-        return f"{self.folder}/table.parquet"
-
-    @property
-    def manifest_path(self) -> str:
-        return f"{self.folder}/manifest.json"
-
+    # -- addresses (the table's own: TableAddress) -------------------------------------------------
     @property
     def chunks_folder(self) -> str:
         return f"{self.folder}/chunks"
@@ -145,10 +155,6 @@ class EvaluationPlan:
                 if manifest is None or problems:
                     missing.append(c)
         return missing
-
-    def table_done(self, store: ResultStore) -> bool:
-        """Whether the table is stored and matches its manifest's checksum (:func:`table_artifact_done`)."""
-        return table_artifact_done(store, self.folder)
 
     def manifest(self, settings: EvaluationSettings | None = None) -> dict[str, Any]:
         return {
