@@ -225,6 +225,23 @@ class Flip:
     old_adv_margin: float | None
     new_adv_margin: float | None
 
+    @classmethod
+    def from_row(cls, r: dict[str, Any], score: float) -> Flip:
+        """A flip table's row (``to_pylist``) with the score it was ranked by."""
+        return cls(
+            sample_id=int(r["sample_id"]),
+            label=int(r["label"]),
+            score=float(score),
+            old_clean_correct=bool(r["old_clean_correct"]),
+            new_clean_correct=bool(r["new_clean_correct"]),
+            old_robust=r.get("old_robust"),
+            new_robust=r.get("new_robust"),
+            old_clean_margin=float(r["old_clean_margin"]),
+            new_clean_margin=float(r["new_clean_margin"]),
+            old_adv_margin=r.get("old_adv_margin"),
+            new_adv_margin=r.get("new_adv_margin"),
+        )
+
 
 def worst_flips(flips: pa.Table, *, robust: bool, top_k: int) -> tuple[list[Flip], int]:
     """The top_k negative flips by margin drop (largest first, ties by sample id), and how many there are."""
@@ -242,24 +259,7 @@ def worst_flips(flips: pa.Table, *, robust: bool, top_k: int) -> tuple[list[Flip
     score = pc.subtract(pc.cast(sel.column(old_m), pa.float64()), pc.cast(sel.column(new_m), pa.float64()))
     sel = sel.append_column("_score", pc.fill_null(score, -math.inf))
     sel = sel.sort_by([("_score", "descending"), ("sample_id", "ascending")]).slice(0, top_k)
-    out = []
-    for r in sel.to_pylist():
-        out.append(
-            Flip(
-                sample_id=int(r["sample_id"]),
-                label=int(r["label"]),
-                score=float(r["_score"]),
-                old_clean_correct=bool(r["old_clean_correct"]),
-                new_clean_correct=bool(r["new_clean_correct"]),
-                old_robust=r.get("old_robust"),
-                new_robust=r.get("new_robust"),
-                old_clean_margin=float(r["old_clean_margin"]),
-                new_clean_margin=float(r["new_clean_margin"]),
-                old_adv_margin=r.get("old_adv_margin"),
-                new_adv_margin=r.get("new_adv_margin"),
-            )
-        )
-    return out, total
+    return [Flip.from_row(r, r["_score"]) for r in sel.to_pylist()], total
 
 
 def point_status(clean_correct: bool, robust: bool | None) -> str:

@@ -43,23 +43,7 @@ def nearest_near_flips(flips: pa.Table, *, margin: float, top_k: int) -> tuple[l
     near = both.filter(pc.less(both.column("new_min_margin"), margin))
     total = near.num_rows
     rows = near.sort_by([("new_min_margin", "ascending"), ("sample_id", "ascending")]).slice(0, top_k).to_pylist()
-    out = [
-        Flip(
-            sample_id=int(r["sample_id"]),
-            label=int(r["label"]),
-            score=float(r["new_min_margin"]),
-            old_clean_correct=bool(r["old_clean_correct"]),
-            new_clean_correct=bool(r["new_clean_correct"]),
-            old_robust=r["old_robust"],
-            new_robust=r["new_robust"],
-            old_clean_margin=float(r["old_clean_margin"]),
-            new_clean_margin=float(r["new_clean_margin"]),
-            old_adv_margin=r["old_adv_margin"],
-            new_adv_margin=r["new_adv_margin"],
-        )
-        for r in rows
-    ]
-    return out, total
+    return [Flip.from_row(r, r["new_min_margin"]) for r in rows], total
 
 
 def margin_histogram(flips: pa.Table, margin: float) -> Figure:
