@@ -14,7 +14,8 @@ rank's node id is in the run's history. Scenarios:
     run resumes from the epoch-1 checkpoint (FailureConfig) on the surviving and the new node, and finishes at the
     weights of a run that never stopped;
 (c) a 2-trial sweep (``rcat-ray sweep``): one trial per worker node (each trial records its node), the finished
-    trials judged by an evaluation whose chunks spread over both nodes, a choice and its test.
+    trials judged by an evaluation whose chunks spread over both nodes, a choice and its test;
+(d) the README's study (``rcat-ray study``): its trials and evaluations spread over both nodes.
 """
 
 from __future__ import annotations
@@ -225,6 +226,34 @@ def test_a_two_trial_sweep_runs_one_trial_per_node(cluster, tmp_path, digits_che
     best = yaml.safe_load((tmp_path / "sweep-out" / "best.yaml").read_text())
     assert best["trial_id"] in set(trials["trial_id"]) and best["finetune"]["loss"]["kind"] == "rcat"
     assert Path(best["checkpoint"]).is_file() and (tmp_path / "sweep-out" / "report.html").is_file()
+
+
+def test_the_readme_study_spreads_its_trials_and_evaluations_over_the_nodes(cluster, tmp_path, digits_checkpoints):
+    """(d) the README's digits study (``rcat-ray study --address``): its pair's trials run on both worker nodes,
+    the evaluations' chunks too, and it writes its table."""
+    _clear(cluster.gate)
+    _open_gates(cluster.gate, 1, 2, 3)
+    raw = yaml.safe_load((ROOT / "jobs" / "configs" / "digits_study.yaml").read_text())
+    for name in ("old", "new"):
+        raw["models"][name]["path"] = str(digits_checkpoints[name])
+    raw.update(store=str(tmp_path / "store"), storage=str(tmp_path / "ray_results"), out=str(tmp_path / "out"))
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cli = Path(sys.executable).parent / "rcat-ray"
+    t0 = time.monotonic()
+    with (tmp_path / "study.log").open("w") as log:
+        command = [str(cli), "study", "--config", str(config), "--address", cluster.address]
+        proc = subprocess.run(
+            command, cwd=tmp_path, env=ray_env(), stdout=log, stderr=subprocess.STDOUT, timeout=600, check=False
+        )
+    print(f"two-node study: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 0, (tmp_path / "study.log").read_text()[-4000:]
+    trials = pd.read_parquet(tmp_path / "out" / "pairs" / "old-new" / "sweep" / "trials.parquet")
+    assert len(trials) == 3 and trials["judged"].all()
+    assert set(trials["node_id"]) == set(cluster.workers), "the pair's trials ran on both worker nodes"
+    manifests = (tmp_path / "store").glob("tables/*/chunks/chunk-*.json")
+    assert {json.loads(p.read_text())["node"] for p in manifests} == set(cluster.workers)
+    assert "RCAT(" in (tmp_path / "out" / "study.md").read_text()
 
 
 def test_a_removed_node_is_replaced_and_the_run_resumes_from_its_checkpoint(cluster, tmp_path, digits_checkpoints):
