@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from rcat_ray.core.atomic import write_file_atomic
 from rcat_ray.core.numbers import finite, percent, percent_ci
-from rcat_ray.evaluate.paper_table import COLUMNS, PairTable, latex_escape, markdown_table
+from rcat_ray.evaluate.paper_table import COLUMNS, PairTable, latex_escape, markdown_table, to_markdown
 from rcat_ray.report.paper_view import paper_table_view
 from rcat_ray.store.result_store import now_iso, package_versions
 from rcat_ray.study.aggregate import COMPARED, PairResult
@@ -110,7 +110,7 @@ def protocol_text(cfg: StudyConfig, validation: str) -> list[str]:
     ]
 
 
-def to_markdown_text(cfg: StudyConfig, outcome: Any) -> str:
+def to_markdown_text(cfg: StudyConfig, outcome: Any, tables: list[PairTable]) -> str:
     results: list[PairResult] = outcome.results
     seeds = len(cfg.seeds)
     validation = results[0].validation.get("description", "") if results else ""
@@ -142,8 +142,12 @@ def to_markdown_text(cfg: StudyConfig, outcome: Any) -> str:
         "## Timings (s)",
         "",
         *markdown_table(["phase", "s"], [[k, f"{v:.0f}"] for k, v in outcome.timings.items()]),
+        "",
+        "## Per pair and seed: the paper-style tables (%, 95% CIs)",
+        "",
+        to_markdown(tables),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def to_latex_text(results: list[PairResult], seeds: int) -> str:
@@ -232,7 +236,7 @@ def write_study(cfg: StudyConfig, outcome: Any, tables: list[PairTable]) -> list
     out = outcome.out
     out.mkdir(parents=True, exist_ok=True)
     results: list[PairResult] = outcome.results
-    md = to_markdown_text(cfg, outcome)
+    md = to_markdown_text(cfg, outcome, tables)
     record = {
         "name": cfg.name,
         "pairs": [p.name for p in outcome.pairs],

@@ -91,6 +91,8 @@ def test_study_runs_the_protocol_over_the_admitted_pairs_and_a_rerun_reuses_it(r
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["name"] == "digits-study" and manifest["versions"]["torch"]
     assert set(manifest["fingerprints"]) >= {p.old for p in outcome.pairs} | {p.new for p in outcome.pairs}
+    md = (out / "study.md").read_text()  # the table over pairs, then each pair and seed as a paper table
+    assert all(f"### {p.name}, seed {s}" in md for p in outcome.pairs for s in cfg.seeds)
     tex = (out / "study.tex").read_text()  # the results and RCAT's differences, pairs named with an arrow
     assert tex.count(r"\begin{tabular}") == 2 and r"m0 $\rightarrow$ m1" in tex and "->" not in tex
     html = (out / "report.html").read_text()
