@@ -150,35 +150,25 @@ def to_markdown_text(cfg: StudyConfig, outcome: Any, tables: list[PairTable]) ->
     return "\n".join(lines)
 
 
-def to_latex_text(results: list[PairResult], seeds: int) -> str:
-    """The results table (booktabs): one block of rows per pair."""
-    out = [
-        r"\begin{tabular}{ll" + "r" * len(TITLES) + "}",
-        r"\toprule",
-        "pair & model & " + " & ".join(TITLES) + r" \\",
-    ]
-    for r in results:
-        out.append(r"\midrule")
-        for i, (role, label) in enumerate(r.roles.items()):
-            cells = [latex_escape(r.name) if i == 0 else "", latex_escape(label)]
-            for title in TITLES:
-                v = r.values[role].get(title)
-                cells.append("-" if v is None else latex_escape(_spread(v, seeds)))
-            out.append(" & ".join(cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}", ""]
-    out += [
-        "% RCAT minus each row: mean over seeds [95% paired-bootstrap CI] (seeds whose own CI excludes 0)",
-        r"\begin{tabular}{ll" + "r" * len(TITLES) + "}",
-        r"\toprule",
-        "pair & minus & " + " & ".join(TITLES) + r" \\",
-    ]
-    for r in results:
-        out.append(r"\midrule")
-        for i, (role, diffs) in enumerate(r.differences.items()):
-            cells = [latex_escape(r.name) if i == 0 else "", latex_escape(r.roles[role])]
-            out.append(" & ".join([*cells, *(latex_escape(_difference(diffs[t])) for t in TITLES)]) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}", ""]
-    return "\n".join(out)
+def _latex_tabular(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A booktabs tabular of text rows; a rule above each pair's first row (the one that names the pair)."""
+    out = [r"\begin{tabular}{ll" + "r" * (len(head) - 2) + "}", r"\toprule", " & ".join(head) + r" \\"]
+    for cells in rows:
+        if cells[0]:
+            out.append(r"\midrule")
+        out.append(" & ".join(latex_escape(c) for c in cells) + r" \\")
+    return [*out, r"\bottomrule", r"\end{tabular}", ""]
+
+
+def to_latex_text(results: list[PairResult]) -> str:
+    """The results table and RCAT's differences (booktabs), the same cells as the Markdown."""
+    return "\n".join(
+        [
+            *_latex_tabular(["pair", "model", *TITLES], result_rows(results)),
+            "% RCAT minus each row: mean over seeds [95% paired-bootstrap CI] (seeds whose own CI excludes 0)",
+            *_latex_tabular(["pair", "minus", *TITLES], difference_rows(results)),
+        ]
+    )
 
 
 def to_csv_text(results: list[PairResult]) -> str:
@@ -279,7 +269,7 @@ def write_study(cfg: StudyConfig, outcome: Any, tables: list[PairTable]) -> list
     )
     files = {
         "study.md": md,
-        "study.tex": to_latex_text(results, seeds),
+        "study.tex": to_latex_text(results),
         "study.csv": to_csv_text(results),
         "study.json": json.dumps(record, indent=2, default=str),
         "differences.png": png.getvalue(),
